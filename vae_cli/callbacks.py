@@ -1,0 +1,34 @@
+"""Lightning callbacks: the pictures logged to TensorBoard each validation epoch."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from vae_cli import pictures
+
+
+class TrainingPictures(pl.Callback):
+    """Each validation epoch, on rank 0: inputs above reconstructions, prior samples, one interpolation row."""
+
+    def __init__(self, n: int = 8, samples: int = 64, steps: int = 10) -> None:
+        self.n, self.samples, self.steps = n, samples, steps
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        logger = trainer.logger
+        if not trainer.is_global_zero or trainer.sanity_checking or logger is None:
+            return
+        model, data = module.model, trainer.datamodule
+        x = next(iter(data.val_dataloader()))[: self.n]                       # (n, C, H, W) model inputs
+        was_training = model.training
+        model.eval()
+        recon = pictures.reconstructions(model, x)
+        samples = pictures.sample_images(model, self.samples, seed=0)
+        z = pictures.encode_mean(model, x[:2])
+        path = pictures.interpolation_rows(model, z[:1], z[1:2], self.steps)[0]  # (steps, C, H, W)
+        model.train(was_training)
+        step, write = trainer.global_step, logger.experiment.add_image
+        write("val/reconstructions", pictures.grid(torch.cat([x, recon]), len(x)), step)
+        write("val/samples", pictures.grid(samples, 8), step)
+        write("val/interpolation", pictures.grid(torch.cat([x[:1], path, x[1:2]]), self.steps + 2), step)

@@ -1,0 +1,126 @@
+"""The ``vae`` command: one Hydra app per sub-command over one ``conf/`` tree.
+
+Hydra has no sub-commands, so ``main`` takes the first word, then hands the rest of the command line
+to a Hydra app whose primary config is ``conf/<command>.yaml``: ``key=value`` overrides, ``--help``,
+``--cfg job``, ``-m`` and ``hydra.run.dir=...`` all work as in any Hydra app.
+
+Before Hydra writes anything, the command line is composed once here and checked (``checks.py``):
+a user mistake becomes one line naming the value and what is allowed, exit code 2, no traceback.
+``VAE_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+from vae_cli.errors import UserError
+
+# command -> (function that does the work, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("vae_cli.train:train", "train a VAE; checkpoints, TensorBoard events and the config go to outputs/"),
+    "evaluate": ("vae_cli.evaluate:evaluate", "ELBO, log p(x) by importance sampling (IWAE, k samples) and the gap"),
+    "sample": ("vae_cli.pictures:sample", "decode z ~ p(z) into an image grid"),
+    "interpolate": ("vae_cli.pictures:interpolate", "walk the latent space between two inputs (or prior draws)"),
+    "reconstruct": ("vae_cli.pictures:reconstruct", "test inputs above their reconstructions"),
+    "traverse": ("vae_cli.pictures:traverse", "vary one latent dimension at a time (rows sorted by KL)"),
+    "manifold": ("vae_cli.pictures:manifold", "decode a grid over a 2-d latent plane"),
+}
+
+# Hydra flags that take a value (the value is not an override).
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc", "--version"}
+
+
+def config_dir() -> str:
+    """The conf/ tree: shipped inside the package as vae_cli.conf, or the repository's conf/."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("vae_cli.conf")))
+        if (path / "train.yaml").is_file():
+            return str(path)
+    except ModuleNotFoundError:
+        pass
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vae COMMAND [key=value ...] [hydra flags: --help, --cfg job, -m, ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "`vae COMMAND --help` lists that command's settings. VAE_DEBUG=1 shows tracebacks."]
+    return "\n".join(lines)
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    """Print one line and exit 2: the end of every user mistake."""
+    print(f"vae: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], bool]:
+    """The key=value overrides among Hydra's arguments, and whether a flag asks only for information."""
+    overrides, info, skip = [], False, False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _FLAGS_WITH_VALUE:
+            skip = True
+        elif a in _INFO_FLAGS:
+            info = True
+        elif not a.startswith("-"):
+            overrides.append(a)
+    return overrides, info
+
+
+def _task(command: str):
+    module_name, fn_name = COMMANDS[command][0].split(":")
+
+    def task(cfg) -> None:
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+            fn(cfg)
+        except UserError as e:
+            if os.environ.get("VAE_DEBUG"):
+                raise
+            fail(str(e))
+
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``vae`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        fail(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
+    overrides, info = split_overrides(rest)
+    if not info:
+        from vae_cli.checks import check_command_line
+
+        try:
+            check_command_line(config_dir(), command, overrides)
+        except UserError as e:
+            if os.environ.get("VAE_DEBUG"):
+                raise
+            fail(str(e))
+
+    import hydra
+
+    from vae_cli.checks import register_resolvers
+
+    register_resolvers()
+    sys.argv = [f"vae {command}", *rest]
+    hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
+
+
+if __name__ == "__main__":
+    main()

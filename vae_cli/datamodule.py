@@ -1,0 +1,86 @@
+"""The LightningDataModule over the in-memory datasets of vae_cli.data."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from vae_cli.data import Batches, load_dataset, load_splits, pixel_mode
+
+
+class ImageData(pl.LightningDataModule):
+    """A dataset held in memory as uint8 tensors, batched on the training device.
+
+    Args mirror ``conf/dataset/*.yaml``; ``likelihood`` is passed by ``train`` to pick the pixel
+    mode (Bernoulli: ``binarize``; Gaussian: dequantize).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data_dir: str,
+        shape: list[int],
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        binarize: str = "dynamic",
+        validation: str = "holdout",
+        path: str | None = None,
+        val_fraction: float = 0.1,
+        likelihood: str = "bernoulli",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.name, self.data_dir, self.shape, self.path = name, data_dir, list(shape), path
+        self.batch_size, self.eval_batch_size, self.val_fraction = batch_size, eval_batch_size, val_fraction
+        self.binarize, self.validation, self.seed = binarize, validation, seed
+        self.mode = pixel_mode(binarize, likelihood)
+        self.splits: dict[str, torch.Tensor] | None = None
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The uint8 splits, loaded once."""
+        if self.splits is None:
+            binarize = self.binarize if self.mode == "static" else "none"
+            self.splits = load_dataset(self.name, self.data_dir, self.shape, binarize, self.validation,
+                                       self.path, self.val_fraction)
+        return self.splits
+
+    def prepare_data(self) -> None:  # downloads happen once, on rank 0 of each node
+        if self.name != "folder":
+            load_splits(self.name, self.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def split(self, name: str) -> torch.Tensor:
+        """The uint8 tensor of a split, moved once to the training device."""
+        x = self.load()[name]
+        if x.device != self._device():
+            x = self.splits[name] = x.to(self._device())
+        return x
+
+    def loader(self, split: str, train: bool = False) -> Batches:
+        """Batches of one split: shuffled fresh draws for training, fixed order and noise otherwise."""
+        trainer = self.trainer
+        return Batches(
+            self.split(split),
+            self.batch_size if train else self.eval_batch_size,
+            self.mode,
+            shuffle=train,
+            seed=self.seed,
+            fixed_noise=not train,
+            epoch=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+
+    def train_dataloader(self) -> Batches:
+        return self.loader("train", train=True)
+
+    def val_dataloader(self) -> Batches:
+        return self.loader("val")
+
+    def test_dataloader(self) -> Batches:
+        return self.loader("test")

@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something we cannot do"."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input: the CLI prints its message on one line and exits with 2.
+
+    The message names the bad value and what is allowed, e.g.
+    ``model.latent_dim=-3 is not allowed: expected a positive integer``.
+    """

@@ -1,0 +1,50 @@
+"""The VAE as a plain torch module: encoder q(z|x), prior p(z), decoder and likelihood p(x|z).
+
+The ELBO (Kingma and Welling 2014, eq. 7), in nats per example, summed over pixels:
+
+    ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))
+            =        recon         -        kl
+
+recon is a one-sample reparameterised estimate; kl is in closed form (two diagonal Gaussians).
+No Lightning here: sampling, pictures and estimators import this module alone; training wraps it
+in ``vae_cli.module.VAEModule``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+
+class VAE(nn.Module):
+    """A VAE with a standard-normal prior and a diagonal-Gaussian posterior q(z|x)."""
+
+    def __init__(self, latent_dim: int, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        self.register_buffer("prior_loc", torch.zeros(latent_dim), persistent=False)
+        self.register_buffer("prior_scale", torch.ones(latent_dim), persistent=False)
+
+    @property
+    def prior(self) -> Distribution:
+        """p(z) = N(0, I)."""
+        return Independent(Normal(self.prior_loc, self.prior_scale), 1)
+
+    def posterior(self, x: torch.Tensor) -> Distribution:
+        """q(z|x) = N(mu(x), diag sigma(x)^2), batch shape (B,), event shape (D,)."""
+        mu, logvar = self.encoder(x)  # (B, D) each
+        return Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) for z of shape (..., D); event shape (C, H, W)."""
+        return self.likelihood(self.decoder(z))
+
+    def elbo_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example (recon, kl), each (B,), in nats: ELBO = recon - kl."""
+        q = self.posterior(x)
+        z = q.rsample()                        # (B, D), the reparameterisation trick
+        recon = self.decode(z).log_prob(x)     # (B,)  one-sample E_q[log p(x|z)]
+        kl = kl_divergence(q, self.prior)      # (B,)  closed form
+        return recon, kl

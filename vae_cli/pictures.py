@@ -1,0 +1,263 @@
+"""Pictures of a trained model: samples, interpolations, reconstructions, traversals, the 2-d manifold.
+
+Pure functions build image tensors (N, C, H, W) in [0, 1] (the likelihood's mean, clamped); the
+commands at the bottom load a run, call them, and write a PNG (and a GIF) that never overwrites
+an earlier one. Nothing here imports Lightning, so the commands start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from vae_cli.errors import UserError
+from vae_cli.model import VAE
+
+# ----------------------------------------------------------------------------- image helpers
+
+
+def pixels_of(model: VAE, z: torch.Tensor, mode: str = "mean", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Decode z (N, D) to images (N, C, H, W) in [0, 1]: the mean of p(x|z), or one draw from it."""
+    px = model.decode(z)
+    if mode == "sample":
+        base = px.base_dist
+        if isinstance(base, torch.distributions.Bernoulli):
+            x = torch.bernoulli(base.probs, generator=generator)
+        else:
+            x = base.loc + base.scale * torch.randn(base.loc.shape, generator=generator, device=base.loc.device)
+    else:
+        x = px.mean
+    return x.clamp(0, 1)
+
+
+def grid(images: torch.Tensor, nrow: int, pad: int = 2) -> torch.Tensor:
+    """Tile images (N, C, H, W) into one image (C, H', W'), nrow per row, white padding between.
+
+    (torchvision.utils.make_grid does the same; this avoids importing torchvision, a second.)
+    """
+    images = images.detach().cpu().float()
+    n, c, h, w = images.shape
+    cols, rows = min(nrow, n), -(-n // nrow)
+    out = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + q * (w + pad)
+        out[:, top : top + h, left : left + w] = img
+    return out
+
+
+def to_pil(image: torch.Tensor):
+    """A (C, H, W) tensor in [0, 1] as a PIL image."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    to_pil(image).save(path, format="PNG")
+    return path
+
+
+# ----------------------------------------------------------------------------- latent paths
+
+
+def lerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(1 - t) z0 + t z1 for each t: (T, D); exact at t = 0 and t = 1."""
+    t = t[:, None]
+    return (1 - t) * z0 + t * z1
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation (White 2016, "Sampling generative networks"): (T, D).
+
+    Follows the great circle between the directions of z0 and z1, which keeps points at the typical
+    radius of a high-dimensional Gaussian; falls back to lerp when z0 and z1 are (anti)parallel.
+    """
+    cos = torch.dot(z0 / z0.norm(), z1 / z1.norm()).clamp(-1, 1)
+    omega = torch.arccos(cos)
+    if torch.sin(omega).abs() < 1e-6:
+        return lerp(z0, z1, t)
+    t = t[:, None]
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+def latent_path(z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear") -> torch.Tensor:
+    """steps points from z0 to z1 inclusive: (steps, D)."""
+    t = torch.linspace(0, 1, steps, dtype=z0.dtype, device=z0.device)
+    return (slerp if method == "slerp" else lerp)(z0, z1, t)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+@torch.no_grad()
+def sample_images(model: VAE, n: int, temperature: float = 1.0, mode: str = "mean", seed: int = 0) -> torch.Tensor:
+    """n images decoded from z ~ N(0, temperature^2 I): (n, C, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    z = temperature * torch.randn(n, model.latent_dim, generator=g)  # (n, D)
+    return pixels_of(model, z.to(model.prior_loc.device), mode, None if mode == "mean" else g)
+
+
+@torch.no_grad()
+def interpolation_rows(
+    model: VAE, z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear", mode: str = "mean"
+) -> torch.Tensor:
+    """One row of decoded path points per pair: z0, z1 (P, D) -> (P, steps, C, H, W)."""
+    rows = [pixels_of(model, latent_path(a, b, steps, method), mode) for a, b in zip(z0, z1)]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def encode_mean(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The mean of q(z|x): (B, D)."""
+    return model.posterior(x).mean
+
+
+@torch.no_grad()
+def reconstructions(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The mean of p(x|z) at z = the mean of q(z|x): (B, C, H, W)."""
+    return pixels_of(model, encode_mean(model, x))
+
+
+@torch.no_grad()
+def kl_per_dimension(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The mean over x of KL(q(z_d|x) || p(z_d)) for each latent dimension d: (D,)."""
+    q = model.posterior(x).base_dist                               # Normal, (B, D)
+    return kl_divergence(q, Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))).mean(0)
+
+
+@torch.no_grad()
+def traversal(model: VAE, x: torch.Tensor, dims: list[int], steps: int, span: float) -> torch.Tensor:
+    """For one input x (1, C, H, W): rows = dims, columns = z_d swept over [-span, span]; (len(dims)*steps, C, H, W)."""
+    mu = encode_mean(model, x)[0]                                   # (D,)
+    values = torch.linspace(-span, span, steps, device=mu.device)
+    z = mu.repeat(len(dims), steps, 1)                              # (R, S, D)
+    for r, d in enumerate(dims):
+        z[r, :, d] = values
+    return pixels_of(model, z.reshape(-1, mu.numel()))
+
+
+@torch.no_grad()
+def manifold_images(model: VAE, steps: int) -> torch.Tensor:
+    """Decode a steps x steps grid over the 2-d latent plane through the prior's inverse CDF
+    (Kingma and Welling 2014, fig. 4): equal probability mass between neighbours. (steps^2, C, H, W)."""
+    u = torch.linspace(0.5 / steps, 1 - 0.5 / steps, steps)        # avoid the infinite ends
+    v = Normal(0.0, 1.0).icdf(u)                                    # (S,)
+    z2, z1 = torch.meshgrid(v.flip(0), v, indexing="ij")            # rows: z2 from high to low
+    z = torch.stack([z1, z2], dim=-1).reshape(-1, 2)                 # (S*S, 2)
+    return pixels_of(model, z.to(model.prior_loc.device))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _load(cfg):
+    from vae_cli.runs import load_model, run_dir_of
+
+    model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=cfg.device)
+    return model, config, ckpt, run_dir_of(ckpt) / "samples"
+
+
+def _inputs(cfg, config: dict, model: VAE, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """count images of cfg.split from start: (model input, grey-level display), both (count, C, H, W)."""
+    from vae_cli.data import run_split, to_pixels
+
+    images, pixels = run_split(config, cfg.split, cfg.data_dir)
+    if start + count > len(images):
+        raise UserError(f"index={start} with {count} image(s) runs past the {cfg.split} split ({len(images)} images)")
+    raw = images[start : start + count].to(model.prior_loc.device)
+    g = torch.Generator(device=raw.device).manual_seed(cfg.seed)
+    return to_pixels(raw, pixels, g), raw.float() / 255
+
+
+def _write(image: torch.Tensor, cfg, default_dir: Path, stem: str) -> Path:
+    from vae_cli.runs import claim, output_path
+
+    path = claim(output_path(cfg.out, default_dir, stem, ".png"))
+    save_png(image, path)
+    print(path)
+    return path
+
+
+def sample(cfg) -> Path:
+    """`vae sample`: a grid of n images decoded from the prior."""
+    model, _, _, out_dir = _load(cfg)
+    images = sample_images(model, cfg.n, cfg.temperature, cfg.mode, cfg.seed)
+    return _write(grid(images, cfg.nrow), cfg, out_dir, "sample")
+
+
+def interpolate(cfg) -> Path:
+    """`vae interpolate`: rows of decoded points between two latent codes, real inputs at the ends."""
+    from vae_cli.runs import output_path
+
+    model, config, _, out_dir = _load(cfg)
+    if cfg.source == "prior":
+        g = torch.Generator().manual_seed(cfg.seed)
+        z = torch.randn(2 * cfg.pairs, model.latent_dim, generator=g).to(model.prior_loc.device)
+        ends = None
+    else:
+        x, shown = _inputs(cfg, config, model, cfg.index, 2 * cfg.pairs)
+        z, ends = encode_mean(model, x), shown
+    rows = interpolation_rows(model, z[0::2], z[1::2], cfg.steps, cfg.method, cfg.mode)  # (P, S, C, H, W)
+    if ends is not None:
+        rows = torch.cat([ends[0::2, None], rows, ends[1::2, None]], dim=1)              # (P, S+2, C, H, W)
+    gif_path = None
+    if cfg.gif:  # check the GIF's name before writing anything
+        gif_path = output_path(None if cfg.out is None else str(Path(cfg.out).with_suffix(".gif")), out_dir,
+                               "interpolate", ".gif")
+    path = _write(grid(rows.flatten(0, 1), rows.shape[1]), cfg, out_dir, "interpolate")
+    if cfg.gif:
+        gif_path = gif_path if cfg.out is not None else path.with_suffix(".gif")
+        write_gif(rows[:, 1:-1] if ends is not None else rows, gif_path)
+        print(gif_path)
+    return path
+
+
+def write_gif(rows: torch.Tensor, path: Path, ms: int = 80) -> None:
+    """Animate the path: frame t shows point t of every pair, side by side; it walks there and back."""
+    frames = [to_pil(grid(rows[:, t], rows.shape[0])) for t in range(rows.shape[1])]
+    frames = frames + frames[-2:0:-1]
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=ms, loop=0)
+
+
+def reconstruct(cfg) -> Path:
+    """`vae reconstruct`: rows of test inputs, each above its reconstructions."""
+    model, config, _, out_dir = _load(cfg)
+    x, shown = _inputs(cfg, config, model, cfg.index, cfg.n)
+    recon = reconstructions(model, x)
+    per_row = min(cfg.n, 8)
+    blocks = [torch.cat([shown[i : i + per_row], recon[i : i + per_row]]) for i in range(0, cfg.n, per_row)]
+    if cfg.n % per_row:  # pad the last block so the input and reconstruction rows stay aligned
+        last = cfg.n % per_row
+        pad = torch.ones(per_row - last, *shown.shape[1:])
+        blocks[-1] = torch.cat([shown[-last:], pad, recon[-last:], pad])
+    return _write(grid(torch.cat(blocks), per_row), cfg, out_dir, "reconstruct")
+
+
+def traverse(cfg) -> Path:
+    """`vae traverse`: one row per latent dimension (most KL first), each swept over [-range, range]."""
+    from vae_cli.data import run_split, to_pixels
+
+    model, config, _, out_dir = _load(cfg)
+    x, _ = _inputs(cfg, config, model, cfg.index, 1)
+    pool, pixels = run_split(config, cfg.split, cfg.data_dir)
+    pool = pool[:1000].to(model.prior_loc.device)
+    pool = to_pixels(pool, pixels, torch.Generator(device=pool.device).manual_seed(cfg.seed))
+    kl = kl_per_dimension(model, pool)
+    order = kl.argsort(descending=True).tolist()
+    dims = order[: cfg.dims] if cfg.dims else order
+    print("rows, by KL (nats): " + ", ".join(f"z{d} {kl[d]:.2f}" for d in dims), file=sys.stderr)
+    return _write(grid(traversal(model, x, dims, cfg.steps, cfg.range), cfg.steps), cfg, out_dir, "traverse")
+
+
+def manifold(cfg) -> Path:
+    """`vae manifold`: the decoded 2-d latent plane."""
+    model, _, _, out_dir = _load(cfg)
+    if model.latent_dim != 2:
+        raise UserError(f"vae manifold needs a 2-d latent space; this model has latent_dim={model.latent_dim} "
+                        "(train one with model.latent_dim=2)")
+    return _write(grid(manifold_images(model, cfg.steps), cfg.steps), cfg, out_dir, "manifold")

@@ -1,0 +1,128 @@
+"""`vae train`: build data, model and Trainer from the config, fit, evaluate the test split, report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vae_cli.errors import UserError
+
+
+def build_datamodule(config: dict[str, Any], data_dir: str | None = None):
+    """The ImageData of a run's resolved config (data_dir replaced when given)."""
+    from hydra.utils import instantiate
+
+    from vae_cli.data import likelihood_name
+
+    dataset = dict(config["dataset"])
+    if data_dir is not None:
+        dataset["data_dir"] = data_dir
+    return instantiate(dataset, likelihood=likelihood_name(config))
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    """Hydra's output folder for this run (or the current folder outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, lists as strings: what TensorBoard's HPARAMS tab shows."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = str(v) if isinstance(v, list) or v is None else v
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train a VAE as cfg says; returns the final metrics (also written to RUN/metrics.json)."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from vae_cli.callbacks import TrainingPictures
+    from vae_cli.module import VAEModule
+    from vae_cli.runs import last_checkpoint, load_checkpoint
+
+    resume_ckpt = None
+    if cfg.resume is not None:  # continue that run with its own saved config, in its own folder
+        resume_ckpt = last_checkpoint(cfg.resume)
+        config = load_checkpoint(resume_ckpt)["vae_cli"]["config"]
+        run = Path(cfg.resume)
+        trainer_cfg = config["trainer"]
+    else:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        run = run_folder(cfg)
+        trainer_cfg = config["trainer"]
+
+    pl.seed_everything(config["seed"], workers=True, verbose=False)
+    data = build_datamodule(config)
+    model = instantiate(config["model"])
+    module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"], config=config)
+    logger = TensorBoardLogger(save_dir=str(run), name="tensorboard", version="", default_hp_metric=False)
+    best = ModelCheckpoint(
+        dirpath=run / "checkpoints", filename="best-epoch={epoch}-step={step}", auto_insert_metric_name=False,
+        monitor="val/elbo", mode="max", save_top_k=1, save_last=True,
+    )
+    trainer_kwargs = {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
+    try:
+        trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(run), logger=logger,
+                             callbacks=[best, TrainingPictures()])
+    except Exception as e:  # Lightning's MisconfigurationException and ValueErrors name the bad value
+        raise UserError(f"trainer settings: {str(e).strip().splitlines()[0]}") from None
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+
+    metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": trainer.global_step, "epoch": trainer.current_epoch}
+    if trainer.is_global_zero:
+        metrics.update(test_metrics(module.model, data, config, trainer))
+        logger.log_hyperparams(flat(config), {f"hparams/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        report(run, metrics)
+    return metrics
+
+
+def _metric(trainer, name: str) -> float | None:
+    v = trainer.callback_metrics.get(name)
+    return float(v) if v is not None else None
+
+
+def test_metrics(model, data, config: dict[str, Any], trainer) -> dict[str, float]:
+    """The test split's ELBO, log p(x) (IWAE with eval.k samples) and gap, logged as test/*."""
+    from vae_cli.evaluate import evaluate_split
+
+    k = config["eval"]["k"]
+    if k == 0:
+        return {}
+    images = data.load()["test"]
+    if config["eval"]["limit"]:
+        images = images[: config["eval"]["limit"]]
+    model.eval()
+    r = evaluate_split(model, images, data.mode, k, config["eval"]["batch_size"], seed=config["seed"])
+    out = {"test_elbo": r["elbo"], "test_log_px": r["log_px"], "test_gap": r["gap"], "test_k": k}
+    trainer.logger.log_metrics({"test/elbo": r["elbo"], "test/log_px": r["log_px"], "test/gap": r["gap"]},
+                               step=trainer.global_step)
+    return out
+
+
+def report(run: Path, metrics: dict[str, Any]) -> None:
+    """The last lines a user reads: where the run is, how it went, how to look at it."""
+    lines = [f"run folder: {run}"]
+    if metrics.get("val_elbo") is not None:
+        lines.append(f"final val ELBO: {metrics['val_elbo']:.3f} nats/example")
+    if "test_log_px" in metrics:
+        lines.append(
+            f"test (k={metrics['test_k']}): ELBO {metrics['test_elbo']:.3f}, log p(x) {metrics['test_log_px']:.3f}, "
+            f"gap {metrics['test_gap']:.3f} nats/example"
+        )
+    lines.append(f"see it: tensorboard --logdir {run / 'tensorboard'}")
+    print("\n".join(lines), file=sys.stdout, flush=True)
