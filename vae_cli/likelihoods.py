@@ -23,7 +23,9 @@ class Bernoulli(nn.Module):
     name = "bernoulli"
 
     def forward(self, logits: torch.Tensor) -> Distribution:
-        return Independent(_Bernoulli(logits=logits), 3)
+        # validate_args=False: log_prob also takes grey levels in [0, 1] (as -BCE, like
+        # pytorch/examples), and the per-call support checks cost time in the training loop.
+        return Independent(_Bernoulli(logits=logits, validate_args=False), 3, validate_args=False)
 
 
 class Gaussian(nn.Module):
@@ -53,4 +55,4 @@ class Gaussian(nn.Module):
     def forward(self, out: torch.Tensor) -> Distribution:
         loc = torch.sigmoid(out)                                           # (..., C, H, W)
         sigma = self.log_sigma.clamp_min(self.min_log_sigma).exp().expand_as(loc)
-        return Independent(Normal(loc, sigma), 3)
+        return Independent(Normal(loc, sigma, validate_args=False), 3, validate_args=False)

@@ -30,12 +30,12 @@ class VAE(nn.Module):
     @property
     def prior(self) -> Distribution:
         """p(z) = N(0, I)."""
-        return Independent(Normal(self.prior_loc, self.prior_scale), 1)
+        return Independent(Normal(self.prior_loc, self.prior_scale, validate_args=False), 1, validate_args=False)
 
     def posterior(self, x: torch.Tensor) -> Distribution:
         """q(z|x) = N(mu(x), diag sigma(x)^2), batch shape (B,), event shape (D,)."""
         mu, logvar = self.encoder(x)  # (B, D) each
-        return Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+        return Independent(Normal(mu, (0.5 * logvar).exp(), validate_args=False), 1, validate_args=False)
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for z of shape (..., D); event shape (C, H, W)."""

@@ -1,0 +1,163 @@
+"""Seconds per epoch: `vae train experiment=pytorch_example` vs a plain-PyTorch loop of the same model.
+
+Full run (real MNIST from the vae cache; fetched there once if missing):
+
+    /tmp/venv/bin/python bench/train_speed.py --epochs 4
+
+Smoke test:  python bench/train_speed.py --epochs 2 --limit-batches 2 --data-dir /tmp/benchdata
+
+Both sides do per epoch what pytorch/examples vae/main.py does: a shuffled training pass, batch 128,
+over the 60k training images (vae's train + val, as `dataset.validation: test` does), then a pass
+over the 10k test images. The test pass uses batch 1000 on both sides (vae's dataset.eval_batch_size).
+Model: MLP 784-400-20, Bernoulli likelihood on grey levels x = byte/255 (summed BCE with logits),
+closed-form KL, Adam lr 1e-3.
+
+- vae: the real CLI as a subprocess (own temp hydra.run.dir, eval.k=0), timed with perf_counter
+  end to end, so per-epoch work such as checkpoints, pictures and logging is counted.
+- plain: in this process, the data as one float tensor in memory, no DataLoader, no Lightning.
+
+Start-up is cancelled: each side runs 1 and N epochs, and s/epoch = (t_N - t_1) / (N - 1), after one
+untimed warm-up run (1 epoch, 1 batch) per side. At smoke-test sizes the difference is noise.
+Threads: both sides use --threads T (default: torch's default here): torch.set_num_threads(T) for
+the plain loop, OMP_NUM_THREADS=T and MKL_NUM_THREADS=T in the vae child's environment.
+
+Prints a header (date, CPU model, torch version, threads), then one line per side (t_1, t_N,
+s/epoch, and the final -ELBO in nats/example: vae's val loss on the test set, plain's test loss),
+then the ratio vae / plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BATCH, TEST_BATCH = 128, 1000
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def vae_executable() -> str:
+    exe = Path(sys.executable).with_name("vae")  # the console script of this venv
+    return str(exe) if exe.exists() else "vae"
+
+
+def time_vae(epochs: int, data_dir: str, limit: int | None, threads: int, tmp: Path) -> tuple[float, float]:
+    """Seconds for one `vae train` run of `epochs` epochs, and its final val loss (-ELBO)."""
+    tmp.mkdir(exist_ok=True)
+    run = tmp / f"vae-{epochs}"
+    cmd = [vae_executable(), "train", "experiment=pytorch_example", f"trainer.max_epochs={epochs}", "eval.k=0",
+           f"data_dir={data_dir}", f"hydra.run.dir={run}"]
+    if limit is not None:
+        cmd += [f"trainer.limit_train_batches={limit}", f"trainer.limit_val_batches={limit}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log = tmp / f"vae-{epochs}.log"
+    with open(log, "w") as f:
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp).returncode
+        seconds = time.perf_counter() - t0
+    if rc != 0:
+        sys.exit(f"vae train failed (exit {rc}): {' '.join(cmd)}\n" + log.read_text()[-3000:])
+    return seconds, -json.loads((run / "metrics.json").read_text())["val_elbo"]
+
+
+class VAE(nn.Module):
+    """pytorch/examples vae/main.py's model, decoder returning logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """-ELBO summed over the batch (one reparameterised sample)."""
+        h = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        logits = self.fc4(F.relu(self.fc3(z)))
+        bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return bce + kl
+
+
+def time_plain(epochs: int, splits: dict[str, torch.Tensor], limit: int | None) -> tuple[float, float]:
+    """Seconds for `epochs` epochs of the plain loop, and the last test pass's mean -ELBO per example."""
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    train = torch.cat([splits["train"], splits["val"]]).flatten(1).float() / 255  # (60000, 784)
+    test = splits["test"].flatten(1).float() / 255                               # (10000, 784)
+    n_train = min(math.ceil(len(train) / BATCH), limit or math.inf) * BATCH
+    n_test = min(math.ceil(len(test) / TEST_BATCH), limit or math.inf) * TEST_BATCH
+    test = test[:n_test]
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(train))[:n_train]
+        for start in range(0, len(order), BATCH):
+            opt.zero_grad()
+            model.loss(train[order[start : start + BATCH]]).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            test_loss = sum(model.loss(test[s : s + TEST_BATCH]).item() for s in range(0, len(test), TEST_BATCH))
+    return time.perf_counter() - t0, test_loss / len(test)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--epochs", type=int, default=4, help="N: runs of 1 and N epochs (N >= 2)")
+    p.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", "~/.cache/vae-cli"))
+    p.add_argument("--limit-batches", type=int, default=None, help="train/test batches per epoch (smoke test)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = p.parse_args()
+    if a.epochs < 2:
+        p.error("--epochs must be at least 2")
+    torch.set_num_threads(a.threads)
+
+    from vae_cli.data import load_splits
+
+    splits = load_splits("mnist", a.data_dir)  # fetches and caches MNIST once, before any timing
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  CPU: {cpu_model()} ({os.cpu_count()} logical)  "
+          f"torch {torch.__version__}  threads {a.threads}")
+    print(f"# epochs 1 and {a.epochs}, limit_batches {a.limit_batches}, data_dir {a.data_dir}, "
+          f"train {len(splits['train']) + len(splits['val'])}, test {len(splits['test'])}", flush=True)
+
+    per_epoch = {}
+    with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp:
+        runs = {
+            "vae": lambda e, limit: time_vae(e, a.data_dir, limit, a.threads, Path(tmp) / f"{limit}"),
+            "plain": lambda e, limit: time_plain(e, splits, limit),
+        }
+        for name, run in runs.items():
+            run(1, 1)  # warm-up, untimed: lazy first-call set-up in this process, cold file caches
+            t1, _ = run(1, a.limit_batches)
+            tn, loss = run(a.epochs, a.limit_batches)
+            per_epoch[name] = (tn - t1) / (a.epochs - 1)
+            what = "val loss (test set)" if name == "vae" else "test loss"
+            print(f"{name:6} t_1 {t1:8.2f} s  t_{a.epochs} {tn:8.2f} s  {per_epoch[name]:8.3f} s/epoch  "
+                  f"{what} {loss:.2f} nats/example", flush=True)
+    print(f"ratio vae/plain: {per_epoch['vae'] / per_epoch['plain']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The `vae` command itself: sub-commands, Hydra's flags, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from conftest import run_main, vae
+from vae_cli.cli import COMMANDS
+
+
+def test_vae_alone_and_help_list_the_commands():
+    for args in ([], ["--help"]):
+        r = vae(*args)
+        assert r.returncode == 0
+        for name in COMMANDS:
+            assert f"  {name}" in r.stdout
+
+
+def test_unknown_command_lists_the_commands_and_exits_2():
+    r = vae("trian")
+    assert r.returncode == 2
+    assert "unknown command 'trian'" in r.stderr and "train" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hydra_help_and_cfg_job(tmp_path):
+    r = vae("train", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "dataset: cifar10, fashion_mnist, folder, mnist" in r.stdout
+    r = vae("train", "--cfg", "job", "model=conv", "model.latent_dim=7", cwd=tmp_path)
+    assert r.returncode == 0
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["model"]["latent_dim"] == 7 and cfg["model"]["encoder"]["_target_"].endswith("ConvEncoder")
+    assert not (tmp_path / "outputs").exists()   # --cfg runs nothing and writes nothing
+
+
+def test_user_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    r = vae("train", "model.latent_dim=-1", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "vae: error: model.latent_dim=-1 is not allowed: expected a positive integer"
+    r = vae("train", "dataset=imagenet", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "mnist" in r.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_debug_switch_shows_the_traceback(tmp_path):
+    r = vae("sample", "run=/no/such/run", cwd=tmp_path, env={"VAE_DEBUG": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_evaluate_prints_the_table_and_writes_json(trained_run, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert run_main("evaluate", f"run={trained_run}", "k=16", "limit=20", f"out={out}") == 0
+    printed = capsys.readouterr().out
+    assert "log p(x)" in printed and "gap" in printed and "KL(q(z|x) || p(z|x))" in printed
+    r = json.loads(out.read_text())
+    for key in ("elbo", "log_px", "gap", "recon", "kl", "k", "n", "split", "bits_per_dim", "elbo_se", "log_px_se",
+                "gap_se", "checkpoint"):
+        assert key in r
+    assert r["k"] == 16 and r["n"] == 20 and r["split"] == "test"
+    assert abs(r["gap"] - (r["log_px"] - r["elbo"])) < 1e-9 and abs(r["elbo"] - (r["recon"] - r["kl"])) < 1e-9
+    assert r["log_px"] > r["elbo"] and r["gap"] > 0
+    assert abs(r["bits_per_dim"]["log_px"] + r["log_px"] / (784 * 0.6931471805599453)) < 1e-9
+    # the default name goes in the run folder and never overwrites
+    assert run_main("evaluate", f"run={trained_run}", "k=2", "limit=4") == 0
+    assert run_main("evaluate", f"run={trained_run}", "k=2", "limit=4") == 0
+    assert len(list((trained_run / "eval").glob("test-k2-*.json"))) == 2
+    assert run_main("evaluate", f"run={trained_run}", "k=2", f"out={out}") == 2   # exists: refused
+
+
+def test_evaluate_is_repeatable_with_a_seed(trained_run, tmp_path):
+    outs = []
+    for i in range(2):
+        assert run_main("evaluate", f"run={trained_run}", "k=4", "limit=8", "seed=3", f"out={tmp_path / f'{i}.json'}") == 0
+        outs.append(json.loads((tmp_path / f"{i}.json").read_text()))
+    assert outs[0]["log_px"] == outs[1]["log_px"]

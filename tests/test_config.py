@@ -1,0 +1,103 @@
+"""Every config group composes with Hydra and instantiates; mistakes become one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from vae_cli.checks import check_command_line, compose, options
+from vae_cli.errors import UserError
+from vae_cli.train import build_datamodule
+
+GROUPS = {"dataset": ["cifar10", "fashion_mnist", "folder", "mnist"], "model": ["conv", "mlp"],
+          "likelihood": ["bernoulli", "gaussian"], "optimizer": ["adam", "adamw", "sgd"], "trainer": ["default"]}
+
+
+def test_groups_list_their_yaml_files(conf):
+    for group, expected in GROUPS.items():
+        assert options(conf, group) == expected
+
+
+@pytest.mark.parametrize("model", GROUPS["model"])
+@pytest.mark.parametrize("likelihood", GROUPS["likelihood"])
+@pytest.mark.parametrize("shape", ["[1,28,28]", "[3,32,32]"])
+def test_model_and_likelihood_compose_and_run(conf, model, likelihood, shape):
+    cfg = compose(conf, "train", [f"model={model}", f"likelihood={likelihood}", f"dataset.shape={shape}",
+                                  "model.latent_dim=3"])
+    vae = instantiate(OmegaConf.to_container(cfg, resolve=True)["model"])
+    c, h, w = cfg.dataset.shape
+    x = torch.rand(5, c, h, w)
+    recon, kl = vae.elbo_terms(x)
+    assert recon.shape == kl.shape == (5,) and torch.isfinite(recon).all() and (kl >= 0).all()
+    assert vae.decode(vae.prior.sample((7,))).mean.shape == (7, c, h, w)
+
+
+@pytest.mark.parametrize("dataset", GROUPS["dataset"])
+def test_every_dataset_composes_into_a_datamodule(conf, dataset, tmp_path):
+    extra = [f"dataset.path={tmp_path}"] if dataset == "folder" else []
+    cfg = compose(conf, "train", [f"dataset={dataset}", *extra])
+    dm = build_datamodule(OmegaConf.to_container(cfg, resolve=True))
+    assert dm.name == dataset and dm.shape == list(cfg.dataset.shape)
+    assert dm.mode == ("none" if dataset == "cifar10" else "dynamic")
+
+
+@pytest.mark.parametrize("opt", GROUPS["optimizer"])
+def test_optimizers_are_partials(conf, opt):
+    cfg = compose(conf, "train", [f"optimizer={opt}"])
+    make = instantiate(cfg.optimizer)
+    assert isinstance(make([torch.nn.Parameter(torch.zeros(1))]), torch.optim.Optimizer)
+
+
+def test_gaussian_likelihood_dequantizes_and_bernoulli_binarizes(conf):
+    g = build_datamodule(OmegaConf.to_container(compose(conf, "train", ["likelihood=gaussian"]), resolve=True))
+    b = build_datamodule(OmegaConf.to_container(compose(conf, "train", ["dataset.binarize=static"]), resolve=True))
+    assert g.mode == "dequantize" and b.mode == "static"
+
+
+def test_pytorch_example_experiment(conf):
+    cfg = compose(conf, "train", ["experiment=pytorch_example"])
+    assert cfg.dataset.binarize == "none" and cfg.dataset.validation == "test"
+    assert cfg.model.encoder.hidden == [400] and cfg.model.latent_dim == 20
+    assert cfg.optimizer.lr == 1e-3 and cfg.dataset.batch_size == 128 and cfg.trainer.max_epochs == 10
+
+
+def test_every_command_config_composes(conf):
+    for command in ("train", "evaluate", "sample", "interpolate", "reconstruct", "traverse", "manifold"):
+        check_command_line(conf, command, [])
+
+
+BAD = [
+    ("train", ["dataset=imagenet"], "dataset='imagenet' does not exist: choose one of cifar10, fashion_mnist, folder, mnist"),
+    ("train", ["model=resnet"], "model='resnet' does not exist: choose one of conv, mlp"),
+    ("train", ["likelihood=poisson"], "likelihood='poisson' does not exist: choose one of bernoulli, gaussian"),
+    ("train", ["model.latent_dim=0"], "model.latent_dim=0 is not allowed: expected a positive integer"),
+    ("train", ["model.latent_dim=-3"], "model.latent_dim=-3 is not allowed"),
+    ("train", ["model.latent_dim=abc"], "model.latent_dim='abc' is not allowed: expected a positive integer"),
+    ("train", ["model.latent_dim=2.5"], "model.latent_dim=2.5 is not allowed"),
+    ("train", ["model.latnt_dim=3"], "unknown setting 'model.latnt_dim'"),
+    ("train", ["dataset.binarize=maybe"], "dataset.binarize='maybe' is not allowed: expected one of dynamic, static, none"),
+    ("train", ["beta=-1"], "beta=-1 is not allowed: expected a number >= 0"),
+    ("train", ["dataset=folder"], "dataset=folder needs dataset.path=DIR"),
+    ("train", ["dataset=folder", "dataset.path=/no/such/dir"], "dataset.path='/no/such/dir' is not a folder"),
+    ("train", ["model=conv", "dataset.shape=[1,30,30]"], "height and width must be divisible by 4"),
+    ("train", ["-m", "model.latent_dim=2,0"], "model.latent_dim=0 is not allowed"),
+    ("train", ["resume=/no/such/run"], "run='/no/such/run' is not a folder"),
+    ("sample", ["n=0"], "n=0 is not allowed: expected a positive integer"),
+    ("sample", ["mode=median"], "mode='median' is not allowed: expected one of mean, sample"),
+    ("interpolate", ["steps=1"], "steps=1 is not allowed: expected an integer >= 2"),
+    ("interpolate", ["pairs=x"], "pairs='x' is not allowed"),
+    ("interpolate", ["method=cubic"], "method='cubic' is not allowed: expected one of linear, slerp"),
+    ("evaluate", ["k=0"], "k=0 is not allowed: expected a positive integer"),
+    ("evaluate", ["limit=-5"], "limit=-5 is not allowed"),
+    ("evaluate", ["split=dev"], "split='dev' is not allowed: expected one of test, val, train"),
+]
+
+
+@pytest.mark.parametrize("command,overrides,message", BAD, ids=[" ".join(b[1]) for b in BAD])
+def test_mistakes_are_one_line_naming_the_value(conf, command, overrides, message):
+    overrides = [o for o in overrides if not o.startswith("-")]
+    with pytest.raises(UserError) as e:
+        check_command_line(conf, command, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)

