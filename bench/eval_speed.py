@@ -41,6 +41,7 @@ def main() -> None:
         cmd = [str(exe) if exe.exists() else "vae", "evaluate", f"run={a.run}", f"k={a.k}", f"out={out}"]
         cmd += [f"limit={a.limit}"] if a.limit is not None else []
         cmd += [f"data_dir={a.data_dir}"] if a.data_dir is not None else []
+        print("| k | n | seconds | examples*k/s | peak RSS MB |\n|---|---|---|---|---|", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
@@ -48,7 +49,6 @@ def main() -> None:
             sys.exit(f"vae evaluate failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
         n = json.loads(out.read_text())["n"]
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the only child we ran
-    print("| k | n | seconds | examples*k/s | peak RSS MB |\n|---|---|---|---|---|", file=sys.stderr)
     print(f"| {a.k} | {n} | {seconds:.1f} | {n * a.k / seconds:,.0f} | {peak_mb:.0f} |")
 
 

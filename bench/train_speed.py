@@ -126,7 +126,7 @@ def time_plain(epochs: int, splits: dict[str, torch.Tensor], limit: int | None) 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--epochs", type=int, default=4, help="N: runs of 1 and N epochs (N >= 2)")
-    p.add_argument("--data-dir", default=os.environ.get("VAE_DATA_DIR", "~/.cache/vae-cli"))
+    p.add_argument("--data-dir", default=os.path.expanduser(os.environ.get("VAE_DATA_DIR", "~/.cache/vae-cli")))
     p.add_argument("--limit-batches", type=int, default=None, help="train/test batches per epoch (smoke test)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = p.parse_args()

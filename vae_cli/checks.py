@@ -32,10 +32,14 @@ def _variants(overrides: list[str]) -> list[list[str]]:
     """One override list per value of every sweep (``a=1,2``), the others at their first value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # Hydra's parser message is multi-line
-        raise UserError(f"cannot read the command line: {str(e).strip().splitlines()[0]}") from None
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except Exception:  # Hydra's parser message is multi-line
+            raise UserError(f"cannot read {o!r}: expected key=value; quote values with characters such as ~ "
+                            """or spaces, e.g. 'data_dir="~/data"'""") from None
+    parsed = parser.parse_overrides(overrides)
     choices = []
     for o in parsed:
         if o.is_sweep_override():
@@ -90,6 +94,11 @@ def compose(conf_dir: str, command: str, overrides: list[str]) -> DictConfig:
 
 def check_command_line(conf_dir: str, command: str, overrides: list[str]) -> None:
     """Compose every variant of the command line and check its values; raise UserError on the first problem."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if command == "train" and "resume" in keys:
+        others = [o for o, k in zip(overrides, keys) if k != "resume" and not k.startswith("hydra")]
+        if others:
+            raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}")
     for variant in _variants(overrides):
         cfg = compose(conf_dir, command, variant)
         CHECKS.get(command, lambda c: None)(cfg)

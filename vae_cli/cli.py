@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from vae_cli.errors import UserError
@@ -95,6 +96,10 @@ def _task(command: str):
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vae`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0], *argv]  # what a re-run of this process (DDP) executes
+    # Lightning's own deprecation chatter is not the user's business.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -113,14 +118,18 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             fail(str(e))
 
-    import hydra
+    from hydra._internal.utils import _run_hydra, get_args_parser
 
     from vae_cli.checks import register_resolvers
 
     register_resolvers()
-    sys.argv = [f"vae {command}", *rest]
-    hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
-
+    # Hydra reads the arguments after the sub-command; sys.argv stays `vae COMMAND ...`, so a
+    # process that re-runs it (Lightning's DDP launcher starts one per device this way) runs the
+    # same sub-command. hydra.main would parse sys.argv[1:] itself and see COMMAND as an override.
+    parser = get_args_parser()
+    args = parser.parse_args(rest)
+    _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
+               config_name=command)
 
 if __name__ == "__main__":
     main()

@@ -62,6 +62,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is plain public data
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -280,8 +281,9 @@ def to_pixels(x: torch.Tensor, mode: str, generator: torch.Generator | None = No
 class Batches:
     """An in-memory loader: shuffled index batches of a uint8 tensor, turned into pixels on its device.
 
-    In DDP each rank takes every world_size-th batch of one shared permutation (seeded by seed and
-    epoch), so ranks see disjoint data without a DistributedSampler.
+    In DDP each rank takes every world_size-th example of one shared order (the permutation is
+    seeded by seed and epoch), padded by wrapping around so every rank gets the same number of
+    batches, as DistributedSampler does; no sampler or worker processes are involved.
     """
 
     def __init__(
@@ -300,20 +302,30 @@ class Batches:
         self.seed, self.fixed_noise, self.epoch = seed, fixed_noise, epoch
         self.rank, self.world_size = rank, world_size
 
-    def _starts(self) -> range:
-        return range(self.rank * self.batch_size, len(self.data), self.batch_size * self.world_size)
+    def _shard_size(self) -> int:
+        return -(-len(self.data) // self.world_size)
 
     def __len__(self) -> int:
-        return len(self._starts())
+        return -(-self._shard_size() // self.batch_size)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        device = self.data.device
-        order = None
+    def _indices(self) -> torch.Tensor | None:
+        """This rank's example indices in order, or None for all of them in order (no copy)."""
+        n = len(self.data)
+        if not self.shuffle and self.world_size == 1:
+            return None
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + 7919 * self.epoch())
-            order = torch.randperm(len(self.data), generator=g).to(device)
-        noise = torch.Generator(device=device).manual_seed(self.seed) if self.fixed_noise else None
-        for start in self._starts():
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        pad = self._shard_size() * self.world_size - n
+        order = torch.cat([order, order[:pad]])[self.rank :: self.world_size]
+        return order.to(self.data.device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self._indices()
+        noise = torch.Generator(device=self.data.device).manual_seed(self.seed) if self.fixed_noise else None
+        for start in range(0, self._shard_size(), self.batch_size):
             idx = slice(start, start + self.batch_size)
             x = self.data[order[idx]] if order is not None else self.data[idx]  # (B, C, H, W) uint8
             yield to_pixels(x, self.mode, noise)

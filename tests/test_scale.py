@@ -1,0 +1,44 @@
+"""Scaling out through Lightning and Hydra: DDP on two CPU processes, sweeps with a summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+
+from conftest import TINY, vae
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
+    run = tmp_path / "ddp"
+    r = vae("train", f"data_dir={data_dir}", *TINY, "trainer.devices=2", "trainer.strategy=ddp",
+            "trainer.accelerator=cpu", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * 2            # 4 batches an epoch, split over 2 ranks, 2 epochs
+    assert len(list((run / "checkpoints").glob("*.ckpt"))) == 2   # last + best, written once (rank 0)
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4
+    assert r.stdout.count("run folder:") == 1      # one report, from rank 0
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [".hydra", "checkpoints", "tensorboard"]
+
+
+def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    r = vae("train", "-m", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=4",
+            "model.latent_dim=2,3", "likelihood=bernoulli,gaussian", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4
+    combos = {tuple(sorted(row["overrides"].split())) for row in rows}
+    assert combos == {(f"likelihood={lik}", f"model.latent_dim={d}") for d in (2, 3) for lik in ("bernoulli", "gaussian")}
+    assert all(float(row["test_log_px"]) >= float(row["test_elbo"]) - 5 for row in rows)
+    md = (sweep / "summary.md").read_text()
+    assert md.startswith("| job | overrides | val_elbo |") and md.count("\n") == 6
+    assert "sweep summary:" in r.stdout
+
+
+def test_resume_refuses_other_overrides(tmp_path, trained_run):
+    r = vae("train", f"resume={trained_run}", "model.latent_dim=8", cwd=tmp_path)
+    assert r.returncode == 2 and "drop 'model.latent_dim=8'" in r.stderr

@@ -1,0 +1,61 @@
+"""A Hydra callback that tabulates a sweep: each run's overrides, final val ELBO and test log p(x)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+COLUMNS = ("job", "overrides", "val_elbo", "test_elbo", "test_log_px", "test_gap", "step", "folder")
+
+
+def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per finished run under sweep_dir (its subfolders with a metrics.json), by job number.
+
+    ``overrides`` lists what differs between the runs (the overrides every run shares are left out).
+    """
+    rows, lists = [], []
+    for metrics_file in sweep_dir.glob("*/metrics.json"):
+        run = metrics_file.parent
+        metrics = json.loads(metrics_file.read_text())
+        overrides_file = run / ".hydra" / "overrides.yaml"
+        lists.append(list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else [])
+        rows.append({"job": run.name, "folder": str(run),
+                     **{k: metrics.get(k) for k in ("val_elbo", "test_elbo", "test_log_px", "test_gap", "step")}})
+    shared = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
+    for row, overrides in zip(rows, lists):
+        row["overrides"] = " ".join(o for o in overrides if o not in shared)
+    return sorted(rows, key=lambda r: (len(r["job"]), r["job"]))
+
+
+def write_tables(rows: list[dict[str, Any]], sweep_dir: Path) -> tuple[Path, Path]:
+    """summary.csv and summary.md in the sweep folder."""
+    csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS[:-1]) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+class SweepSummary(Callback):
+    """At the end of `vae train -m ...`: write and print the sweep's summary table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = summarize(sweep_dir)
+        if not rows:
+            return
+        csv_path, md_path = write_tables(rows, sweep_dir)
+        print(md_path.read_text() + f"sweep summary: {md_path} and {csv_path}")
