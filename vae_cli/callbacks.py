@@ -1,9 +1,14 @@
-"""Lightning callbacks: the pictures logged to TensorBoard each validation epoch."""
+"""Lightning plug-ins: pictures logged to TensorBoard each validation epoch, atomic checkpoint writes."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from vae_cli import pictures
 
@@ -32,3 +37,26 @@ class TrainingPictures(pl.Callback):
         write("val/reconstructions", pictures.grid(torch.cat([x, recon]), len(x)), step)
         write("val/samples", pictures.grid(samples, 8), step)
         write("val/interpolation", pictures.grid(torch.cat([x[:1], path, x[1:2]]), self.steps + 2), step)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside it, flush it to disk, then rename it into place.
+
+    os.replace is atomic within a folder, so a kill at any moment leaves either the previous
+    checkpoint or the new one, never half a file. (Lightning's own save goes through a temporary
+    file in the system's temp folder, which is only atomic when that is the same file system.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()

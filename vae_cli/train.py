@@ -50,7 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from vae_cli.callbacks import TrainingPictures
+    from vae_cli.callbacks import AtomicCheckpointIO, TrainingPictures
     from vae_cli.module import VAEModule
     from vae_cli.runs import last_checkpoint, load_checkpoint
 
@@ -77,7 +77,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_kwargs = {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
     try:
         trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(run), logger=logger,
-                             callbacks=[best, TrainingPictures()])
+                             callbacks=[best, TrainingPictures()], plugins=[AtomicCheckpointIO()])
     except Exception as e:  # Lightning's MisconfigurationException and ValueErrors name the bad value
         raise UserError(f"trainer settings: {str(e).strip().splitlines()[0]}") from None
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)

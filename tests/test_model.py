@@ -1,0 +1,88 @@
+"""The model's ELBO terms against the plain pytorch/examples formula, bounds, likelihoods, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from vae_cli.callbacks import AtomicCheckpointIO
+from vae_cli.checks import compose
+from vae_cli.data import Batches
+from vae_cli.likelihoods import Gaussian
+from vae_cli.networks import LOGVAR_BOUND
+
+
+def example_model(conf):
+    cfg = OmegaConf.to_container(compose(conf, "train", ["experiment=pytorch_example"]), resolve=True)
+    return instantiate(cfg["model"])
+
+
+def test_fast_path_equals_the_pytorch_example_loss(conf):
+    """Our in-memory batches and distributions give pytorch/examples vae/main.py's loss, same seed."""
+    torch.manual_seed(0)
+    model = example_model(conf)
+    data = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8)
+    x = next(iter(Batches(data, 64, "none", shuffle=False)))       # grey levels, b / 255
+    torch.manual_seed(1)
+    recon, kl = model.elbo_terms(x)
+    ours = -(recon - kl).sum()
+    # pytorch/examples vae/main.py, written out with the same weights and the same noise
+    torch.manual_seed(1)
+    h = model.encoder.net(x.view(-1, 784))
+    mu, raw = h.chunk(2, dim=-1)
+    logvar = LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)         # |logvar| << 14 here: tanh is ~identity
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    logits = model.decoder.net(z)
+    bce = F.binary_cross_entropy_with_logits(logits, x.view(-1, 784), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    assert torch.allclose(ours, bce + kld, rtol=1e-5)
+
+
+def test_log_variance_is_bounded_so_nothing_overflows(conf):
+    model = example_model(conf)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.mul_(1000.0)                                          # absurd weights
+    recon, kl = model.elbo_terms(torch.rand(8, 1, 28, 28))
+    assert torch.isfinite(recon).all() and torch.isfinite(kl).all()
+    _, logvar = model.encoder(torch.rand(8, 1, 28, 28))
+    assert logvar.abs().max() <= LOGVAR_BOUND   # tanh saturates to the bound in float32, never past it
+
+
+@pytest.mark.parametrize("scale,n_params", [("fixed", 0), ("shared", 1), ("pixel", 12)])
+def test_gaussian_likelihood_scales(scale, n_params):
+    lik = Gaussian([3, 2, 2], scale=scale, sigma=0.2)
+    assert sum(p.numel() for p in lik.parameters()) == n_params
+    px = lik(torch.zeros(5, 3, 2, 2))
+    assert px.batch_shape == (5,) and px.event_shape == (3, 2, 2)
+    x = torch.full((5, 3, 2, 2), 0.5)                               # at the mean sigmoid(0) = 0.5
+    assert torch.allclose(px.log_prob(x), torch.full((5,), -12 * math.log(0.2 * math.sqrt(2 * math.pi))))
+
+
+def test_bernoulli_likelihood_is_on_logits_and_stable():
+    from vae_cli.likelihoods import Bernoulli
+
+    px = Bernoulli()(torch.tensor([[[[80.0, -80.0]]]]))
+    assert torch.isfinite(px.log_prob(torch.tensor([[[[0.0, 1.0]]]]))).all()
+    assert torch.allclose(px.log_prob(torch.tensor([[[[1.0, 0.0]]]])), torch.zeros(1), atol=1e-6)
+
+
+def test_atomic_checkpoint_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, target)
+    good = target.read_bytes()
+
+    def dies_half_way(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, target)
+    assert target.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
