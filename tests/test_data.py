@@ -154,6 +154,21 @@ def test_folder_dataset_decodes_resizes_and_skips_unreadable_files(tmp_path, cap
     assert rgb["train"].shape[1:] == (3, 32, 32)
 
 
+def test_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), i * 60, dtype=np.uint8)).save(images / f"{i}.png")
+    first = data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_decode_images", lambda *a: pytest.fail("decoded a second time"))
+    again = data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(first[s], again[s]) for s in data.SPLITS)
+    monkeypatch.undo()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(images / "new.png")   # a new file: decoded afresh
+    assert len(torch.cat([v for k, v in data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache")).items()
+                          if k != "test"])) == 5
+
+
 def test_folder_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="is not a folder"):
         data.load_folder(str(tmp_path / "nope"), 28, 28, 1)

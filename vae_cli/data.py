@@ -220,33 +220,54 @@ def load_splits(name: str, data_dir: str) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- folder of images
 
 
-def load_folder(path: str, height: int, width: int, channels: int, val_fraction: float = 0.1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Decode every image under ``path`` once, resized to height x width, grayscale (1) or RGB (3).
-
-    Unreadable files are skipped with a warning naming each one. Validation is a seeded random
-    ``val_fraction`` of the images; a folder has no separate test set, so test is the same held-out
-    images as val.
-    """
+def _decode_images(files: list[Path], height: int, width: int, channels: int) -> tuple[torch.Tensor | None, list[str]]:
+    """Decode, convert and resize every file: (uint8 (N, C, H, W) or None, unreadable paths)."""
     from PIL import Image, UnidentifiedImageError
 
+    mode = {1: "L", 3: "RGB"}[channels]
+    images, skipped = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode).resize((width, height), Image.BILINEAR)
+                images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, channels))
+        except (OSError, UnidentifiedImageError, ValueError):
+            skipped.append(str(f))
+    x = torch.stack(images).permute(0, 3, 1, 2).contiguous() if images else None  # (N, C, H, W)
+    return x, skipped
+
+
+def load_folder(
+    path: str, height: int, width: int, channels: int, val_fraction: float = 0.1, seed: int = 0,
+    data_dir: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Decode every image under ``path`` once, resized to height x width, grayscale (1) or RGB (3).
+
+    Unreadable files are skipped, each reported with its path. With ``data_dir`` the decoded tensor
+    is cached there, keyed by the folder, the size and every file's name, size and mtime, so later
+    runs skip the decoding. Validation is a seeded random ``val_fraction`` of the images; a folder
+    has no separate test set, so test is the same held-out images as val.
+    """
     root = Path(os.path.expanduser(path))
     if not root.is_dir():
         raise UserError(f"dataset.path={path!r} is not a folder: give a folder of images")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    mode = {1: "L", 3: "RGB"}[channels]
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im = im.convert(mode).resize((width, height), Image.BILINEAR)
-                images.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, channels))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            print(f"vae: skipping {f}: not a readable image ({type(e).__name__})", file=sys.stderr)
-    if len(images) < 2:
-        raise UserError(f"dataset.path={path!r} has {len(images)} readable image(s): at least 2 are needed")
-    x = torch.stack(images).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+    key = hashlib.sha1(repr((str(root.resolve()), height, width, channels,
+                             [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])).encode()).hexdigest()
+    cache = data_root(data_dir) / "folders" / f"{key[:16]}.pt" if data_dir else None
+    cached = torch.load(cache, weights_only=True) if cache is not None and cache.is_file() else None
+    if cached is not None:
+        x, skipped = cached["images"], cached["skipped"]
+    else:
+        x, skipped = _decode_images(files, height, width, channels)
+        if cache is not None and x is not None:
+            _save_atomic({"images": x, "skipped": skipped}, cache)
+    for f in skipped:
+        print(f"vae: skipping {f}: not a readable image", file=sys.stderr)
+    if x is None or len(x) < 2:
+        raise UserError(f"dataset.path={path!r} has {0 if x is None else len(x)} readable image(s): at least 2 are needed")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(round(val_fraction * len(x))))
     val = x[perm[:n_val]]
@@ -345,7 +366,7 @@ def load_dataset(
     if name == "folder":
         if not path:
             raise UserError("dataset=folder needs dataset.path=DIR: a folder of images")
-        splits = load_folder(path, shape[1], shape[2], shape[0], val_fraction)
+        splits = load_folder(path, shape[1], shape[2], shape[0], val_fraction, data_dir=data_dir)
     else:
         splits = load_splits(name, data_dir)
     got = list(splits["train"].shape[1:])

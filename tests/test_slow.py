@@ -1,0 +1,31 @@
+"""Full-size checks on real MNIST (fetched once into the cache). CI skips them: pytest -m slow runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import vae
+
+pytestmark = pytest.mark.slow
+
+
+def test_pytorch_example_reproduces_the_reference_test_loss(tmp_path):
+    """pytorch/examples vae/main.py reaches a test loss of 105.5 nats after 10 epochs; so must we."""
+    run = tmp_path / "example"
+    r = vae("train", "experiment=pytorch_example", "eval.k=0", "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epoch"] == 10
+    assert abs(metrics["val_elbo"] - (-105.5)) < 1.0, metrics   # validation here is the 10k test set
+
+
+def test_mnist_has_the_classic_split():
+    from vae_cli.data import load_splits
+
+    splits = load_splits("mnist", "~/.cache/vae-cli")
+    assert {k: tuple(v.shape) for k, v in splits.items()} == {
+        "train": (50000, 1, 28, 28), "val": (10000, 1, 28, 28), "test": (10000, 1, 28, 28)}
+    assert abs(splits["test"].float().mean().item() / 255 - 0.1325) < 0.002   # MNIST's mean intensity
