@@ -61,12 +61,13 @@ def vae_executable() -> str:
     return str(exe) if exe.exists() else "vae"
 
 
-def time_vae(epochs: int, data_dir: str, limit: int | None, threads: int, tmp: Path) -> tuple[float, float]:
+def time_vae(epochs: int, data_dir: str, limit: int | None, threads: int, tmp: Path,
+             extra: tuple[str, ...] = ()) -> tuple[float, float]:
     """Seconds for one `vae train` run of `epochs` epochs, and its final val loss (-ELBO)."""
     tmp.mkdir(exist_ok=True)
     run = tmp / f"vae-{epochs}"
     cmd = [vae_executable(), "train", "experiment=pytorch_example", f"trainer.max_epochs={epochs}", "eval.k=0",
-           f"data_dir={data_dir}", f"hydra.run.dir={run}"]
+           f"data_dir={data_dir}", f"hydra.run.dir={run}", *extra]
     if limit is not None:
         cmd += [f"trainer.limit_train_batches={limit}", f"trainer.limit_val_batches={limit}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -129,6 +130,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.path.expanduser(os.environ.get("VAE_DATA_DIR", "~/.cache/vae-cli")))
     p.add_argument("--limit-batches", type=int, default=None, help="train/test batches per epoch (smoke test)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--vae-args", nargs="*", default=[], help="extra overrides for vae train, e.g. compile=true")
     a = p.parse_args()
     if a.epochs < 2:
         p.error("--epochs must be at least 2")
@@ -145,7 +147,7 @@ def main() -> None:
     per_epoch = {}
     with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp:
         runs = {
-            "vae": lambda e, limit: time_vae(e, a.data_dir, limit, a.threads, Path(tmp) / f"{limit}"),
+            "vae": lambda e, limit: time_vae(e, a.data_dir, limit, a.threads, Path(tmp) / f"{limit}", tuple(a.vae_args)),
             "plain": lambda e, limit: time_plain(e, splits, limit),
         }
         for name, run in runs.items():

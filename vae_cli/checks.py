@@ -171,6 +171,7 @@ def check_train(cfg: DictConfig) -> None:
     _need(cfg, "beta", lambda v: _num(v) and v >= 0, "a number >= 0")
     _need(cfg, "kl_warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _need(cfg, "seed", _is_int, "an integer")
+    _need(cfg, "compile", lambda v: isinstance(v, bool), "true or false")
     _need(cfg, "optimizer.lr", lambda v: _num(v) and v > 0, "a positive number")
     _need(cfg, "trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer >= -1 (-1: no limit)")
     _need(cfg, "eval.k", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 skips the test evaluation)")

@@ -68,6 +68,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     data = build_datamodule(config)
     model = instantiate(config["model"])
+    if config.get("compile"):  # in place: the state_dict keys stay those of the plain model
+        model.encoder.compile()
+        model.decoder.compile()
     module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"], config=config)
     logger = TensorBoardLogger(save_dir=str(run), name="tensorboard", version="", default_hp_metric=False)
     best = ModelCheckpoint(
