@@ -74,3 +74,8 @@ def test_evaluate_is_repeatable_with_a_seed(trained_run, tmp_path):
         assert run_main("evaluate", f"run={trained_run}", "k=4", "limit=8", "seed=3", f"out={tmp_path / f'{i}.json'}") == 0
         outs.append(json.loads((tmp_path / f"{i}.json").read_text()))
     assert outs[0]["log_px"] == outs[1]["log_px"]
+
+
+def test_an_unknown_flag_is_one_line(tmp_path):
+    r = vae("train", "--frobnicate", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--frobnicate" in r.stderr

@@ -83,12 +83,21 @@ BAD = [
     ("train", ["dataset=folder", "dataset.path=/no/such/dir"], "dataset.path='/no/such/dir' is not a folder"),
     ("train", ["model=conv", "dataset.shape=[1,30,30]"], "height and width must be divisible by 4"),
     ("train", ["-m", "model.latent_dim=2,0"], "model.latent_dim=0 is not allowed"),
-    ("train", ["resume=/no/such/run"], "run='/no/such/run' is not a folder"),
+    ("train", ["resume=/no/such/run"], "resume='/no/such/run' is not a folder"),
     ("sample", ["n=0"], "n=0 is not allowed: expected a positive integer"),
     ("sample", ["mode=median"], "mode='median' is not allowed: expected one of mean, sample"),
     ("interpolate", ["steps=1"], "steps=1 is not allowed: expected an integer >= 2"),
     ("interpolate", ["pairs=x"], "pairs='x' is not allowed"),
     ("interpolate", ["method=cubic"], "method='cubic' is not allowed: expected one of linear, slerp"),
+    ("train", ["model.encoder.hidden=[-4]"], "model.encoder.hidden=[-4] is not allowed: expected a list of positive integers"),
+    ("train", ["model=conv", "model.encoder.channels=[8]"], "model.encoder.channels=[8] is not allowed: expected two positive integers"),
+    ("train", ["likelihood=gaussian", "likelihood.min_sigma=0"], "likelihood.min_sigma=0 is not allowed"),
+    ("train", ["dataset=folder", "dataset.val_fraction=1.0", "dataset.path=/tmp"], "dataset.val_fraction=1.0 is not allowed"),
+    ("train", ["compile=maybe"], "compile='maybe' is not allowed: expected true or false"),
+    ("train", ["data_dir=~/x"], "cannot read 'data_dir=~/x'"),
+    ("sample", ["device=cuda:7"], "device='cuda:7' is not allowed"),
+    ("sample", ["device=gpu"], "device='gpu' is not allowed: expected cpu, auto, or cuda"),
+    ("interpolate", ["gif=maybe"], "gif='maybe' is not allowed"),
     ("evaluate", ["k=0"], "k=0 is not allowed: expected a positive integer"),
     ("evaluate", ["limit=-5"], "limit=-5 is not allowed"),
     ("evaluate", ["split=dev"], "split='dev' is not allowed: expected one of test, val, train"),
@@ -101,3 +110,8 @@ def test_mistakes_are_one_line_naming_the_value(conf, command, overrides, messag
     with pytest.raises(UserError) as e:
         check_command_line(conf, command, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_training_a_run_folder_that_holds_a_run_is_refused(conf, trained_run):
+    with pytest.raises(UserError, match="holds a run already"):
+        check_command_line(conf, "train", [f"hydra.run.dir={trained_run}"])

@@ -167,3 +167,28 @@ def test_checkpoint_copied_elsewhere_still_loads(trained_run, tmp_path):
     copy = tmp_path / "elsewhere.ckpt"
     shutil.copy(trained_run / "checkpoints" / "last.ckpt", copy)
     assert run_cmd("sample", f"ckpt={copy}", "n=4", f"out={tmp_path / 'c.png'}") == 0
+
+
+def test_a_checkpoint_whose_config_names_other_code_is_refused(trained_run, tmp_path, capsys):
+    """weights_only guards the unpickling; the config it carries is checked before Hydra builds anything."""
+    marker = tmp_path / "written"
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["vae_cli"]["config"]["model"] = {"_target_": "pathlib.Path.write_text",
+                                          "_args_": [{"_target_": "pathlib.Path", "_args_": [str(marker)]}, "x"]}
+    evil = tmp_path / "config.ckpt"
+    torch.save(ckpt, evil)
+    assert run_cmd("sample", f"ckpt={evil}", f"out={tmp_path / 'x.png'}") == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "pathlib.Path.write_text" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "x.png").exists()
+
+
+def test_gif_and_png_never_overwrite(trained_run, tmp_path):
+    samples = trained_run / "samples"
+    assert run_cmd("interpolate", f"run={trained_run}", "pairs=1", "steps=3", "gif=true") == 0
+    first = sorted(samples.glob("interpolate-*.gif"))[-1]
+    gif_bytes = first.read_bytes()
+    first.with_suffix(".png").unlink()                       # the PNG's name is free again, the GIF's is not
+    assert run_cmd("interpolate", f"run={trained_run}", "pairs=1", "steps=4", "gif=true") == 0
+    assert first.read_bytes() == gif_bytes
+    assert run_cmd("interpolate", f"run={trained_run}", "gif=true", f"out={tmp_path / 'a.gif'}") == 2

@@ -42,3 +42,12 @@ def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path, data_dir):
 def test_resume_refuses_other_overrides(tmp_path, trained_run):
     r = vae("train", f"resume={trained_run}", "model.latent_dim=8", cwd=tmp_path)
     assert r.returncode == 2 and "drop 'model.latent_dim=8'" in r.stderr
+
+
+def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    r = vae("train", "-m", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0", "optimizer=sgd",
+            "optimizer.lr=1e30,0.01", "trainer.limit_train_batches=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 2 and "1 of 2 sweep jobs failed (job 0" in r.stderr
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [bool(row["error"]) for row in rows] == [True, False] and rows[1]["val_elbo"]

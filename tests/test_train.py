@@ -104,3 +104,29 @@ def test_resume_after_kill_ends_at_the_same_step(tmp_path, data_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == epochs * 4
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2   # same TensorBoard run folder
+
+
+def test_a_validation_batch_of_one_trains(tmp_path, data_dir):
+    """The interpolation picture needs two inputs; with one it is skipped, not a crash."""
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "dataset.eval_batch_size=1",
+                    "trainer.limit_val_batches=2", "eval.k=0", f"hydra.run.dir={tmp_path / 'one'}") == 0
+
+
+def test_diverged_validation_stops_before_it_is_saved(tmp_path, data_dir):
+    run = tmp_path / "div"
+    r = vae("train", f"data_dir={data_dir}", *TINY, "optimizer=sgd", "optimizer.lr=1e30", "trainer.max_epochs=3",
+            "trainer.limit_train_batches=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2 and "not finite" in r.stderr.strip().splitlines()[-1] or "the loss is" in r.stderr
+    for ckpt in (run / "checkpoints").glob("*.ckpt") if (run / "checkpoints").exists() else []:
+        c = torch.load(ckpt, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in c["state_dict"].values())
+
+
+def test_resume_a_run_killed_before_its_first_checkpoint(tmp_path, data_dir):
+    run = tmp_path / "early"
+    (run / ".hydra").mkdir(parents=True)
+    r = vae("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0", "--cfg", "job", cwd=tmp_path)
+    (run / ".hydra" / "config.yaml").write_text(r.stdout)   # what Hydra saved before the kill
+    r = vae("train", f"resume={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

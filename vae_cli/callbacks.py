@@ -30,13 +30,16 @@ class TrainingPictures(pl.Callback):
         model.eval()
         recon = pictures.reconstructions(model, x)
         samples = pictures.sample_images(model, self.samples, seed=0)
-        z = pictures.encode_mean(model, x[:2])
-        path = pictures.interpolation_rows(model, z[:1], z[1:2], self.steps)[0]  # (steps, C, H, W)
+        path = None
+        if len(x) >= 2:
+            z = pictures.encode_mean(model, x[:2])
+            path = pictures.interpolation_rows(model, z[:1], z[1:2], self.steps)[0]  # (steps, C, H, W)
         model.train(was_training)
         step, write = trainer.global_step, logger.experiment.add_image
         write("val/reconstructions", pictures.grid(torch.cat([x, recon]), len(x)), step)
         write("val/samples", pictures.grid(samples, 8), step)
-        write("val/interpolation", pictures.grid(torch.cat([x[:1], path, x[1:2]]), self.steps + 2), step)
+        if path is not None:
+            write("val/interpolation", pictures.grid(torch.cat([x[:1], path, x[1:2]]), self.steps + 2), step)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -95,6 +95,12 @@ def compose(conf_dir: str, command: str, overrides: list[str]) -> DictConfig:
 def check_command_line(conf_dir: str, command: str, overrides: list[str]) -> None:
     """Compose every variant of the command line and check its values; raise UserError on the first problem."""
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    for o, k in zip(overrides, keys):
+        if command == "train" and k == "hydra.run.dir" and "resume" not in keys:
+            folder = Path(o.split("=", 1)[1].strip("'\"")).expanduser()
+            if (folder / "checkpoints").exists():
+                raise UserError(f"hydra.run.dir={str(folder)!r} holds a run already: choose a new folder "
+                                f"(or continue it with resume={folder})")
     if command == "train" and "resume" in keys:
         others = [o for o, k in zip(overrides, keys) if k != "resume" and not k.startswith("hydra")]
         if others:
@@ -150,6 +156,21 @@ def _one_of(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: v in allowed), "one of " + ", ".join(map(str, allowed))
 
 
+def _ints(v: Any, n: int | None = None) -> bool:
+    v = OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+    return isinstance(v, list) and len(v) > 0 and all(positive_int(i) for i in v) and (n is None or len(v) == n)
+
+
+def _check_network(cfg: DictConfig) -> None:
+    """The architecture's sizes, for the models in conf/model/ (others are the user's own business)."""
+    target = str(_get(cfg, "model.encoder._target_"))
+    if target.endswith("MLPEncoder"):
+        _need(cfg, "model.encoder.hidden", _ints, "a list of positive integers, e.g. [400] or [512,256]")
+    elif target.endswith("ConvEncoder"):
+        _need(cfg, "model.encoder.channels", lambda v: _ints(v, 2), "two positive integers, e.g. [32,64]")
+        _need(cfg, "model.encoder.hidden", positive_int, "a positive integer")
+
+
 def _check_shape(cfg: DictConfig) -> None:
     shape = _get(cfg, "dataset.shape")
     shape = OmegaConf.to_container(shape) if OmegaConf.is_config(shape) else shape
@@ -182,6 +203,11 @@ def check_train(cfg: DictConfig) -> None:
 
         _need(cfg, "likelihood.scale", *_one_of(*SCALES))
         _need(cfg, "likelihood.sigma", lambda v: _num(v) and v > 0, "a positive number")
+    _need(cfg, "dataset.val_fraction", _opt(lambda v: _num(v) and 0 < v < 1), "a number between 0 and 1")
+    if OmegaConf.select(cfg, "likelihood.min_sigma") is not None:
+        _need(cfg, "likelihood.min_sigma", lambda v: _num(v) and 0 < v <= _get(cfg, "likelihood.sigma"),
+              "a positive number no larger than likelihood.sigma")
+    _check_network(cfg)
     _check_shape(cfg)
     if _get(cfg, "dataset.name") == "folder":
         path = _get(cfg, "dataset.path")
@@ -191,13 +217,25 @@ def check_train(cfg: DictConfig) -> None:
             raise UserError(f"dataset.path={path!r} is not a folder: give a folder of images")
     resume = _get(cfg, "resume")
     if resume is not None:
-        from vae_cli.runs import last_checkpoint
+        from vae_cli.runs import resume_source
 
-        last_checkpoint(str(resume))  # raises UserError when the run cannot be resumed
+        resume_source(str(resume))  # raises UserError when the run cannot be resumed
+
+
+def _device_ok(v: Any) -> bool:
+    if not isinstance(v, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", v):
+        return False
+    if v.startswith("cuda"):
+        import torch
+
+        index = int(v.split(":")[1]) if ":" in v else 0
+        return torch.cuda.is_available() and index < torch.cuda.device_count()
+    return True
 
 
 def check_from_run(cfg: DictConfig) -> None:
     """The settings every command that reads a trained model shares."""
+    _need(cfg, "device", _device_ok, "cpu, auto, or cuda / cuda:N where such a GPU is visible")
     _need(cfg, "seed", _is_int, "an integer")
     _need(cfg, "run", _opt(lambda v: isinstance(v, str) and v != ""), "a run folder")
     _need(cfg, "ckpt", _opt(lambda v: isinstance(v, str) and v != ""), "a checkpoint file")

@@ -88,9 +88,22 @@ def _task(command: str):
         except UserError as e:
             if os.environ.get("VAE_DEBUG"):
                 raise
+            if _in_sweep():  # one failed job must not end the sweep: note it, go on, report at the end
+                from vae_cli.sweep import record_failure
+
+                print(f"vae: error: {e}", file=sys.stderr)
+                record_failure(str(e))
+                return
             fail(str(e))
 
     return task
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     # process that re-runs it (Lightning's DDP launcher starts one per device this way) runs the
     # same sub-command. hydra.main would parse sys.argv[1:] itself and see COMMAND as an override.
     parser = get_args_parser()
+    parser.error = lambda message: fail(f"{message} (see `vae {command} --help`)")  # argparse's usage block, as one line
     args = parser.parse_args(rest)
     _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
                config_name=command)

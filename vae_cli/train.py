@@ -52,26 +52,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from vae_cli.callbacks import AtomicCheckpointIO, TrainingPictures
     from vae_cli.module import VAEModule
-    from vae_cli.runs import last_checkpoint, load_checkpoint
+    from vae_cli.runs import resume_source
 
     resume_ckpt = None
     if cfg.resume is not None:  # continue that run with its own saved config, in its own folder
-        resume_ckpt = last_checkpoint(cfg.resume)
-        config = load_checkpoint(resume_ckpt)["vae_cli"]["config"]
+        config, resume_ckpt = resume_source(cfg.resume)
         run = Path(cfg.resume)
-        trainer_cfg = config["trainer"]
     else:
         config = OmegaConf.to_container(cfg, resolve=True)
         run = run_folder(cfg)
-        trainer_cfg = config["trainer"]
+    trainer_cfg = config["trainer"]
 
     pl.seed_everything(config["seed"], workers=True, verbose=False)
-    data = build_datamodule(config)
-    model = instantiate(config["model"])
+    try:
+        data = build_datamodule(config)
+        model = instantiate(config["model"])
+        module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"],
+                           config=config)
+        module.configure_optimizers()  # a bad optimizer setting fails here, in one line, not inside fit
+    except UserError:
+        raise
+    except Exception as e:  # Hydra's InstantiationException, TypeError, ValueError: a bad setting
+        cause = e.__cause__ or e
+        raise UserError(f"cannot build the model or optimizer from these settings: "
+                        f"{str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}") from None
     if config.get("compile"):  # in place: the state_dict keys stay those of the plain model
         model.encoder.compile()
         model.decoder.compile()
-    module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"], config=config)
     logger = TensorBoardLogger(save_dir=str(run), name="tensorboard", version="", default_hp_metric=False)
     best = ModelCheckpoint(
         dirpath=run / "checkpoints", filename="best-epoch={epoch}-step={step}", auto_insert_metric_name=False,
