@@ -17,7 +17,10 @@ closed-form KL, Adam lr 1e-3.
 - plain: in this process, the data as one float tensor in memory, no DataLoader, no Lightning.
 
 Start-up is cancelled: each side runs 1 and N epochs, and s/epoch = (t_N - t_1) / (N - 1), after one
-untimed warm-up run (1 epoch, 1 batch) per side. At smoke-test sizes the difference is noise.
+untimed warm-up run (1 epoch, 1 batch) per side. The runs are interleaved and repeated (--repeats,
+default 3) and the fastest t_1 and t_N of each side are used: this machine's speed wanders by 20% or
+more from minute to minute, and the fastest run is the one least disturbed. At smoke-test sizes the
+difference is noise.
 Threads: both sides use --threads T (default: torch's default here): torch.set_num_threads(T) for
 the plain loop, OMP_NUM_THREADS=T and MKL_NUM_THREADS=T in the vae child's environment.
 
@@ -65,13 +68,13 @@ def time_vae(epochs: int, data_dir: str, limit: int | None, threads: int, tmp: P
              extra: tuple[str, ...] = ()) -> tuple[float, float]:
     """Seconds for one `vae train` run of `epochs` epochs, and its final val loss (-ELBO)."""
     tmp.mkdir(exist_ok=True)
-    run = tmp / f"vae-{epochs}"
+    run = tmp / f"vae-{epochs}-{time.time_ns()}"  # a new folder each run: vae never trains into an old one
     cmd = [vae_executable(), "train", "experiment=pytorch_example", f"trainer.max_epochs={epochs}", "eval.k=0",
            f"data_dir={data_dir}", f"hydra.run.dir={run}", *extra]
     if limit is not None:
         cmd += [f"trainer.limit_train_batches={limit}", f"trainer.limit_val_batches={limit}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    log = tmp / f"vae-{epochs}.log"
+    log = run.with_suffix(".log")
     with open(log, "w") as f:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp).returncode
@@ -79,6 +82,12 @@ def time_vae(epochs: int, data_dir: str, limit: int | None, threads: int, tmp: P
     if rc != 0:
         sys.exit(f"vae train failed (exit {rc}): {' '.join(cmd)}\n" + log.read_text()[-3000:])
     return seconds, -json.loads((run / "metrics.json").read_text())["val_elbo"]
+
+
+def last_vae_loss(tmp: str, epochs: int) -> float:
+    """The final val loss (-ELBO) of the last N-epoch vae run."""
+    runs = sorted(Path(tmp).glob(f"*/vae-{epochs}-*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    return -json.loads(runs[-1].read_text())["val_elbo"]
 
 
 class VAE(nn.Module):
@@ -130,6 +139,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.path.expanduser(os.environ.get("VAE_DATA_DIR", "~/.cache/vae-cli")))
     p.add_argument("--limit-batches", type=int, default=None, help="train/test batches per epoch (smoke test)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the fastest of each is used")
     p.add_argument("--vae-args", nargs="*", default=[], help="extra overrides for vae train, e.g. compile=true")
     a = p.parse_args()
     if a.epochs < 2:
@@ -150,14 +160,22 @@ def main() -> None:
             "vae": lambda e, limit: time_vae(e, a.data_dir, limit, a.threads, Path(tmp) / f"{limit}", tuple(a.vae_args)),
             "plain": lambda e, limit: time_plain(e, splits, limit),
         }
-        for name, run in runs.items():
+        for run in runs.values():
             run(1, 1)  # warm-up, untimed: lazy first-call set-up in this process, cold file caches
-            t1, _ = run(1, a.limit_batches)
-            tn, loss = run(a.epochs, a.limit_batches)
+        times: dict[str, dict[int, list[float]]] = {name: {1: [], a.epochs: []} for name in runs}
+        for rep in range(a.repeats):  # interleaved, so a slow spell of the machine hits both sides
+            for name, run in runs.items():
+                for e in (1, a.epochs):
+                    t, loss = run(e, a.limit_batches)
+                    times[name][e].append(t)
+                print(f"# repeat {rep + 1}: {name:6} t_1 {times[name][1][-1]:7.2f} s  t_{a.epochs} "
+                      f"{times[name][a.epochs][-1]:7.2f} s", flush=True)
+        for name in runs:  # the fastest of the repeats: the least disturbed by other work
+            t1, tn = min(times[name][1]), min(times[name][a.epochs])
             per_epoch[name] = (tn - t1) / (a.epochs - 1)
             what = "val loss (test set)" if name == "vae" else "test loss"
             print(f"{name:6} t_1 {t1:8.2f} s  t_{a.epochs} {tn:8.2f} s  {per_epoch[name]:8.3f} s/epoch  "
-                  f"{what} {loss:.2f} nats/example", flush=True)
+                  f"{what} {loss if name == 'plain' else last_vae_loss(tmp, a.epochs):.2f} nats/example", flush=True)
     print(f"ratio vae/plain: {per_epoch['vae'] / per_epoch['plain']:.2f}")
 
 

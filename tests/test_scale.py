@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 
 from conftest import TINY, vae
@@ -51,3 +52,22 @@ def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path, data_dir):
     assert r.returncode == 2 and "1 of 2 sweep jobs failed (job 0" in r.stderr
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [bool(row["error"]) for row in rows] == [True, False] and rows[1]["val_elbo"]
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, data_dir):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "joblib"
+    r = vae("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"data_dir={data_dir}", *TINY,
+            "trainer.max_epochs=1", "eval.k=0", "model.latent_dim=2,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 2
+
+
+def test_submitit_local_executor(tmp_path, data_dir):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "submitit"
+    r = vae("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"data_dir={data_dir}",
+            *TINY, "trainer.max_epochs=1", "eval.k=0", "model.latent_dim=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
+    assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 1

@@ -35,6 +35,7 @@ class VAEModule(pl.LightningModule):
         self.model, self.optimizer = model, optimizer
         self.beta, self.kl_warmup_steps = beta, kl_warmup_steps
         self.config = config  # the run's resolved config, stored in every checkpoint
+        self._sums: dict[str, torch.Tensor] = {}  # split -> (elbo, recon, kl, n) summed this epoch
 
     def kl_weight(self) -> float:
         """beta, ramped linearly from 0 over the first kl_warmup_steps optimizer steps."""
@@ -45,35 +46,53 @@ class VAEModule(pl.LightningModule):
     def step(self, x: torch.Tensor, split: str) -> torch.Tensor:
         """The one step shared by train, val and test: ELBO terms, loss, logs."""
         recon, kl = self.model.elbo_terms(x)  # (B,) each
-        self._last_terms = (recon.detach(), kl.detach())
         w = self.kl_weight() if split == "train" else 1.0
         loss = -(recon - w * kl).mean()
-        elbo = (recon - kl).mean()
-        on_step = split == "train"
-        log = dict(on_step=on_step, on_epoch=True, batch_size=len(x), sync_dist=True)
-        self.log(f"{split}/elbo", elbo, prog_bar=True, **log)
-        self.log_dict({f"{split}/recon": recon.mean(), f"{split}/kl": kl.mean()}, **log)
+        # Sums per epoch, kept on the device: one in-place add a step instead of Lightning's per-step
+        # logging machinery, which cost as much as the model itself here (README, Speed).
+        terms = torch.stack([recon.sum() - kl.sum(), recon.sum(), kl.sum(), recon.new_tensor(len(x))]).detach()
+        self._sums[split] = terms if split not in self._sums else self._sums[split] + terms
+        if split == "train" and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/elbo_step", terms[0] / terms[3], prog_bar=True)
         return loss
+
+    def _log_epoch(self, split: str) -> None:
+        """split/elbo, split/recon, split/kl: means over the epoch's examples, summed over all processes."""
+        sums = self._sums.pop(split, None)
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # DDP: every process's examples
+        elbo, recon, kl = (sums[:3] / sums[3]).tolist()
+        self.log(f"{split}/elbo", elbo, prog_bar=True)
+        self.log_dict({f"{split}/recon": recon, f"{split}/kl": kl})
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.step(x, "train")
-        # One host sync a step; a NaN found a thousand steps late costs the whole run.
+        # One host sync a step (free on a CPU); a NaN found a thousand steps late costs the run.
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"training stopped at step {self.global_step}: the loss is {loss.item()} "
                 "(likely cause: a learning rate too high for this model; try a smaller optimizer.lr); "
                 "the last good checkpoint is kept"
             )
-        if self.kl_warmup_steps > 0:
-            self.log("train/kl_weight", self.kl_weight(), on_step=True, on_epoch=False)
+        if self.kl_warmup_steps > 0 and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/kl_weight", self.kl_weight())
         return loss
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "val")
         # A finite training loss can still leave weights that give -inf on new data: stop before
         # ModelCheckpoint saves such a model as "last" or "best".
-        recon, kl = self._last_terms
-        if not (torch.isfinite(recon).all() and torch.isfinite(kl).all()):
+        if not torch.isfinite(self._sums["val"][0]):
             raise NonFiniteLoss(
                 f"training stopped at step {self.global_step}: the validation ELBO is not finite "
                 "(likely cause: a learning rate too high for this model; try a smaller optimizer.lr); "
