@@ -86,3 +86,24 @@ def test_atomic_checkpoint_write_keeps_the_old_file_when_interrupted(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": torch.tensor(2)}, target)
     assert target.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_fused_adam_gives_the_classic_adam_numbers(conf):
+    """The fast path (fused Adam, the default) against torch's classic per-tensor loop: same losses."""
+    losses = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = example_model(conf)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+        x = (torch.rand(256, 1, 28, 28) > 0.5).float()
+        torch.manual_seed(1)
+        out = []
+        for i in range(20):
+            recon, kl = model.elbo_terms(x[i % 2 * 128 : (i % 2 + 1) * 128])
+            loss = -(recon - kl).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        losses[fused] = torch.tensor(out)
+    assert torch.allclose(losses[True], losses[False], rtol=1e-4)
