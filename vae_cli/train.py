@@ -106,6 +106,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         metrics.update(test_metrics(module.model, data, config, trainer))
         logger.log_hyperparams(flat(config), {f"hparams/{k}": v for k, v in metrics.items() if isinstance(v, float)})
+        # fit() closed the logger's writer; these last events went to a new one: flush and close it,
+        # or they may still sit in its queue when the process exits.
+        logger.finalize("success")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         report(run, metrics)
     return metrics
