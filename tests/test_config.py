@@ -95,6 +95,11 @@ BAD = [
     ("train", ["dataset=folder", "dataset.val_fraction=1.0", "dataset.path=/tmp"], "dataset.val_fraction=1.0 is not allowed"),
     ("train", ["compile=maybe"], "compile='maybe' is not allowed: expected true or false"),
     ("train", ["data_dir=~/x"], "cannot read 'data_dir=~/x'"),
+    ("train", ["model.latent_dim=2,3"], "'model.latent_dim=2,3' is a sweep: add -m"),
+    ("train", ["trainer.precision=bogus"], "trainer settings: Precision 'bogus' is invalid"),
+    ("train", ["trainer.strategy=bogus"], "trainer settings: You selected an invalid strategy name"),
+    ("train", ["data_dir=/proc/nope"], "data_dir='/proc/nope' cannot be created"),
+    ("train", ["hydra.run.dir="], "hydra.run.dir is empty"),
     ("sample", ["device=cuda:7"], "device='cuda:7' is not allowed"),
     ("sample", ["device=gpu"], "device='gpu' is not allowed: expected cpu, auto, or cuda"),
     ("interpolate", ["gif=maybe"], "gif='maybe' is not allowed"),
@@ -106,12 +111,15 @@ BAD = [
 
 @pytest.mark.parametrize("command,overrides,message", BAD, ids=[" ".join(b[1]) for b in BAD])
 def test_mistakes_are_one_line_naming_the_value(conf, command, overrides, message):
+    multirun = "-m" in overrides
     overrides = [o for o in overrides if not o.startswith("-")]
     with pytest.raises(UserError) as e:
-        check_command_line(conf, command, overrides)
+        check_command_line(conf, command, overrides, multirun=multirun)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def test_training_a_run_folder_that_holds_a_run_is_refused(conf, trained_run):
     with pytest.raises(UserError, match="holds a run already"):
         check_command_line(conf, "train", [f"hydra.run.dir={trained_run}"])
+    with pytest.raises(UserError, match="holds a run already"):   # a sweep folder holding job folders
+        check_command_line(conf, "train", [f"hydra.sweep.dir={trained_run.parent}"], multirun=True)

@@ -173,14 +173,22 @@ def test_a_checkpoint_whose_config_names_other_code_is_refused(trained_run, tmp_
     """weights_only guards the unpickling; the config it carries is checked before Hydra builds anything."""
     marker = tmp_path / "written"
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
-    ckpt["vae_cli"]["config"]["model"] = {"_target_": "pathlib.Path.write_text",
-                                          "_args_": [{"_target_": "pathlib.Path", "_args_": [str(marker)]}, "x"]}
-    evil = tmp_path / "config.ckpt"
-    torch.save(ckpt, evil)
-    assert run_cmd("sample", f"ckpt={evil}", f"out={tmp_path / 'x.png'}") == 2
-    err = capsys.readouterr().err
-    assert "refused" in err and "pathlib.Path.write_text" in err and len(err.strip().splitlines()) == 1
-    assert not marker.exists() and not (tmp_path / "x.png").exists()
+    payloads = [
+        {"_target_": "pathlib.Path.write_text", "_args_": [{"_target_": "pathlib.Path", "_args_": [str(marker)]}, "x"]},
+        "${oc.create:{_target_: builtins.open, _args_: ['" + str(marker) + "', 'w']}}",   # via an interpolation
+    ]
+    for i, payload in enumerate(payloads):
+        evil_ckpt = {**ckpt, "vae_cli": {**ckpt["vae_cli"], "config": {**ckpt["vae_cli"]["config"]}}}
+        if isinstance(payload, dict):
+            evil_ckpt["vae_cli"]["config"]["model"] = payload
+        else:
+            evil_ckpt["vae_cli"]["config"]["model"] = {**ckpt["vae_cli"]["config"]["model"], "latent_dim": payload}
+        evil = tmp_path / f"config{i}.ckpt"
+        torch.save(evil_ckpt, evil)
+        assert run_cmd("sample", f"ckpt={evil}", f"out={tmp_path / 'x.png'}") == 2
+        err = capsys.readouterr().err
+        assert "refused" in err and len(err.strip().splitlines()) == 1, err
+        assert not marker.exists() and not (tmp_path / "x.png").exists()
 
 
 def test_gif_and_png_never_overwrite(trained_run, tmp_path):

@@ -130,3 +130,10 @@ def test_resume_a_run_killed_before_its_first_checkpoint(tmp_path, data_dir):
     r = vae("train", f"resume={run}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_validation_gets_no_better(tmp_path, data_dir):
+    run = tmp_path / "flat"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=3", "optimizer.lr=1e-12",
+                    "eval.k=0", f"hydra.run.dir={run}") == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3 * 4

@@ -28,7 +28,7 @@ def options(conf_dir: str, group: str) -> list[str]:
     return sorted(p.stem for p in Path(conf_dir, group).glob("*.yaml"))
 
 
-def _variants(overrides: list[str]) -> list[list[str]]:
+def _variants(overrides: list[str], multirun: bool = True) -> list[list[str]]:
     """One override list per value of every sweep (``a=1,2``), the others at their first value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -42,6 +42,8 @@ def _variants(overrides: list[str]) -> list[list[str]]:
     parsed = parser.parse_overrides(overrides)
     choices = []
     for o in parsed:
+        if o.is_sweep_override() and not multirun:
+            raise UserError(f"{o.input_line!r} is a sweep: add -m to run one job per value")
         if o.is_sweep_override():
             values = list(o.sweep_string_iterator())
             choices.append([f"{o.get_key_element()}={v}" for v in values])
@@ -92,20 +94,25 @@ def compose(conf_dir: str, command: str, overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def check_command_line(conf_dir: str, command: str, overrides: list[str]) -> None:
+def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False) -> None:
     """Compose every variant of the command line and check its values; raise UserError on the first problem."""
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     for o, k in zip(overrides, keys):
-        if command == "train" and k == "hydra.run.dir" and "resume" not in keys:
-            folder = Path(o.split("=", 1)[1].strip("'\"")).expanduser()
-            if (folder / "checkpoints").exists():
-                raise UserError(f"hydra.run.dir={str(folder)!r} holds a run already: choose a new folder "
-                                f"(or continue it with resume={folder})")
+        if command == "train" and k in ("hydra.run.dir", "hydra.sweep.dir") and "resume" not in keys:
+            value = o.split("=", 1)[1].strip("'\"")
+            if not value:
+                raise UserError(f"{k} is empty: give a new folder")
+            folder = Path(value).expanduser()
+            taken = (folder / "checkpoints").exists() if k == "hydra.run.dir" else (
+                folder.is_dir() and any(p.is_dir() and (p / ".hydra").exists() for p in folder.iterdir()))
+            if taken:
+                raise UserError(f"{k}={str(folder)!r} holds a run already: choose a new folder"
+                                + (f" (or continue it with resume={folder})" if k == "hydra.run.dir" else ""))
     if command == "train" and "resume" in keys:
         others = [o for o, k in zip(overrides, keys) if k != "resume" and not k.startswith("hydra")]
         if others:
             raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}")
-    for variant in _variants(overrides):
+    for variant in _variants(overrides, multirun):
         cfg = compose(conf_dir, command, variant)
         CHECKS.get(command, lambda c: None)(cfg)
 
@@ -209,12 +216,19 @@ def check_train(cfg: DictConfig) -> None:
               "a positive number no larger than likelihood.sigma")
     _check_network(cfg)
     _check_shape(cfg)
+    _check_data_dir(_get(cfg, "data_dir"))
     if _get(cfg, "dataset.name") == "folder":
+        from vae_cli.data import IMAGE_SUFFIXES
+
         path = _get(cfg, "dataset.path")
         if not path:
             raise UserError("dataset=folder needs dataset.path=DIR: a folder of images")
-        if not Path(str(path)).expanduser().is_dir():
+        root = Path(str(path)).expanduser()
+        if not root.is_dir():
             raise UserError(f"dataset.path={path!r} is not a folder: give a folder of images")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
+            raise UserError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    _check_trainer(cfg)
     resume = _get(cfg, "resume")
     if resume is not None:
         from vae_cli.runs import resume_source
@@ -231,6 +245,40 @@ def _device_ok(v: Any) -> bool:
         index = int(v.split(":")[1]) if ":" in v else 0
         return torch.cuda.is_available() and index < torch.cuda.device_count()
     return True
+
+
+def _check_data_dir(value: Any) -> None:
+    """data_dir must be a folder that exists or can be made (training makes it anyway)."""
+    from vae_cli.data import data_root
+
+    if not isinstance(value, str) or not value:
+        raise UserError(f"data_dir={_show(value)} is not allowed: expected a folder")
+    try:
+        data_root(value).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data_dir={value!r} cannot be created ({e.strerror or type(e).__name__}): "
+                        "give a folder you can write to") from None
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Build a throwaway Trainer from trainer.*: Lightning names a bad accelerator, strategy, precision..."""
+    import logging
+
+    import pytorch_lightning as pl
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(_get(cfg, "trainer")).items() if k != "_target_" and v is not None}
+    kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        pl.Trainer(**kwargs)
+    except Exception as e:
+        raise UserError(f"trainer settings: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def check_from_run(cfg: DictConfig) -> None:

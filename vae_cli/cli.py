@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         from vae_cli.checks import check_command_line
 
         try:
-            check_command_line(config_dir(), command, overrides)
+            check_command_line(config_dir(), command, overrides, multirun=bool({"-m", "--multirun"} & set(rest)))
         except UserError as e:
             if os.environ.get("VAE_DEBUG"):
                 raise

@@ -78,7 +78,8 @@ class VAEModule(pl.LightningModule):
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.step(x, "train")
         # One host sync a step (free on a CPU); a NaN found a thousand steps late costs the run.
-        if not torch.isfinite(loss):
+        # In DDP every process takes the same decision, so none is left waiting for the others.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             raise NonFiniteLoss(
                 f"training stopped at step {self.global_step}: the loss is {loss.item()} "
                 "(likely cause: a learning rate too high for this model; try a smaller optimizer.lr); "
@@ -92,7 +93,8 @@ class VAEModule(pl.LightningModule):
         self.step(x, "val")
         # A finite training loss can still leave weights that give -inf on new data: stop before
         # ModelCheckpoint saves such a model as "last" or "best".
-        if not torch.isfinite(self._sums["val"][0]):
+        finite = bool(torch.isfinite(self._sums["val"][0]))
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise NonFiniteLoss(
                 f"training stopped at step {self.global_step}: the validation ELBO is not finite "
                 "(likely cause: a learning rate too high for this model; try a smaller optimizer.lr); "

@@ -37,9 +37,11 @@ def check_config(config: Any, source: str) -> dict[str, Any]:
     """The run config of a checkpoint or run folder, if it names only SAFE_TARGETS; else a UserError."""
 
     def walk(node: Any, where: str) -> None:
+        if isinstance(node, str) and "${" in node:  # instantiate would resolve it: ${oc.create:...} builds nodes
+            raise UserError(f"{source} has an interpolation at {where or 'the top'}: refused, a saved config is plain values")
         if isinstance(node, dict):
             for key, value in node.items():
-                if not isinstance(key, str):
+                if not isinstance(key, str) or "${" in key:
                     raise UserError(f"{source} has a malformed config (a key at {where or 'the top'} is not text)")
                 if key == "_target_" and value not in SAFE_TARGETS:
                     raise UserError(f"{source} names {value!r} at {where or 'the top'}: refused, a vae-cli run "
@@ -104,6 +106,8 @@ def newest_run(root: str | Path = OUTPUTS) -> Path:
 
 def find_checkpoint(run: str | None, ckpt: str | None) -> Path:
     """ckpt=FILE, else run=DIR's last checkpoint, else the newest run's."""
+    if ckpt is not None and run is not None:
+        raise UserError(f"run={run!r} and ckpt={ckpt!r}: give one of them")
     if ckpt is not None:
         path = Path(ckpt).expanduser()
         if not path.is_file():
@@ -144,7 +148,8 @@ def load_model(run: str | None = None, ckpt: str | None = None, device: str = "c
     try:
         model = build_model(config, checkpoint["state_dict"])
     except Exception as e:
-        raise UserError(f"ckpt={str(path)!r} could not be rebuilt into a model ({str(e).splitlines()[0][:160]})") from None
+        cause = e.__cause__ or e
+        raise UserError(f"ckpt={str(path)!r} could not be rebuilt into a model ({str(cause).splitlines()[0][:160]})") from None
     return model.to(device), config, path
 
 

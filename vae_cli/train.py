@@ -83,11 +83,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = TensorBoardLogger(save_dir=str(run), name="tensorboard", version="", default_hp_metric=False)
     best = ModelCheckpoint(
         dirpath=run / "checkpoints", filename="best-epoch={epoch}-step={step}", auto_insert_metric_name=False,
-        monitor="val/elbo", mode="max", save_top_k=1, save_last=True,
+        monitor="val/elbo", mode="max", save_top_k=1,
     )
+    # A checkpoint of its own for "last": ModelCheckpoint's save_last only writes when the best
+    # improves, which would make last.ckpt the best one and resume from the wrong step.
+    last = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     trainer_kwargs = {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
     try:
-        callbacks = [best, TrainingPictures()]
+        callbacks = [best, last, TrainingPictures()]
         if trainer_kwargs.get("enable_progress_bar", True):
             # Redrawn every 10 steps, not every step: the bar costs 0.3 ms a draw, a step 5 ms.
             callbacks.append(TQDMProgressBar(refresh_rate=10))
