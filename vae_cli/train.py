@@ -107,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
 
     metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": trainer.global_step, "epoch": trainer.current_epoch}
+    if metrics["val_elbo"] is None and (run / "metrics.json").is_file():  # a finished run resumed: no new epoch
+        metrics["val_elbo"] = json.loads((run / "metrics.json").read_text()).get("val_elbo")
     if trainer.is_global_zero:
         metrics.update(test_metrics(module.model, data, config, trainer))
         logger.log_hyperparams(flat(config), {f"hparams/{k}": v for k, v in metrics.items() if isinstance(v, float)})
