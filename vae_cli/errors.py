@@ -7,3 +7,9 @@ class UserError(Exception):
     The message names the bad value and what is allowed, e.g.
     ``model.latent_dim=-3 is not allowed: expected a positive integer``.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

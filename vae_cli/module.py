@@ -19,6 +19,12 @@ from vae_cli.model import VAE
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite: training stops, keeping the last good checkpoint."""
 
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(
+            f"training stopped at step {step}: {what} (likely cause: a learning rate too high for this model; "
+            "try a smaller optimizer.lr); the last good checkpoint is kept"
+        )
+
 
 class VAEModule(pl.LightningModule):
     """Trains a VAE; logs split/elbo, split/recon, split/kl (nats per example)."""
@@ -80,11 +86,7 @@ class VAEModule(pl.LightningModule):
         # One host sync a step (free on a CPU); a NaN found a thousand steps late costs the run.
         # In DDP every process takes the same decision, so none is left waiting for the others.
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            raise NonFiniteLoss(
-                f"training stopped at step {self.global_step}: the loss is {loss.item()} "
-                "(likely cause: a learning rate too high for this model; try a smaller optimizer.lr); "
-                "the last good checkpoint is kept"
-            )
+            raise NonFiniteLoss(self.global_step, f"the loss is {loss.item()}")
         if self.kl_warmup_steps > 0 and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/kl_weight", self.kl_weight())
         return loss
@@ -95,11 +97,7 @@ class VAEModule(pl.LightningModule):
         # ModelCheckpoint saves such a model as "last" or "best".
         finite = bool(torch.isfinite(self._sums["val"][0]))
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise NonFiniteLoss(
-                f"training stopped at step {self.global_step}: the validation ELBO is not finite "
-                "(likely cause: a learning rate too high for this model; try a smaller optimizer.lr); "
-                "the last good checkpoint is kept"
-            )
+            raise NonFiniteLoss(self.global_step, "the validation ELBO is not finite")
 
     def test_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "test")

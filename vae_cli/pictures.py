@@ -168,9 +168,15 @@ def _load(cfg):
 
 def _inputs(cfg, config: dict, model: VAE, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """count images of cfg.split from start: (model input, grey-level display), both (count, C, H, W)."""
-    from vae_cli.data import run_split, to_pixels
+    from vae_cli.data import run_split
 
-    images, pixels = run_split(config, cfg.split, cfg.data_dir)
+    return _take(*run_split(config, cfg.split, cfg.data_dir), cfg, model, start, count)
+
+
+def _take(images: torch.Tensor, pixels: str, cfg, model: VAE, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """images[start:start+count] as (model input in the run's pixel mode, grey-level display)."""
+    from vae_cli.data import to_pixels
+
     if start + count > len(images):
         raise UserError(f"index={start} with {count} image(s) runs past the {cfg.split} split ({len(images)} images)")
     raw = images[start : start + count].to(model.prior_loc.device)
@@ -237,13 +243,12 @@ def reconstruct(cfg) -> Path:
 
 def traverse(cfg) -> Path:
     """`vae traverse`: one row per latent dimension (most KL first), each swept over [-range, range]."""
-    from vae_cli.data import run_split, to_pixels
+    from vae_cli.data import run_split
 
     model, config, _, out_dir = _load(cfg)
-    x, _ = _inputs(cfg, config, model, cfg.index, 1)
-    pool, pixels = run_split(config, cfg.split, cfg.data_dir)
-    pool = pool[:1000].to(model.prior_loc.device)
-    pool = to_pixels(pool, pixels, torch.Generator(device=pool.device).manual_seed(cfg.seed))
+    images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
+    x, _ = _take(images, pixels, cfg, model, cfg.index, 1)
+    pool, _ = _take(images, pixels, cfg, model, 0, min(1000, len(images)))
     kl = kl_per_dimension(model, pool)
     order = kl.argsort(descending=True).tolist()
     dims = order[: cfg.dims] if cfg.dims else order

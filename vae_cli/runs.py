@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, first_line
 
 OUTPUTS = Path("outputs")
 
@@ -92,7 +92,7 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     try:
         config = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     except Exception as e:
-        raise UserError(f"resume={str(run_dir)!r}: its .hydra/config.yaml cannot be read ({str(e).splitlines()[0]})") from None
+        raise UserError(f"resume={str(run_dir)!r}: its .hydra/config.yaml cannot be read ({first_line(e)})") from None
     return check_config(config, f"resume={str(run_dir)!r}"), None
 
 
@@ -121,8 +121,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError for non-zip files, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (refused to load it: {reason[:160]})") from None
+        raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (refused to load it: {first_line(e)[:160]})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and isinstance(ckpt.get("state_dict"), dict)):
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (it holds no vae-cli config)")
     check_config(ckpt["vae_cli"].get("config"), f"ckpt={str(path)!r}")
@@ -148,8 +147,7 @@ def load_model(run: str | None = None, ckpt: str | None = None, device: str = "c
     try:
         model = build_model(config, checkpoint["state_dict"])
     except Exception as e:
-        cause = e.__cause__ or e
-        raise UserError(f"ckpt={str(path)!r} could not be rebuilt into a model ({str(cause).splitlines()[0][:160]})") from None
+        raise UserError(f"ckpt={str(path)!r} could not be rebuilt into a model ({first_line(e.__cause__ or e)[:160]})") from None
     return model.to(device), config, path
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, first_line
 
 
 def build_datamodule(config: dict[str, Any], data_dir: str | None = None):
@@ -23,6 +23,11 @@ def build_datamodule(config: dict[str, Any], data_dir: str | None = None):
     if data_dir is not None:
         dataset["data_dir"] = data_dir
     return instantiate(dataset, likelihood=likelihood_name(config))
+
+
+def trainer_arguments(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """pytorch_lightning.Trainer's keyword arguments from conf/trainer (null means Lightning's default)."""
+    return {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
 
 
 def run_folder(cfg: DictConfig) -> Path:
@@ -74,9 +79,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except UserError:
         raise
     except Exception as e:  # Hydra's InstantiationException, TypeError, ValueError: a bad setting
-        cause = e.__cause__ or e
-        raise UserError(f"cannot build the model or optimizer from these settings: "
-                        f"{str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}") from None
+        raise UserError(f"cannot build the model or optimizer from these settings: {first_line(e.__cause__ or e)}") from None
     if config.get("compile"):  # in place: the state_dict keys stay those of the plain model
         model.encoder.compile()
         model.decoder.compile()
@@ -89,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # improves, which would make last.ckpt the best one and resume from the wrong step.
     last = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
-    trainer_kwargs = {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
+    trainer_kwargs = trainer_arguments(trainer_cfg)
     try:
         callbacks = [best, last, TrainingPictures()]
         if trainer_kwargs.get("enable_progress_bar", True):
@@ -98,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer = pl.Trainer(**trainer_kwargs, default_root_dir=str(run), logger=logger, callbacks=callbacks,
                              plugins=[AtomicCheckpointIO()])
     except Exception as e:  # Lightning's MisconfigurationException and ValueErrors name the bad value
-        raise UserError(f"trainer settings: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"trainer settings: {first_line(e)}") from None
     if not any(word in str(trainer_cfg.get("strategy")) for word in ("fork", "notebook")):
         # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 so that CUDA checks do not poison a later
         # fork. With it, every Adam step asks NVML whether CUDA is there (dlopen and all): 0.3 ms a
