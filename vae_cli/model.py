@@ -41,6 +41,18 @@ class VAE(nn.Module):
         """p(x|z) for z of shape (..., D); event shape (C, H, W)."""
         return self.likelihood(self.decoder(z))
 
+    def proposal(self, x: torch.Tensor) -> Distribution:
+        """The importance-sampling proposal for log p(x): q(z|x), batch (B,), event (D,).
+
+        The estimators see a model only through ``proposal`` and ``log_joint``, so any model that
+        gives a distribution over z with ``sample``/``rsample`` and ``log_prob`` works with them.
+        """
+        return self.posterior(x)
+
+    def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x, z) = log p(x|z) + log p(z), in nats: z (..., B, D), x (B, C, H, W) -> (..., B)."""
+        return self.decode(z).log_prob(x) + self.prior.log_prob(z)
+
     def elbo_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example (recon, kl), each (B,), in nats: ELBO = recon - kl."""
         q = self.posterior(x)
