@@ -98,3 +98,77 @@ def test_bits_per_dim_conventions():
     assert bits_per_dim(-784 * math.log(2), 784, "dynamic") == 1.0
     assert bits_per_dim(0.0, 10, "dequantize") == 8.0     # a uniform density on [0,1]^D: 8 bits per byte
     assert bits_per_dim(-100.0, 784, "none") is None
+
+
+# --------------------------------------------------------------------------- refined proposal, curve
+
+
+def test_refined_proposal_reaches_the_exact_posterior_and_log_px():
+    """The true posterior of this model is a diagonal Gaussian, so q* can equal it: ELBO(q*) and
+    importance sampling with q* both give the exact log p(x), whatever the poor encoder started from."""
+    from vae_cli.estimators import log_mean_exp, log_weights, refine
+
+    torch.manual_seed(0)
+    model, W, b, s = make(shrink=0.6, inflate=3.0)
+    x = data(model, 100)
+    truth = exact_log_px(x, W, b, s)
+    lj = lambda z: model.log_joint(x, z)  # noqa: E731
+    q_star, elbo_star = refine(lj, model.proposal(x), model.prior, steps=300)
+    log_px = log_mean_exp(log_weights(lj, q_star, 500))
+    assert (log_px - truth).abs().max() < 0.02
+    m, se = mean_and_stderr(elbo_star - truth)
+    assert abs(m) < 0.01 and (elbo_star <= truth + 0.02).all()               # ELBO(q*) <= log p(x)
+    encoder_elbo = elbo(model, x)["elbo"]
+    assert (truth - encoder_elbo).mean() > 1.0                               # a real amortization gap, closed
+
+
+class _TwoModes:
+    """An unnormalised 2-d target with two narrow modes and a known normaliser Z: what a poor
+    encoder of a 2-d VAE meets. 30% of the mass sits where q looks, 70% far away."""
+
+    def __init__(self, log_z: float = 5.0):
+        from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+        loc = torch.tensor([[0.5, 0.5], [-2.0, 1.5]], dtype=torch.float64)
+        self.p = MixtureSameFamily(Categorical(torch.tensor([0.3, 0.7], dtype=torch.float64)),
+                                   Independent(Normal(loc, 0.05), 1))
+        self.log_z = log_z
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:                      # (..., B, 2) -> (..., B)
+        return self.p.log_prob(z) + self.log_z
+
+
+def test_refined_restarts_find_a_mode_the_encoder_misses():
+    from torch.distributions import Independent, Normal
+
+    from vae_cli.estimators import log_mean_exp, log_weights, refine
+
+    torch.manual_seed(0)
+    target, batch = _TwoModes(), 4
+    q = Independent(Normal(torch.full((batch, 2), 0.45, dtype=torch.float64), torch.full((batch, 2), 0.1,
+                                                                                            dtype=torch.float64)), 1)
+    prior = Independent(Normal(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)), 1)
+    one, _ = refine(target, q, prior, steps=200, restarts=0)
+    missed = log_mean_exp(log_weights(target, one, 2000))
+    assert torch.allclose(missed, torch.full((batch,), target.log_z + math.log(0.3), dtype=torch.float64), atol=0.05)
+    many, elbo_star = refine(target, q, prior, steps=200, restarts=4, search=2048)
+    found = log_mean_exp(log_weights(target, many, 2000))
+    assert torch.allclose(found, torch.full((batch,), target.log_z, dtype=torch.float64), atol=0.05)
+    assert (elbo_star < target.log_z).all()    # one Gaussian cannot hold both modes: ELBO(q*) < log Z
+
+
+def test_curve_over_k_is_flat_for_the_exact_posterior_and_rises_for_a_poor_one():
+    from vae_cli.estimators import curve_ks, log_px_curve
+
+    assert curve_ks(5000) == [1, 10, 100, 1000, 5000] and curve_ks(100) == [1, 10, 100] and curve_ks(1) == [1]
+    torch.manual_seed(0)
+    model, W, b, s = make()
+    x = data(model, 20)
+    r = estimate(model, x, 1000)
+    curve = log_px_curve(r["log_w"], curve_ks(1000))                           # (5, B)
+    assert torch.allclose(curve, exact_log_px(x, W, b, s).expand_as(curve), atol=1e-9)
+    model, W, b, s = make(shrink=0.6, inflate=3.0)
+    x = data(model, 400)
+    means = log_px_curve(estimate(model, x, 1000)["log_w"], curve_ks(1000)).mean(1)
+    assert all(a < b for a, b in zip(means, means[1:])) and means[-1] <= exact_log_px(x, W, b, s).mean() + 0.05
+    assert torch.allclose(means[-1], iwae(model, x, 1000).mean(), atol=0.2)

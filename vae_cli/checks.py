@@ -338,6 +338,17 @@ def check_evaluate(cfg: DictConfig) -> None:
     _need(cfg, "split", *_one_of("test", "val", "train"))
     _need(cfg, "batch_size", positive_int, "a positive integer")
     _need(cfg, "chunk", positive_int, "a positive integer")
+    from vae_cli.evaluate import ESTIMATORS
+
+    _need(cfg, "estimators", lambda v: v == "auto" or v in ESTIMATORS or (
+        OmegaConf.is_list(v) and len(v) > 0 and all(e in ESTIMATORS for e in v)),
+        "auto, or a list of " + ", ".join(ESTIMATORS) + ", e.g. '[iwae,ais]'")
+    for key in ("refined.limit", "refined.steps", "refined.samples", "refined.search", "ais.limit", "ais.steps",
+                "ais.leapfrog", "ais.chains", "exact.limit", "bdmc.n", "bdmc.steps", "bdmc.leapfrog", "bdmc.chains"):
+        _need(cfg, key, positive_int, "a positive integer")
+    _need(cfg, "refined.restarts", _opt(lambda v: _is_int(v) and v >= 0), "an integer >= 0, or null (auto)")
+    for key in ("refined.lr", "exact.tol"):
+        _need(cfg, key, lambda v: _num(v) and 0 < v < float("inf"), "a positive finite number")
 
 
 CHECKS: dict[str, Callable[[DictConfig], None]] = {

@@ -1,95 +1,404 @@
-"""`vae evaluate`: the test log-likelihood log p(x), the ELBO and the gap, side by side."""
+"""`vae evaluate`: log p(x) by several estimators, the ELBO and the gap, side by side, with diagnostics.
+
+Every estimator runs on the first examples of the split (IWAE on all of them, the costlier ones on
+a prefix), example by example from the same pixels, so figures on a common prefix compare directly.
+The headline log p(x) is the best estimate computed: exact quadrature where it ran (latent_dim <= 2),
+else the highest of the sampling estimates (all are stochastic lower bounds, so the highest is the
+tightest). The gap is taken against that estimate, on the examples it covers.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vae_cli.data import Batches
-from vae_cli.estimators import bits_per_dim, estimate, mean_and_stderr
+from vae_cli.diagnostics import KHAT_BAD, ess, pareto_khat
+from vae_cli.estimators import (bits_per_dim, curve_ks, estimate, log_mean_exp, log_px_curve, log_weights,
+                                mean_and_stderr, refine)
 from vae_cli.model import VAE
 
-FIGURES = ("elbo", "log_px", "gap", "recon", "kl")
-GAP_NOTE = "gap = log p(x) - ELBO: the estimated KL(q(z|x) || p(z|x)), how far q is from the true posterior"
+ESTIMATORS = ("iwae", "refined", "ais", "exact", "bdmc")
+SAMPLING = ("iwae", "refined", "ais")          # estimators of log p(x) on the data, by sampling
+TRUST = {"exact": 0}                            # exact beats any sampling estimate
+WARN_SHARE = 0.1  # warn when more than this share of examples has Pareto k-hat > 0.7
+LABELS = {"iwae": "IWAE", "refined": "refined q*", "ais": "AIS", "exact": "exact (quadrature)"}
+
+
+@dataclass
+class Refined:
+    """The refined proposal (Cremer et al. 2018): per-example Adam on a Gaussian's ELBO, then IS."""
+
+    limit: int = 1000          # the first N examples
+    steps: int = 200           # Adam steps per example (batched)
+    lr: float = 0.05
+    samples: int = 16          # reparameterised draws per step
+    restarts: int | None = None  # extra starts at the best prior draws; None: 4 if latent_dim <= 2 else 0
+    search: int = 1024         # prior draws searched for those starts
+
+
+@dataclass
+class AIS:
+    """Annealed importance sampling with HMC (Neal 2001; Wu et al. 2017), from q* (or q) to p(x, z)."""
+
+    limit: int = 200
+    steps: int = 500           # intermediate distributions
+    leapfrog: int = 5
+    chains: int = 16
+
+
+@dataclass
+class Exact:
+    """log p(x) by adaptive quadrature over a latent space of 1 or 2 dimensions."""
+
+    limit: int = 200
+    tol: float = 1e-3          # nats: stop refining when the estimate moves less than this
+
+
+@dataclass
+class BDMC:
+    """Bidirectional Monte Carlo (Grosse et al. 2015) on data simulated from the model."""
+
+    n: int = 100
+    steps: int = 500
+    leapfrog: int = 5
+    chains: int = 4
+
+
+@dataclass
+class Plan:
+    """What `vae evaluate` computes: the estimators and their settings."""
+
+    k: int = 5000
+    estimators: tuple[str, ...] = ("iwae", "refined", "ais")
+    refined: Refined = field(default_factory=Refined)
+    ais: AIS = field(default_factory=AIS)
+    exact: Exact = field(default_factory=Exact)
+    bdmc: BDMC = field(default_factory=BDMC)
+
+    @property
+    def ais_init(self) -> str:
+        """AIS starts from q* when the refined proposal covers every example AIS runs on."""
+        refined = "refined" in self.estimators and self.refined.limit >= self.ais.limit
+        return "refined" if refined else "encoder"
+
+    def covers(self, name: str, n: int) -> int:
+        """How many of n examples the estimator runs on."""
+        if name not in self.estimators:
+            return 0
+        return n if name == "iwae" else min(n, getattr(self, name).limit)
+
+
+def resolve_estimators(requested: str | list[str], latent_dim: int) -> tuple[str, ...]:
+    """``auto``: IWAE, refined, AIS, and exact quadrature when latent_dim <= 2. IWAE always runs
+    (the ELBO, the diagnostics and the curve come from its draws)."""
+    from vae_cli.errors import UserError
+
+    if requested == "auto":
+        names = ["iwae", "refined", "ais"] + (["exact"] if latent_dim <= 2 else [])
+    else:
+        names = [requested] if isinstance(requested, str) else list(requested)
+        bad = [n for n in names if n not in ESTIMATORS]
+        if bad or not names:
+            raise UserError(f"estimators={requested!r} is not allowed: expected auto, or a list of {', '.join(ESTIMATORS)}")
+        if "exact" in names and latent_dim > 2:
+            raise UserError(f"estimators=exact needs latent_dim <= 2 (quadrature); this model has latent_dim={latent_dim}")
+    return tuple(["iwae"] + [n for n in ESTIMATORS[1:] if n in names])
+
+
+def _batch_estimates(model: VAE, x: torch.Tensor, start: int, n: int, plan: Plan, rows: int, ks: list[int]) -> dict:
+    """Every estimator's per-example figures for the batch x (examples start .. start+len(x))."""
+    out: dict[str, torch.Tensor] = {}
+    r = estimate(model, x, plan.k, rows)
+    for name in ("elbo", "recon", "kl"):
+        out[name] = r[name]
+    out["iwae"], out["iwae_ess"], out["iwae_khat"] = r["log_px"], ess(r["log_w"]), pareto_khat(r["log_w"])
+    out["curve"] = log_px_curve(r["log_w"], ks).T                               # (B, len(ks))
+    q_star = None
+    m = plan.covers("refined", n) - start
+    if m > 0:
+        xs, s = x[:m], plan.refined
+        restarts = (4 if model.latent_dim <= 2 else 0) if s.restarts is None else s.restarts
+        q_star, out["refined_elbo"] = refine(lambda z: model.log_joint(xs, z), model.proposal(xs), model.prior,
+                                             steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts,
+                                             search=s.search)
+        lw = log_weights(lambda z: model.log_joint(xs, z), q_star, plan.k, rows)   # (k, m)
+        out["refined"], out["refined_ess"], out["refined_khat"] = log_mean_exp(lw), ess(lw), pareto_khat(lw)
+    m = plan.covers("ais", n) - start
+    if m > 0:
+        from vae_cli.ais import ais
+
+        xs, s = x[:m], plan.ais
+        # From q* where it was computed for these examples (Wu et al. 2017 start from q; a better
+        # start needs fewer intermediate distributions), else from the encoder's q(z|x).
+        init = _head(q_star, m) if plan.ais_init == "refined" else model.proposal(xs)
+        lw = ais(lambda z: model.log_joint(xs, z), init, steps=s.steps, leapfrog=s.leapfrog, chains=s.chains)
+        out["ais"] = log_mean_exp(lw)
+    m = plan.covers("exact", n) - start
+    if m > 0:
+        from vae_cli.quadrature import exact_log_px
+
+        out["exact"], info = exact_log_px(model, x[:m], tol=plan.exact.tol)
+        out["exact_converged"] = info["converged"].double()
+    return {name: v.detach().double().cpu() for name, v in out.items()}
+
+
+def _head(q, m: int):
+    """The first m examples of a batched mixture proposal (q* of refine)."""
+    from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+    comp = q.component_distribution.base_dist
+    return MixtureSameFamily(Categorical(logits=q.mixture_distribution.logits[:m]),
+                             Independent(Normal(comp.loc[:m], comp.scale[:m]), 1))
 
 
 def evaluate_split(
-    model: VAE,
-    images: torch.Tensor,
-    pixels: str,
-    k: int,
-    batch_size: int = 100,
-    rows: int = 8192,
-    seed: int = 0,
-    progress: bool = False,
+    model: VAE, images: torch.Tensor, pixels: str, plan: Plan | None = None, batch_size: int = 100,
+    rows: int = 8192, seed: int = 0, progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate uint8 images (N, C, H, W): means and standard errors of every figure, in nats.
+    """Evaluate uint8 images (N, C, H, W) with the plan's estimators; means and standard errors in nats.
 
     ``pixels`` is the mode the model was trained with (see vae_cli.data); dynamic binarization
     and dequantization use one fixed draw seeded by ``seed``, so figures compare across runs.
     """
+    plan = plan or Plan()
     device = next(model.parameters()).device
-    torch.manual_seed(seed + 1)  # the draws z ~ q(z|x); the pixel noise below has its own stream (seed)
+    torch.manual_seed(seed + 1)  # the draws z; the pixel noise below has its own stream (seed)
     batches = Batches(images.to(device), batch_size, pixels, shuffle=False, seed=seed, fixed_noise=True)
-    parts: dict[str, list[torch.Tensor]] = {f: [] for f in FIGURES}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(images), unit="ex", desc=f"k={k}", file=sys.stderr, dynamic_ncols=True)
+    n, ks, parts, start = len(images), curve_ks(plan.k), {}, 0
+    bar = _progress(n, plan, progress)
     for x in batches:
-        for name, v in estimate(model, x, k, rows).items():
-            parts[name].append(v.cpu())
+        for name, v in _batch_estimates(model, x, start, n, plan, rows, ks).items():
+            parts.setdefault(name, []).append(v)
+        start += len(x)
         if bar is not None:
             bar.update(len(x))
     if bar is not None:
         bar.close()
-    dims = math.prod(images.shape[1:])
-    out: dict[str, Any] = {"n": len(images), "k": k, "dims": dims, "pixels": pixels}
-    for name in FIGURES:
-        out[name], out[f"{name}_se"] = mean_and_stderr(torch.cat(parts[name]))
-    out["bits_per_dim"] = {f: bits_per_dim(out[f], dims, pixels) for f in ("elbo", "log_px")}
+    values = {name: torch.cat(v) for name, v in parts.items()}
+    return summarize(values, plan, ks, math.prod(images.shape[1:]), pixels)
+
+
+def _progress(n: int, plan: Plan, show: bool):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=n, unit="ex", desc=f"{'+'.join(plan.estimators)} k={plan.k}", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: int, pixels: str) -> dict[str, Any]:
+    """The JSON of an evaluation from per-example figures: every estimator under its own key,
+    the headline log p(x) (the best estimate), and the gap against it."""
+    n = len(values["elbo"])
+    out: dict[str, Any] = {"n": n, "k": plan.k, "dims": dims, "pixels": pixels}
+    for name in ("elbo", "recon", "kl"):
+        out[name], out[f"{name}_se"] = mean_and_stderr(values[name])
+    est = out["estimators"] = {}
+    for name in plan.estimators:
+        if name == "bdmc" or name not in values:
+            continue
+        m = len(values[name])
+        e = est[name] = {"n": m}
+        e["log_px"], e["log_px_se"] = mean_and_stderr(values[name])
+        e["elbo"], e["elbo_se"] = mean_and_stderr(values["elbo"][:m])   # the encoder's ELBO, same examples
+        e["gap"], e["gap_se"] = mean_and_stderr(values[name] - values["elbo"][:m])
+        if f"{name}_khat" in values:
+            khat = values[f"{name}_khat"]
+            e["ess_mean"], e["ess_min"] = values[f"{name}_ess"].mean().item(), values[f"{name}_ess"].min().item()
+            e["khat_bad_share"] = (khat > KHAT_BAD).double().mean().item()
+            e["khat_max"] = khat.max().item()
+    est["iwae"].update(k=plan.k, curve={"k": ks, "log_px": values["curve"].mean(0).tolist()})
+    if "refined" in est:
+        r, m = est["refined"], est["refined"]["n"]
+        r.update(asdict(plan.refined), k=plan.k)
+        r["elbo_refined"], r["elbo_refined_se"] = mean_and_stderr(values["refined_elbo"])
+        r["amortization_gap"] = r["elbo_refined"] - r["elbo"]
+    if "ais" in est:
+        est["ais"].update(asdict(plan.ais), init=plan.ais_init)
+    if "exact" in est:
+        est["exact"].update(tol=plan.exact.tol, converged_share=values["exact_converged"].mean().item())
+    _headline(out, values)
+    out["comparison"] = _on_common_examples(values, est)
+    if "refined" in est:  # Cremer et al. 2018: ELBO(q) <= ELBO(q*) <= log p(x), split at ELBO(q*)
+        best = values[out["log_px_estimator"]][: est["refined"]["n"]]
+        m = min(len(best), est["refined"]["n"])
+        est["refined"]["approximation_gap"] = (best[:m] - values["refined_elbo"][:m]).mean().item()
+        est["refined"]["approximation_gap_from"] = out["log_px_estimator"]
+    out["bits_per_dim"] = {"elbo": bits_per_dim(out["elbo"], dims, pixels),
+                           "log_px": bits_per_dim(out["log_px"], dims, pixels)}
+    out["warnings"] = warnings_for(out)
     return out
 
 
+def _headline(out: dict[str, Any], values: dict[str, torch.Tensor]) -> None:
+    """log_px: exact where computed, else the highest sampling estimate on the examples they share."""
+    est = out["estimators"]
+    sampling = [name for name in SAMPLING if name in est]
+    common = min(est[name]["n"] for name in sampling)
+    best = max(sampling, key=lambda name: values[name][:common].mean().item())
+    out["log_px_sampling"], out["log_px_sampling_estimator"] = est[best]["log_px"], best
+    out["log_px_sampling_se"], out["log_px_sampling_n"] = est[best]["log_px_se"], est[best]["n"]
+    head = "exact" if "exact" in est else best
+    e = est[head]
+    out.update(log_px=e["log_px"], log_px_se=e["log_px_se"], log_px_estimator=head, log_px_n=e["n"],
+               gap=e["gap"], gap_se=e["gap_se"])
+
+
+def _on_common_examples(values: dict[str, torch.Tensor], est: dict[str, Any]) -> dict[str, Any]:
+    """Every estimator's mean on the examples they all cover (the first m), with IWAE's curve over k
+    there: the like-for-like comparison (and what the plot shows)."""
+    names = [name for name in ("iwae", "refined", "ais", "exact") if name in est]
+    m = min(est[name]["n"] for name in names)
+    return {"n": m, "log_px": {name: values[name][:m].mean().item() for name in names},
+            "elbo": values["elbo"][:m].mean().item(), "iwae_curve": values["curve"][:m].mean(0).tolist()}
+
+
+def warnings_for(out: dict[str, Any]) -> list[str]:
+    """One line each: where a figure should not be trusted, and what to run instead."""
+    lines, est = [], out["estimators"]
+    share = est["iwae"].get("khat_bad_share", 0.0)
+    if share > WARN_SHARE:
+        better = [n for n in ("ais", "refined", "exact") if n in est]
+        advice = (f"the headline uses {LABELS[out['log_px_estimator']]}" if out["log_px_estimator"] != "iwae"
+                  else "run estimators=[refined,ais] (AIS, or the refined proposal q*) for a trustworthy log p(x)")
+        lines.append(f"Pareto k-hat > {KHAT_BAD} for {100 * share:.0f}% of examples: IWAE's log p(x) cannot be "
+                     f"trusted there (q(z|x) misses posterior mass); {advice}"
+                     + ("" if better else ""))
+    return lines
+
+
 def table(r: dict[str, Any]) -> str:
-    """The terminal table: nats per example with standard errors, bits/dim beside."""
-    rows = [("ELBO", "elbo"), ("log p(x)  (IWAE)", "log_px"), ("gap", "gap"), ("  recon  E_q log p(x|z)", "recon"),
-            ("  KL(q(z|x) || p(z))", "kl")]
-    lines = [f"{'':26}{'nats/example':>14}{'± s.e.':>10}{'bits/dim':>10}"]
-    for label, key in rows:
-        bpd = r["bits_per_dim"].get(key)
-        lines.append(f"{label:26}{r[key]:14.3f}{r[key + '_se']:10.3f}{(f'{bpd:.4f}' if bpd is not None else ''):>10}")
-    lines.append(GAP_NOTE)
-    if r["pixels"] == "none":
+    """The terminal table: nats per example with standard errors, bits/dim beside, then notes."""
+    est, pixels = r["estimators"], r["pixels"]
+    rows = [("ELBO", r["n"], r["elbo"], r["elbo_se"], "elbo")]
+    for name in ("iwae", "refined", "ais", "exact"):
+        if name in est:
+            label = f"log p(x)  {LABELS[name]}" + (f" k={r['k']}" if name in ("iwae", "refined") else "")
+            rows.append((label, est[name]["n"], est[name]["log_px"], est[name]["log_px_se"], None))
+    rows += [("  recon  E_q log p(x|z)", r["n"], r["recon"], r["recon_se"], None),
+             ("  KL(q(z|x) || p(z))", r["n"], r["kl"], r["kl_se"], None)]
+    lines = [f"{'':32}{'examples':>9}{'nats/example':>14}{'± s.e.':>9}{'bits/dim':>10}"]
+    for label, n, value, se, key in rows:
+        bpd = bits_per_dim(value, r["dims"], pixels) if key or label.startswith("log p(x)") else None
+        lines.append(f"{label:32}{n:9d}{value:14.3f}{se:9.3f}{(f'{bpd:.4f}' if bpd is not None else ''):>10}")
+    head = LABELS[r["log_px_estimator"]]
+    lines.append(f"log p(x) = {r['log_px']:.3f} ± {r['log_px_se']:.3f} ({head}, the best estimate, "
+                 f"{r['log_px_n']} examples)")
+    lines.append(f"gap = log p(x) - ELBO = {r['gap']:.3f} ± {r['gap_se']:.3f}, from {head} on its {r['log_px_n']} "
+                 "examples: the KL(q(z|x) || p(z|x)), how far q is from the true posterior")
+    if "refined" in est:
+        e = est["refined"]
+        lines.append(f"  amortization gap ELBO(q*) - ELBO(q) = {e['amortization_gap']:.3f}; approximation gap "
+                     f"log p(x) - ELBO(q*) = {e['approximation_gap']:.3f} ({e['n']} examples)")
+    for name in ("iwae", "refined"):
+        if name in est and "ess_mean" in est[name]:
+            e = est[name]
+            lines.append(f"{LABELS[name]}: ESS mean {e['ess_mean']:.1f}, min {e['ess_min']:.1f} of k={r['k']}; "
+                         f"Pareto k-hat > {KHAT_BAD} for {100 * e['khat_bad_share']:.1f}% of examples")
+    curve = est["iwae"]["curve"]
+    lines.append("IWAE over k: " + ", ".join(f"k={k} {v:.2f}" for k, v in zip(curve["k"], curve["log_px"])))
+    if "bdmc" in r:
+        b = r["bdmc"]
+        lines.append(f"BDMC on {b['n']} simulated examples: {b['lower']:.3f} <= log p(x) <= {b['upper']:.3f} "
+                     f"(width {b['width']:.3f}); IWAE k={r['k']} on them {b['iwae']:.3f}")
+    if pixels == "none":
         lines.append("bits/dim: none, a Bernoulli on grey levels is not a probability of the data")
-    elif r["pixels"] == "dequantize":
+    elif pixels == "dequantize":
         lines.append("bits/dim: 8-bit images, dequantized x = (b + u)/256: -(log p(x) - D ln 256) / (D ln 2)")
     else:
-        lines.append(f"bits/dim: per binarized pixel ({r['pixels']} binarization), -log p(x) / (D ln 2)")
+        lines.append(f"bits/dim: per binarized pixel ({pixels} binarization), -log p(x) / (D ln 2)")
+    lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)
 
 
+def run_bdmc(model: VAE, plan: Plan, rows: int, seed: int) -> dict[str, Any]:
+    """BDMC on simulated data, with IWAE on the same data: how far each is from the truth there."""
+    from vae_cli.ais import bdmc
+
+    s = plan.bdmc
+    b = bdmc(model, s.n, steps=s.steps, leapfrog=s.leapfrog, chains=s.chains, seed=seed)
+    iwae = torch.cat([estimate(model, x, plan.k, rows)["log_px"].cpu() for x in b["x"].split(100)])
+    out = {"n": s.n, "steps": s.steps, "leapfrog": s.leapfrog, "chains": s.chains}
+    for name, v in (("lower", b["lower"]), ("upper", b["upper"]), ("iwae", iwae)):
+        out[name], out[f"{name}_se"] = mean_and_stderr(v.cpu())
+    out["width"] = out["upper"] - out["lower"]
+    return out
+
+
+def plot_curve(r: dict[str, Any], path: Path) -> None:
+    """IWAE's log p(x) against k (log scale), with the other estimates as horizontal lines, all on
+    the examples every estimator covers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = r["comparison"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(r["estimators"]["iwae"]["curve"]["k"], c["iwae_curve"], "o-", label="IWAE")
+    for name, style in (("refined", "--"), ("ais", "-."), ("exact", ":")):
+        if name in c["log_px"]:
+            ax.axhline(c["log_px"][name], ls=style, color="k" if name == "exact" else f"C{'xra'.index(name[0])}",
+                       label=LABELS[name])
+    ax.axhline(c["elbo"], ls="-", color="grey", lw=0.8, label="ELBO")
+    ax.set(xscale="log", xlabel="k (importance samples)", ylabel="log p(x), nats per example",
+           title=f"log p(x) against k on {c['n']} examples: the curve should flatten")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def plan_of(cfg, latent_dim: int) -> Plan:
+    """The Plan a `vae evaluate` config asks for."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
+    estimators = cfg.estimators if isinstance(cfg.estimators, str) else list(cfg.estimators)
+    return Plan(k=cfg.k, estimators=resolve_estimators(estimators, latent_dim),
+                refined=Refined(**cfg.refined), ais=AIS(**cfg.ais), exact=Exact(**cfg.exact), bdmc=BDMC(**cfg.bdmc))
+
+
 def evaluate(cfg) -> dict[str, Any]:
-    """The `vae evaluate` command: load the model, estimate, print the table, write the JSON."""
-    from vae_cli.runs import check_out, claim_outputs, load_model, pick_device, run_dir_of
+    """The `vae evaluate` command: load the model, estimate, print the table, write the JSON and the plot."""
     from vae_cli.data import run_split
+    from vae_cli.runs import check_out, claim_outputs, load_model, pick_device, run_dir_of
 
     device = pick_device(cfg.device)
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
+    plan = plan_of(cfg, model.latent_dim)
     check_out(cfg.out)
     images, pixels = run_split(config, cfg.split, cfg.data_dir)
     if cfg.limit is not None:
         images = images[: cfg.limit]
-    print(f"vae evaluate: {cfg.split} split, {len(images)} examples, k={cfg.k}, checkpoint {ckpt}", file=sys.stderr)
-    r = evaluate_split(model, images, pixels, cfg.k, cfg.batch_size, cfg.chunk, cfg.seed, progress=True)
-    r.update(split=cfg.split, checkpoint=str(ckpt), seed=cfg.seed, likelihood=config["likelihood"]["_target_"])
-    print(table(r))
-    (out,) = claim_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json",))
-    out.write_text(json.dumps(r, indent=2) + "\n")
-    print(f"wrote {out}")
+    # Claimed before the work, so a bad output folder fails now, not after an hour of sampling.
+    paths = claim_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png"))
+    try:
+        print(f"vae evaluate: {cfg.split} split, {len(images)} examples, estimators {', '.join(plan.estimators)}, "
+              f"k={cfg.k}, checkpoint {ckpt}", file=sys.stderr)
+        for name in plan.estimators[1:]:
+            if name != "bdmc" and plan.covers(name, len(images)) < len(images):
+                print(f"vae evaluate: {name} on the first {plan.covers(name, len(images))} examples "
+                      f"(set {name}.limit to change)", file=sys.stderr)
+        r = evaluate_split(model, images, pixels, plan, cfg.batch_size, cfg.chunk, cfg.seed, progress=True)
+        if "bdmc" in plan.estimators:
+            r["bdmc"] = run_bdmc(model, plan, cfg.chunk, cfg.seed)
+        r.update(split=cfg.split, checkpoint=str(ckpt), seed=cfg.seed, likelihood=config["likelihood"]["_target_"])
+        print(table(r))
+        paths[0].write_text(json.dumps(r, indent=2) + "\n")
+        plot_curve(r, paths[1])
+    except BaseException:
+        for p in paths:
+            if p.exists() and p.stat().st_size == 0:
+                p.unlink()
+        raise
+    print("\n".join(f"wrote {p}" for p in paths))
     return r

@@ -130,7 +130,7 @@ def _metric(trainer, name: str) -> float | None:
 
 def test_metrics(model, data, config: dict[str, Any], trainer) -> dict[str, float]:
     """The test split's ELBO, log p(x) (IWAE with eval.k samples) and gap, logged as test/*."""
-    from vae_cli.evaluate import evaluate_split
+    from vae_cli.evaluate import Plan, evaluate_split
 
     k = config["eval"]["k"]
     if k == 0:
@@ -139,8 +139,10 @@ def test_metrics(model, data, config: dict[str, Any], trainer) -> dict[str, floa
     if config["eval"]["limit"]:
         images = images[: config["eval"]["limit"]]
     model.eval()
-    r = evaluate_split(model, images, data.mode, k, config["eval"]["batch_size"], seed=config["seed"])
-    out = {"test_elbo": r["elbo"], "test_log_px": r["log_px"], "test_gap": r["gap"], "test_k": k}
+    r = evaluate_split(model, images, data.mode, Plan(k=k, estimators=("iwae",)), config["eval"]["batch_size"],
+                       seed=config["seed"])
+    out = {"test_elbo": r["elbo"], "test_log_px": r["log_px"], "test_gap": r["gap"], "test_k": k,
+           "test_log_px_estimator": r["log_px_estimator"]}
     trainer.logger.log_metrics({"test/elbo": r["elbo"], "test/log_px": r["log_px"], "test/gap": r["gap"]},
                                step=trainer.global_step)
     return out
