@@ -25,7 +25,7 @@ class LinearEncoder(nn.Module):
     def __init__(self, W: torch.Tensor, b: torch.Tensor, s: float, shrink: float = 1.0, inflate: float = 1.0):
         super().__init__()
         self.W, self.b, self.s, self.shrink, self.inflate = W, b, s, shrink, inflate
-        self.S = torch.linalg.inv(torch.eye(DZ, dtype=W.dtype) + W.T @ W / s**2)  # diagonal here
+        self.S = torch.linalg.inv(torch.eye(W.shape[1], dtype=W.dtype) + W.T @ W / s**2)  # diagonal here
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu = (x.flatten(1) - self.b) @ self.W @ self.S / self.s**2          # (B, DZ)
@@ -51,13 +51,13 @@ class FixedGaussian(nn.Module):
         return Independent(Normal(mean, self.s), 3)
 
 
-def make(seed: int = 0, s: float = 0.5, shrink: float = 1.0, inflate: float = 1.0):
-    """(model, W, b, s) in float64, with orthogonal columns in W."""
+def make(seed: int = 0, s: float = 0.5, shrink: float = 1.0, inflate: float = 1.0, dz: int = DZ):
+    """(model, W, b, s) in float64, with orthogonal columns in W; ``dz`` (1 to 3) latent dimensions."""
     g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(DX, DZ, generator=g, dtype=torch.float64))
-    W = Q * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)               # W^T W diagonal
+    Q, _ = torch.linalg.qr(torch.randn(DX, dz, generator=g, dtype=torch.float64))
+    W = Q * torch.tensor([2.0, 1.0, 0.5][:dz], dtype=torch.float64)          # W^T W diagonal
     b = torch.randn(DX, generator=g, dtype=torch.float64)
-    model = VAE(DZ, LinearEncoder(W, b, s, shrink, inflate), LinearDecoder(W, b), FixedGaussian(s)).double()
+    model = VAE(dz, LinearEncoder(W, b, s, shrink, inflate), LinearDecoder(W, b), FixedGaussian(s)).double()
     return model, W, b, s
 
 
@@ -76,6 +76,6 @@ def exact_recon(x: torch.Tensor, mu: torch.Tensor, var: torch.Tensor, W, b, s) -
 def data(model, n: int, seed: int = 1) -> torch.Tensor:
     """n draws of x from the model itself: (n, 1, 2, 3)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, DZ, generator=g, dtype=torch.float64)
+    z = torch.randn(n, model.latent_dim, generator=g, dtype=torch.float64)
     x = model.decoder(z) + model.likelihood.s * torch.randn(n, *SHAPE, generator=g, dtype=torch.float64)
     return x
