@@ -12,6 +12,19 @@ import torch
 from vae_cli.data import Batches
 from vae_cli.estimators import bits_per_dim, estimate, mean_and_stderr
 from vae_cli.model import VAE
+from vae_cli.runs import FromRunSettings
+from vae_cli.typed import PosInt
+
+
+class EvaluateSettings(FromRunSettings):
+    """The settings of `vae evaluate` (conf/evaluate.yaml), beside those every command reading a run
+    shares. A new setting: a typed field here (constraints in Annotated[..., Field(...)]) and its key
+    in conf/evaluate.yaml; vae_cli.settings derives its check."""
+
+    k: PosInt = 5000                # importance samples
+    limit: PosInt | None = None     # only the first N examples
+    batch_size: PosInt = 100        # examples per batch
+    chunk: PosInt = 8192            # (example, sample) pairs decoded at once
 
 FIGURES = ("elbo", "log_px", "gap", "recon", "kl")
 GAP_NOTE = "gap = log p(x) - ELBO: the estimated KL(q(z|x) || p(z|x)), how far q is from the true posterior"
