@@ -155,7 +155,8 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         validate(config, schema)
         if command == "train":
             check_train_here(config)
-            if config.get("resume") is None:
+            # Lightning's DDP launcher re-runs this command line per rank, into rank 0's folder
+            if config.get("resume") is None and os.environ.get("LOCAL_RANK", "0") == "0":
                 folders.append(check_output_folder(cfg, multirun))
     for shown, folder in dict.fromkeys(folders):  # every value passed: can the folder Hydra writes be made?
         _try_to_create(shown, folder)
