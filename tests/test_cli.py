@@ -37,7 +37,7 @@ def test_hydra_help_and_cfg_job(tmp_path):
 def test_user_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path):
     r = vae("train", "model.latent_dim=-1", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.strip() == "vae: error: model.latent_dim=-1 is not allowed: expected a positive integer"
+    assert r.stderr.strip() == "vae: error: model.latent_dim=-1 is not allowed: expected an integer > 0"
     r = vae("train", "dataset=imagenet", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "mnist" in r.stderr
     assert not (tmp_path / "outputs").exists()

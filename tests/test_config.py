@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -72,40 +74,99 @@ BAD = [
     ("train", ["dataset=imagenet"], "dataset='imagenet' does not exist: choose one of cifar10, fashion_mnist, folder, mnist"),
     ("train", ["model=resnet"], "model='resnet' does not exist: choose one of conv, mlp"),
     ("train", ["likelihood=poisson"], "likelihood='poisson' does not exist: choose one of bernoulli, gaussian"),
-    ("train", ["model.latent_dim=0"], "model.latent_dim=0 is not allowed: expected a positive integer"),
+    ("train", ["model.latent_dim=0"], "model.latent_dim=0 is not allowed: expected an integer > 0"),
     ("train", ["model.latent_dim=-3"], "model.latent_dim=-3 is not allowed"),
-    ("train", ["model.latent_dim=abc"], "model.latent_dim='abc' is not allowed: expected a positive integer"),
+    ("train", ["model.latent_dim=abc"], "model.latent_dim='abc' is not allowed: expected an integer > 0"),
     ("train", ["model.latent_dim=2.5"], "model.latent_dim=2.5 is not allowed"),
-    ("train", ["model.latnt_dim=3"], "unknown setting 'model.latnt_dim'"),
+    ("train", ["model.latent_dim=true"], "model.latent_dim=True is not allowed: expected an integer > 0"),
+    ("train", ["model.latent_dim=[3]"], "model.latent_dim=[3] is not allowed: expected an integer > 0"),
+    ("train", ["model.latnt_dim=3"], "unknown setting 'model.latnt_dim': did you mean model.latent_dim?"),
     ("train", ["dataset.binarize=maybe"], "dataset.binarize='maybe' is not allowed: expected one of dynamic, static, none"),
-    ("train", ["beta=-1"], "beta=-1 is not allowed: expected a number >= 0"),
+    ("train", ["beta=-1"], "beta=-1 is not allowed: expected a finite number >= 0"),
     ("train", ["dataset=folder"], "dataset=folder needs dataset.path=DIR"),
     ("train", ["dataset=folder", "dataset.path=/no/such/dir"], "dataset.path='/no/such/dir' is not a folder"),
-    ("train", ["model=conv", "dataset.shape=[1,30,30]"], "height and width must be divisible by 4"),
+    ("train", ["model=conv", "dataset=folder", "dataset.path=/tmp", "dataset.shape=[1,30,30]"],
+     "height and width divisible by 4"),
     ("train", ["-m", "model.latent_dim=2,0"], "model.latent_dim=0 is not allowed"),
     ("train", ["resume=/no/such/run"], "resume='/no/such/run' is not a folder"),
-    ("sample", ["n=0"], "n=0 is not allowed: expected a positive integer"),
+    ("sample", ["n=0"], "n=0 is not allowed: expected an integer > 0"),
     ("sample", ["mode=median"], "mode='median' is not allowed: expected one of mean, sample"),
     ("interpolate", ["steps=1"], "steps=1 is not allowed: expected an integer >= 2"),
     ("interpolate", ["pairs=x"], "pairs='x' is not allowed"),
     ("interpolate", ["method=cubic"], "method='cubic' is not allowed: expected one of linear, slerp"),
-    ("train", ["model.encoder.hidden=[-4]"], "model.encoder.hidden=[-4] is not allowed: expected a list of positive integers"),
-    ("train", ["model=conv", "model.encoder.channels=[8]"], "model.encoder.channels=[8] is not allowed: expected two positive integers"),
+    ("train", ["model.encoder.hidden=[-4]"], "model.encoder.hidden=[-4] is not allowed: expected a list of integers > 0"),
+    ("train", ["model.encoder.hidden=[]"], "model.encoder.hidden=[] is not allowed: expected a list of integers > 0 (at least 1)"),
+    ("train", ["model=conv", "model.encoder.channels=[8]"], "model.encoder.channels=[8] is not allowed: expected a list of 2 integers > 0"),
     ("train", ["likelihood=gaussian", "likelihood.min_sigma=0"], "likelihood.min_sigma=0 is not allowed"),
+    ("train", ["likelihood=gaussian", "likelihood.min_sigma=0.5"], "likelihood.min_sigma=0.5 is not allowed: expected a number > 0 and <= sigma"),
+    ("train", ["likelihood=gaussian", "likelihood.scale=wide"], "likelihood.scale='wide' is not allowed: expected one of fixed, shared, pixel"),
     ("train", ["dataset=folder", "dataset.val_fraction=1.0", "dataset.path=/tmp"], "dataset.val_fraction=1.0 is not allowed"),
     ("train", ["compile=maybe"], "compile='maybe' is not allowed: expected true or false"),
     ("train", ["data_dir=~/x"], "cannot read 'data_dir=~/x'"),
+    ("train", ["data_dir=''"], "data_dir='' is not allowed: expected non-empty text"),
     ("train", ["model.latent_dim=2,3"], "'model.latent_dim=2,3' is a sweep: add -m"),
-    ("train", ["trainer.precision=bogus"], "trainer settings: Precision 'bogus' is invalid"),
+    ("train", ["trainer.precision=bogus"], "trainer.precision='bogus' is not allowed: expected one of 32-true"),
     ("train", ["trainer.strategy=bogus"], "trainer settings: You selected an invalid strategy name"),
     ("train", ["data_dir=/proc/nope"], "data_dir='/proc/nope' cannot be created"),
     ("train", ["hydra.run.dir="], "hydra.run.dir is empty"),
     ("sample", ["device=cuda:7"], "device='cuda:7' is not allowed"),
     ("sample", ["device=gpu"], "device='gpu' is not allowed: expected cpu, auto, or cuda"),
     ("interpolate", ["gif=maybe"], "gif='maybe' is not allowed"),
-    ("evaluate", ["k=0"], "k=0 is not allowed: expected a positive integer"),
+    ("evaluate", ["k=0"], "k=0 is not allowed: expected an integer > 0"),
     ("evaluate", ["limit=-5"], "limit=-5 is not allowed"),
     ("evaluate", ["split=dev"], "split='dev' is not allowed: expected one of test, val, train"),
+    # the cases
+    ("train", ["trainer.devices=99"], "trainer.devices=99 is not allowed: this machine has"),
+    ("train", ["trainer.devices=[0,99]"], "trainer.devices=[0, 99] is not allowed: this machine has"),
+    ("train", ["trainer.devices=0"], "trainer.devices=0 is not allowed"),
+    ("train", ["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 is not allowed: expected an integer > 0"),
+    ("train", ["trainer.max_epochs=-2"], "trainer.max_epochs=-2 is not allowed: expected an integer >= -1"),
+    ("train", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed"),
+    ("train", ["seed=-1"], "seed=-1 is not allowed: expected an integer from 0 to 4294967295"),
+    ("train", [f"seed={2**64 + 1}"], f"seed={2**64 + 1} is not allowed: expected an integer from 0 to 4294967295"),
+    ("train", [f"seed={2**32}"], "is not allowed: expected an integer from 0 to 4294967295"),
+    ("sample", ["seed=-1"], "seed=-1 is not allowed"),
+    ("train", ["optimizer.lr=inf"], "optimizer.lr=inf is not allowed: expected a finite number > 0"),
+    ("train", ["optimizer.lr=nan"], "optimizer.lr=nan is not allowed: expected a finite number > 0"),
+    ("train", ["optimizer.lr=0"], "optimizer.lr=0 is not allowed"),
+    ("train", ["beta=inf"], "beta=inf is not allowed: expected a finite number >= 0"),
+    ("train", ["beta=nan"], "beta=nan is not allowed"),
+    ("train", ["likelihood=gaussian", "likelihood.sigma=inf"], "likelihood.sigma=inf is not allowed"),
+    ("sample", ["temperature=inf"], "temperature=inf is not allowed: expected a finite number > 0"),
+    ("sample", ["temperature=-inf"], "temperature=-inf is not allowed"),
+    ("traverse", ["range=nan"], "range=nan is not allowed"),
+    ("train", ["dataset.shape=[1,32,32]"], "dataset.shape=[1, 32, 32] is not allowed: mnist images are [1, 28, 28]"),
+    ("train", ["dataset=cifar10", "dataset.shape=[1,32,32]"], "cifar10 images are [3, 32, 32]"),
+    ("train", ["dataset=folder", "dataset.path=/tmp", "dataset.shape=[2,28,28]"], "expected [C, H, W] with C 1 or 3"),
+    ("train", ["optimizer=adamw", "optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 is not allowed: expected a finite number >= 0"),
+    ("train", ["optimizer=sgd", "optimizer.momentum=-0.5"], "optimizer.momentum=-0.5 is not allowed"),
+    ("train", ["+optimizer.betas=[0.9,1.0]"], "optimizer.betas=[0.9, 1.0] is not allowed: expected a list of 2 finite numbers >= 0 and < 1"),
+    ("train", ["optimizer.betas=[0.9,0.99]"], "optimizer.betas is not in the config yet: add it with +optimizer.betas=VALUE"),
+    ("train", ["+optimizer.momentum=0.9"], "unknown setting 'optimizer.momentum'"),
+    ("train", ["trainer.accelerator=tpu"], "trainer.accelerator='tpu' is not allowed: no such device here; expected one of auto, cpu"),
+    ("train", ["trainer.accelerator=abacus"], "trainer.accelerator='abacus' is not allowed: expected one of auto, cpu, gpu"),
+    # unknown keys, with and without +, with the nearest key
+    ("train", ["max_epochs=1"], "unknown setting 'max_epochs': did you mean trainer.max_epochs?"),
+    ("train", ["+max_epochs=1"], "unknown setting 'max_epochs': did you mean trainer.max_epochs?"),
+    ("train", ["+max_epoch=1"], "unknown setting 'max_epoch': did you mean trainer.max_epochs?"),
+    ("train", ["model.encoder.hiden=[3]"], "unknown setting 'model.encoder.hiden': did you mean model.encoder.hidden?"),
+    ("train", ["+model.encoder.hiden=[3]"], "unknown setting 'model.encoder.hiden': did you mean model.encoder.hidden?"),
+    ("train", ["+eval.kk=3"], "unknown setting 'eval.kk': did you mean eval.k?"),
+    ("train", ["+trainer.max_epoch=3"], "unknown setting 'trainer.max_epoch': did you mean trainer.max_epochs?"),
+    ("train", ["+trainer.logger=false"], "unknown setting 'trainer.logger'"),
+    ("train", ["+dataset.batchsize=3"], "unknown setting 'dataset.batchsize': did you mean dataset.batch_size?"),
+    ("sample", ["+temprature=2"], "unknown setting 'temprature': did you mean temperature?"),
+    ("sample", ["temprature=2"], "unknown setting 'temprature': did you mean temperature?"),
+    ("evaluate", ["+kk=3"], "unknown setting 'kk'"),
+    # wrong types
+    ("train", ["trainer.max_epochs=two"], "trainer.max_epochs='two' is not allowed: expected an integer >= -1"),
+    ("train", ["eval.limit=0.5"], "eval.limit=0.5 is not allowed: expected an integer > 0 or null"),
+    ("train", ["dataset.batch_size=[32]"], "dataset.batch_size=[32] is not allowed: expected an integer > 0"),
+    ("sample", ["nrow=1.0"], "nrow=1.0 is not allowed: expected an integer > 0"),
+    ("train", ["kl_warmup_steps=-1"], "kl_warmup_steps=-1 is not allowed: expected an integer >= 0"),
+    # output folders
+    ("train", ["hydra.run.dir=/etc/hostname"], "hydra.run.dir='/etc/hostname' is a file: give a new folder"),
+    ("train", ["hydra.run.dir=/etc/hostname/run"], "hydra.run.dir='/etc/hostname/run' cannot be created"),
 ]
 
 
@@ -118,8 +179,20 @@ def test_mistakes_are_one_line_naming_the_value(conf, command, overrides, messag
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_training_a_run_folder_that_holds_a_run_is_refused(conf, trained_run):
+def test_training_a_run_folder_that_holds_a_run_is_refused(conf, trained_run, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="holds a run already"):
         check_command_line(conf, "train", [f"hydra.run.dir={trained_run}"])
+    # the resolved folder counts, not the text: ${oc.env:PWD}/RUN is the run in the current folder
+    monkeypatch.setenv("PWD", str(trained_run.parent))
+    with pytest.raises(UserError, match="holds a run already"):
+        check_command_line(conf, "train", [f"hydra.run.dir=${{oc.env:PWD}}/{trained_run.name}"])
+    # a run killed before its first checkpoint: .hydra alone, or only an event file, marks a run
+    for marker in (".hydra", "tensorboard", "events.out.tfevents.1.host", "metrics.json", "train.log"):
+        folder = tmp_path / marker.replace(".", "_")
+        (folder / marker).mkdir(parents=True)
+        with pytest.raises(UserError, match=f"holds a run already \\({re.escape(marker)}\\)"):
+            check_command_line(conf, "train", [f"hydra.run.dir={folder}"])
+    # resume= keeps its own folder
+    check_command_line(conf, "train", [f"resume={trained_run}"])
     with pytest.raises(UserError, match="holds a run already"):   # a sweep folder holding job folders
         check_command_line(conf, "train", [f"hydra.sweep.dir={trained_run.parent}"], multirun=True)

@@ -4,7 +4,8 @@ Hydra has no sub-commands, so ``main`` takes the first word, then hands the rest
 to a Hydra app whose primary config is ``conf/<command>.yaml``: ``key=value`` overrides, ``--help``,
 ``--cfg job``, ``-m`` and ``hydra.run.dir=...`` all work as in any Hydra app.
 
-Before Hydra writes anything, the command line is composed once here and checked (``checks.py``):
+Before Hydra writes anything, the command line is composed once here and checked (``checks.py``,
+against the description ``settings.py`` reads from the typed code):
 a user mistake becomes one line naming the value and what is allowed, exit code 2, no traceback.
 ``VAE_DEBUG=1`` shows the traceback instead.
 """
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from hydra._internal.utils import _run_hydra, get_args_parser
 
-    from vae_cli.checks import register_resolvers
+    from vae_cli.settings import register_resolvers
 
     register_resolvers()
     # Hydra reads the arguments after the sub-command; sys.argv stays `vae COMMAND ...`, so a

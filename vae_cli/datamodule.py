@@ -6,34 +6,20 @@ import pytorch_lightning as pl
 import torch
 
 from vae_cli.data import Batches, load_dataset, load_splits, pixel_mode
+from vae_cli.dataset_settings import DatasetSettings
 
 
-class ImageData(pl.LightningDataModule):
+class ImageData(DatasetSettings, pl.LightningDataModule):
     """A dataset held in memory as uint8 tensors, batched on the training device.
 
-    Args mirror ``conf/dataset/*.yaml``; ``likelihood`` is passed by ``train`` to pick the pixel
-    mode (Bernoulli: ``binarize``; Gaussian: dequantize).
+    Its arguments (``conf/dataset/*.yaml``) are DatasetSettings'; ``likelihood`` is passed by
+    ``train`` to pick the pixel mode (Bernoulli: ``binarize``; Gaussian: dequantize).
     """
 
-    def __init__(
-        self,
-        name: str,
-        data_dir: str,
-        shape: list[int],
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
-        binarize: str = "dynamic",
-        validation: str = "holdout",
-        path: str | None = None,
-        val_fraction: float = 0.1,
-        likelihood: str = "bernoulli",
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.name, self.data_dir, self.shape, self.path = name, data_dir, list(shape), path
-        self.batch_size, self.eval_batch_size, self.val_fraction = batch_size, eval_batch_size, val_fraction
-        self.binarize, self.validation, self.seed = binarize, validation, seed
-        self.mode = pixel_mode(binarize, likelihood)
+    def __init__(self, *args, **kwargs) -> None:
+        pl.LightningDataModule.__init__(self)
+        DatasetSettings.__init__(self, *args, **kwargs)
+        self.mode = pixel_mode(self.binarize, self.likelihood)
         self.splits: dict[str, torch.Tensor] | None = None
 
     def load(self) -> dict[str, torch.Tensor]:

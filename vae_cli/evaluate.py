@@ -12,75 +12,93 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, Field
 
 from vae_cli.data import Batches
 from vae_cli.diagnostics import KHAT_BAD, ess, pareto_khat
 from vae_cli.estimators import (bits_per_dim, curve_ks, estimate, log_mean_exp, log_px_curve, log_weights,
                                 mean_and_stderr, refine)
 from vae_cli.model import VAE
+from vae_cli.runs import FromRunSettings
+from vae_cli.typed import STRICT, NonNegInt, PosFloat, PosInt
+
 
 ESTIMATORS = ("iwae", "refined", "ais", "exact", "bdmc")
 SAMPLING = ("iwae", "refined", "ais")          # estimators of log p(x) on the data, by sampling
-TRUST = {"exact": 0}                            # exact beats any sampling estimate
 WARN_SHARE = 0.1  # warn when more than this share of examples has Pareto k-hat > 0.7
 LABELS = {"iwae": "IWAE", "refined": "refined q*", "ais": "AIS", "exact": "exact (quadrature)"}
+Estimator = Literal["iwae", "refined", "ais", "exact", "bdmc"]
 
 
-@dataclass
-class Refined:
+class Refined(BaseModel):
     """The refined proposal (Cremer et al. 2018): per-example Adam on a Gaussian's ELBO, then IS."""
 
-    limit: int = 1000          # the first N examples
-    steps: int = 200           # Adam steps per example (batched)
-    lr: float = 0.05
-    samples: int = 16          # reparameterised draws per step
-    restarts: int | None = None  # extra starts at the best prior draws; None: 4 if latent_dim <= 2 else 0
-    search: int = 1024         # prior draws searched for those starts
+    model_config = STRICT
+    limit: PosInt = 1000              # the first N examples
+    steps: PosInt = 100               # Adam steps per example (batched)
+    lr: PosFloat = 0.05
+    samples: PosInt = 8               # reparameterised draws per step
+    restarts: NonNegInt | None = None  # extra starts at the best prior draws; None: 4 if latent_dim <= 2 else 0
+    search: PosInt = 1024             # prior draws searched for those starts
 
 
-@dataclass
-class AIS:
+class AIS(BaseModel):
     """Annealed importance sampling with HMC (Neal 2001; Wu et al. 2017), from q* (or q) to p(x, z)."""
 
-    limit: int = 200
-    steps: int = 500           # intermediate distributions
-    leapfrog: int = 5
-    chains: int = 16
+    model_config = STRICT
+    limit: PosInt = 1000
+    steps: PosInt = 200               # intermediate distributions
+    leapfrog: PosInt = 5
+    chains: PosInt = 8
 
 
-@dataclass
-class Exact:
+class Exact(BaseModel):
     """log p(x) by adaptive quadrature over a latent space of 1 or 2 dimensions."""
 
-    limit: int = 200
-    tol: float = 1e-3          # nats: stop refining when the estimate moves less than this
+    model_config = STRICT
+    limit: PosInt = 200
+    tol: PosFloat = 1e-3              # nats: stop refining when the estimate moves less than this
 
 
-@dataclass
-class BDMC:
+class BDMC(BaseModel):
     """Bidirectional Monte Carlo (Grosse et al. 2015) on data simulated from the model."""
 
-    n: int = 100
-    steps: int = 500
-    leapfrog: int = 5
-    chains: int = 4
+    model_config = STRICT
+    n: PosInt = 100
+    steps: PosInt = 200
+    leapfrog: PosInt = 5
+    chains: PosInt = 8
 
 
-@dataclass
-class Plan:
-    """What `vae evaluate` computes: the estimators and their settings."""
+class EvaluateSettings(FromRunSettings):
+    """The settings of `vae evaluate` (conf/evaluate.yaml), beside those every command reading a run
+    shares. A new setting: a typed field here (constraints in Annotated[..., Field(...)]) and its key
+    in conf/evaluate.yaml; vae_cli.settings derives its check."""
 
-    k: int = 5000
+    k: PosInt = 5000                # importance samples of IWAE and of the refined proposal
+    limit: PosInt | None = None     # only the first N examples
+    batch_size: PosInt = 100        # examples per batch
+    chunk: PosInt = 8192            # (example, sample) pairs decoded at once
+    estimators: Literal["auto"] | Estimator | Annotated[list[Estimator], Field(min_length=1)] = "auto"
+    refined: Refined = Refined()
+    ais: AIS = AIS()
+    exact: Exact = Exact()
+    bdmc: BDMC = BDMC()
+
+
+class Plan(BaseModel):
+    """What an evaluation computes: the estimators (IWAE first) and their settings."""
+
+    k: PosInt = 5000
     estimators: tuple[str, ...] = ("iwae", "refined", "ais")
-    refined: Refined = field(default_factory=Refined)
-    ais: AIS = field(default_factory=AIS)
-    exact: Exact = field(default_factory=Exact)
-    bdmc: BDMC = field(default_factory=BDMC)
+    refined: Refined = Refined()
+    ais: AIS = AIS()
+    exact: Exact = Exact()
+    bdmc: BDMC = BDMC()
 
     @property
     def ais_init(self) -> str:
@@ -104,11 +122,9 @@ def resolve_estimators(requested: str | list[str], latent_dim: int) -> tuple[str
         names = ["iwae", "refined", "ais"] + (["exact"] if latent_dim <= 2 else [])
     else:
         names = [requested] if isinstance(requested, str) else list(requested)
-        bad = [n for n in names if n not in ESTIMATORS]
-        if bad or not names:
-            raise UserError(f"estimators={requested!r} is not allowed: expected auto, or a list of {', '.join(ESTIMATORS)}")
         if "exact" in names and latent_dim > 2:
-            raise UserError(f"estimators=exact needs latent_dim <= 2 (quadrature); this model has latent_dim={latent_dim}")
+            raise UserError(f"estimators=exact is not allowed for this model: quadrature needs latent_dim <= 2, "
+                            f"and it has latent_dim={latent_dim}")
     return tuple(["iwae"] + [n for n in ESTIMATORS[1:] if n in names])
 
 
@@ -218,11 +234,11 @@ def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: 
     est["iwae"].update(k=plan.k, curve={"k": ks, "log_px": values["curve"].mean(0).tolist()})
     if "refined" in est:
         r, m = est["refined"], est["refined"]["n"]
-        r.update(asdict(plan.refined), k=plan.k)
+        r.update(plan.refined.model_dump(), k=plan.k)
         r["elbo_refined"], r["elbo_refined_se"] = mean_and_stderr(values["refined_elbo"])
         r["amortization_gap"] = r["elbo_refined"] - r["elbo"]
     if "ais" in est:
-        est["ais"].update(asdict(plan.ais), init=plan.ais_init)
+        est["ais"].update(plan.ais.model_dump(), init=plan.ais_init)
     if "exact" in est:
         est["exact"].update(tol=plan.exact.tol, converged_share=values["exact_converged"].mean().item())
     _headline(out, values)
@@ -361,10 +377,9 @@ def plan_of(cfg, latent_dim: int) -> Plan:
     """The Plan a `vae evaluate` config asks for."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
-    estimators = cfg.estimators if isinstance(cfg.estimators, str) else list(cfg.estimators)
-    return Plan(k=cfg.k, estimators=resolve_estimators(estimators, latent_dim),
-                refined=Refined(**cfg.refined), ais=AIS(**cfg.ais), exact=Exact(**cfg.exact), bdmc=BDMC(**cfg.bdmc))
+    c = EvaluateSettings.model_validate(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg)
+    return Plan(k=c.k, estimators=resolve_estimators(c.estimators, latent_dim), refined=c.refined, ais=c.ais,
+                exact=c.exact, bdmc=c.bdmc)
 
 
 def evaluate(cfg) -> dict[str, Any]:

@@ -8,13 +8,17 @@ in nats, summed over pixels.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torch.distributions import Bernoulli as _Bernoulli
 from torch.distributions import Distribution, Independent, Normal
 
-SCALES = ("fixed", "shared", "pixel")
+from vae_cli.typed import ImageShape, PosFloat
+
+Scale = Literal["fixed", "shared", "pixel"]
+SCALES = get_args(Scale)
 
 
 class Bernoulli(nn.Module):
@@ -38,12 +42,10 @@ class Gaussian(nn.Module):
 
     name = "gaussian"
 
-    def __init__(self, image_shape: list[int], scale: str = "shared", sigma: float = 0.1, min_sigma: float = 1e-3) -> None:
+    def __init__(self, image_shape: ImageShape, scale: Scale = "shared", sigma: PosFloat = 0.1,
+                 min_sigma: PosFloat = 1e-3) -> None:
         super().__init__()
-        if scale not in SCALES:
-            raise ValueError(f"likelihood.scale={scale!r}: choose one of {', '.join(SCALES)}")
-        if not sigma > 0:
-            raise ValueError(f"likelihood.sigma={sigma}: expected a positive number")
+        self.check_settings({"scale": scale, "sigma": sigma, "min_sigma": min_sigma})
         self.scale, self.min_log_sigma = scale, math.log(min_sigma)
         shape = {"fixed": (), "shared": (), "pixel": tuple(image_shape)}[scale]
         log_sigma = torch.full(shape, math.log(sigma))
@@ -51,6 +53,15 @@ class Gaussian(nn.Module):
             self.register_buffer("log_sigma", log_sigma)
         else:
             self.log_sigma = nn.Parameter(log_sigma)
+
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """min_sigma <= sigma (learned sigmas start at sigma and stay above min_sigma)."""
+        sigma, min_sigma = args.get("sigma", 0.1), args.get("min_sigma", 1e-3)
+        if args.get("scale", "shared") not in SCALES:
+            raise ValueError(f"scale={args['scale']!r} is not allowed: expected one of {', '.join(SCALES)}")
+        if not 0 < min_sigma <= sigma:
+            raise ValueError(f"min_sigma={min_sigma} is not allowed: expected a number > 0 and <= sigma ({sigma})")
 
     def forward(self, out: torch.Tensor) -> Distribution:
         loc = torch.sigmoid(out)                                           # (..., C, H, W)

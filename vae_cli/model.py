@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from vae_cli.typed import PosInt
+
 
 class VAE(nn.Module):
     """A VAE with a standard-normal prior and a diagonal-Gaussian posterior q(z|x)."""
 
-    def __init__(self, latent_dim: int, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module) -> None:
+    def __init__(self, latent_dim: PosInt, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood

@@ -2,15 +2,21 @@
 
 An encoder maps x (B, C, H, W) to the mean and log-variance of q(z|x), each (B, D).
 A decoder maps z (..., D) to the parameters of p(x|z), (..., C, H, W): logits for Bernoulli,
-the mean for Gaussian. A new architecture is one class here plus one yaml in conf/model/.
+the mean for Gaussian. A new architecture is one class here plus one yaml in conf/model/; the typed arguments of
+``__init__`` are the settings' description (vae_cli.settings checks every config against them).
 """
 
 from __future__ import annotations
 
 import math
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
+
+from vae_cli.typed import ImageShape, PosInt, PosInts
 
 # The encoder's log-variance is bounded smoothly to (-LOGVAR_BOUND, LOGVAR_BOUND): sigma stays in
 # (1e-3, 1e3), so exp() never overflows and ordinary learning rates never produce NaNs.
@@ -32,7 +38,7 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 class MLPEncoder(nn.Module):
     """x -> hidden ReLU layers -> (mu, logvar)."""
 
-    def __init__(self, image_shape: list[int], latent_dim: int, hidden: list[int]) -> None:
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, hidden: PosInts) -> None:
         super().__init__()
         self.net = _mlp([math.prod(image_shape), *hidden, 2 * latent_dim])
 
@@ -44,7 +50,7 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """z -> hidden ReLU layers (``hidden`` read from the image side, so reversed) -> (C, H, W)."""
 
-    def __init__(self, image_shape: list[int], latent_dim: int, hidden: list[int]) -> None:
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, hidden: PosInts) -> None:
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.net = _mlp([latent_dim, *reversed(hidden), math.prod(image_shape)])
@@ -53,15 +59,27 @@ class MLPDecoder(nn.Module):
         return self.net(z).unflatten(-1, self.image_shape)  # (..., C, H, W)
 
 
+Channels = Annotated[list[PosInt], Field(min_length=2, max_length=2)]
+
+
+class _Conv(nn.Module):
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """Two stride-2 layers: height and width must be divisible by 4 (28 and 32 are)."""
+        shape = args["image_shape"]
+        if shape[1] % 4 or shape[2] % 4:
+            raise ValueError(f"image_shape={shape} is not allowed: model=conv needs height and width divisible "
+                             "by 4 (28, 32); set dataset.shape")
+
+
 def _check_conv_shape(image_shape: list[int]) -> None:
-    if image_shape[1] % 4 or image_shape[2] % 4:
-        raise ValueError(f"model=conv needs height and width divisible by 4 (28 or 32), got {image_shape}")
+    _Conv.check_settings({"image_shape": list(image_shape)})
 
 
-class ConvEncoder(nn.Module):
+class ConvEncoder(_Conv):
     """Two stride-2 convolutions (H -> H/4), then a linear layer to (mu, logvar)."""
 
-    def __init__(self, image_shape: list[int], latent_dim: int, channels: list[int], hidden: int) -> None:
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: Channels, hidden: PosInt) -> None:
         super().__init__()
         _check_conv_shape(image_shape)
         c, h, w = image_shape
@@ -79,10 +97,10 @@ class ConvEncoder(nn.Module):
         return mu, bounded_logvar(raw)
 
 
-class ConvDecoder(nn.Module):
+class ConvDecoder(_Conv):
     """The mirror of ConvEncoder: linear to (c2, H/4, W/4), two stride-2 transposed convolutions."""
 
-    def __init__(self, image_shape: list[int], latent_dim: int, channels: list[int], hidden: int) -> None:
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: Channels, hidden: PosInt) -> None:
         super().__init__()
         _check_conv_shape(image_shape)
         c, h, w = image_shape

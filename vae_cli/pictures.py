@@ -9,12 +9,55 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch.distributions import Normal, kl_divergence
 
 from vae_cli.errors import UserError
 from vae_cli.model import VAE
+from vae_cli.runs import FromRunSettings
+from vae_cli.typed import NonNegInt, PosFloat, PosInt
+
+# ----------------------------------------------------------------------------- settings
+# One class per command (conf/<command>.yaml): vae_cli.settings checks a command line against it.
+
+Steps = Annotated[int, Field(ge=2)]
+Mode = Literal["mean", "sample"]   # mean: the mean of p(x|z); sample: a draw from it
+
+
+class SampleSettings(FromRunSettings):
+    n: PosInt = 64
+    nrow: PosInt = 8
+    temperature: PosFloat = 1.0    # scales the prior's standard deviation
+    mode: Mode = "mean"
+
+
+class InterpolateSettings(FromRunSettings):
+    pairs: PosInt = 4
+    steps: Steps = 10
+    index: NonNegInt = 0
+    source: Literal["data", "prior"] = "data"
+    method: Literal["linear", "slerp"] = "linear"
+    mode: Mode = "mean"
+    gif: bool = False
+
+
+class ReconstructSettings(FromRunSettings):
+    n: PosInt = 16
+    index: NonNegInt = 0
+
+
+class TraverseSettings(ReconstructSettings):
+    n: PosInt = 1
+    steps: Steps = 9
+    range: PosFloat = 3.0          # each dimension sweeps [-range, range]
+    dims: PosInt | None = None     # only the first N dimensions by KL
+
+
+class ManifoldSettings(FromRunSettings):
+    steps: Steps = 20
 
 # ----------------------------------------------------------------------------- image helpers
 

@@ -10,54 +10,59 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 
+from pydantic import AfterValidator, BaseModel
+
 from vae_cli.errors import UserError, first_line
+from vae_cli.run_config import TrainSettings
+from vae_cli.settings import TARGETS, check_untrusted, register_resolvers
+from vae_cli.typed import STRICT, Seed, Text
 
 OUTPUTS = Path("outputs")
+Split = Literal["test", "val", "train"]
+
+
+def _device_here(value: str) -> str:
+    """cpu, auto, or cuda / cuda:N where such a GPU is visible."""
+    import re
+
+    ok = re.fullmatch(r"cpu|auto|cuda(:\d+)?", value) is not None
+    if ok and value.startswith("cuda"):
+        index = int(value.split(":")[1]) if ":" in value else 0
+        ok = torch.cuda.is_available() and index < torch.cuda.device_count()
+    if not ok:
+        raise ValueError(f"expected cpu, auto, or cuda / cuda:N where such a GPU is visible "
+                         f"({torch.cuda.device_count() if torch.cuda.is_available() else 0} here)")
+    return value
 
 # A checkpoint's config is untrusted too: rebuilding the model from it with Hydra's instantiate
-# could call any importable function. Only these classes may be named, and no Hydra keyword
-# but _target_ and _partial_ (no _args_, _recursive_, _convert_).
-SAFE_TARGETS = {
-    "vae_cli.model.VAE",
-    "vae_cli.networks.MLPEncoder", "vae_cli.networks.MLPDecoder",
-    "vae_cli.networks.ConvEncoder", "vae_cli.networks.ConvDecoder",
-    "vae_cli.likelihoods.Bernoulli", "vae_cli.likelihoods.Gaussian",
-    "vae_cli.datamodule.ImageData",
-    "torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD",
-    "pytorch_lightning.Trainer",  # read as keyword arguments, never instantiated through Hydra
-}
-REQUIRED = ("model", "dataset", "likelihood", "optimizer", "trainer", "seed", "beta", "kl_warmup_steps")
+# could call any importable function. Its structure is checked first (depth, text keys, no
+# interpolations, no Hydra keys but _target_/_partial_, only vae_cli.settings.TARGETS), then every
+# value against the description `vae train` checks its own settings with (run_config.TrainSettings).
+SAFE_TARGETS = set(TARGETS)
 
 
 def check_config(config: Any, source: str) -> dict[str, Any]:
-    """The run config of a checkpoint or run folder, if it names only SAFE_TARGETS; else a UserError."""
+    """The run config of a checkpoint or run folder, if it is a valid `vae train` config; else a UserError."""
+    if not isinstance(config, dict):
+        raise UserError(f"{source} is not a vae-cli checkpoint (it holds no config)")
+    return check_untrusted(config, TrainSettings, source)
 
-    def walk(node: Any, where: str) -> None:
-        if isinstance(node, str) and "${" in node:  # instantiate would resolve it: ${oc.create:...} builds nodes
-            raise UserError(f"{source} has an interpolation at {where or 'the top'}: refused, a saved config is plain values")
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if not isinstance(key, str) or "${" in key:
-                    raise UserError(f"{source} has a malformed config (a key at {where or 'the top'} is not text)")
-                if key == "_target_" and value not in SAFE_TARGETS:
-                    raise UserError(f"{source} names {value!r} at {where or 'the top'}: refused, a vae-cli run "
-                                    "builds only its own models, datasets and torch.optim optimizers")
-                if key.startswith("_") and key not in ("_target_", "_partial_"):
-                    raise UserError(f"{source} uses {key!r} at {where or 'the top'}: refused")
-                walk(value, f"{where}.{key}" if where else key)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item, where)
 
-    if not isinstance(config, dict) or any(k not in config for k in REQUIRED):
-        missing = [k for k in REQUIRED if not isinstance(config, dict) or k not in config]
-        raise UserError(f"{source} is not a vae-cli checkpoint (its config lacks {', '.join(missing)})")
-    walk(config, "")
-    return config
+class FromRunSettings(BaseModel):
+    """What every command that reads a trained model shares (conf/common/from_run.yaml)."""
+
+    model_config = STRICT
+    run: Text | None = None       # a run folder; with neither run nor ckpt, the newest run
+    ckpt: Text | None = None      # a checkpoint file
+    out: Text | None = None       # the output file; default: a new numbered file in the run folder
+    seed: Seed = 0
+    device: Annotated[str, AfterValidator(_device_here)] = "cpu"
+    data_dir: Text | None = None  # where the dataset cache lives, if not where the run had it
+    split: Split = "test"
 
 
 def last_checkpoint(run_dir: str | Path) -> Path:
@@ -85,8 +90,6 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
         raise UserError(f"resume={str(run_dir)!r} has neither checkpoints/last.ckpt nor .hydra/config.yaml: "
                         "is it a `vae train` run folder?")
     from omegaconf import OmegaConf
-
-    from vae_cli.checks import register_resolvers
 
     register_resolvers()
     try:

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.errors import UserError, first_line
+from vae_cli.run_config import TrainSettings, trainer_arguments  # noqa: F401  (the settings of this command)
 
 
 def build_datamodule(config: dict[str, Any], data_dir: str | None = None):
@@ -23,11 +24,6 @@ def build_datamodule(config: dict[str, Any], data_dir: str | None = None):
     if data_dir is not None:
         dataset["data_dir"] = data_dir
     return instantiate(dataset, likelihood=likelihood_name(config))
-
-
-def trainer_arguments(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """pytorch_lightning.Trainer's keyword arguments from conf/trainer (null means Lightning's default)."""
-    return {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
 
 
 def run_folder(cfg: DictConfig) -> Path:

@@ -1,0 +1,131 @@
+"""What a training run's config holds (conf/train.yaml): the settings of `vae train`.
+
+``TrainSettings`` describes the top level; the nodes (dataset, model, likelihood, optimizer) are
+described by the typed classes they build, the trainer node by ``TrainerSettings``. The same
+description checks a command line before anything is written and a checkpoint's saved config
+before anything is built from it. This module sits below runs.py and train.py (it imports
+neither), so both can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vae_cli.typed import STRICT, Node, NonNegFloat, NonNegInt, PosInt, Seed, Text
+
+Precision = Annotated[
+    Literal[64, 32, 16, "64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
+            "64-true", "transformer-engine", "transformer-engine-float16"],
+    Field(description="one of 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true, transformer-engine, "
+                      "transformer-engine-float16, 16, 32, 64, bf16")]
+Limit = Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, le=1)] | None
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+# Trainer arguments `vae train` sets itself.
+OWN_TRAINER_ARGUMENTS = {"logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing"}
+
+
+class TrainerSettings(BaseModel):
+    """pytorch_lightning.Trainer's arguments (conf/trainer): the common ones typed here; any other
+    argument of Trainer is accepted as Lightning takes it (``extra_keys``). null: Lightning's default."""
+
+    model_config = ConfigDict(**{**STRICT, "extra": "allow"})
+
+    max_epochs: Annotated[int, Field(ge=-1)] | None = None
+    min_epochs: NonNegInt | None = None
+    max_steps: Annotated[int, Field(ge=-1)] | None = None
+    min_steps: NonNegInt | None = None
+    accelerator: Literal[ACCELERATORS] | None = None  # type: ignore[valid-type]
+    devices: PosInt | Literal["auto"] | Annotated[list[NonNegInt], Field(min_length=1)] | None = None
+    num_nodes: PosInt | None = None
+    strategy: Text | None = None
+    precision: Precision | None = None
+    limit_train_batches: Limit = None
+    limit_val_batches: Limit = None
+    limit_test_batches: Limit = None
+    log_every_n_steps: PosInt | None = None
+    check_val_every_n_epoch: PosInt | None = None
+    num_sanity_val_steps: Annotated[int, Field(ge=-1)] | None = None
+    accumulate_grad_batches: PosInt | None = None
+    gradient_clip_val: NonNegFloat | None = None
+    gradient_clip_algorithm: Literal["norm", "value"] | None = None
+    deterministic: bool | Literal["warn"] | None = None
+    benchmark: bool | None = None
+    enable_progress_bar: bool | None = None
+    enable_model_summary: bool | None = None
+    fast_dev_run: bool | PosInt | None = None
+
+    @classmethod
+    def extra_keys(cls) -> set[str]:
+        """Trainer's other arguments (Lightning imported only when a config names one)."""
+        import inspect
+
+        import pytorch_lightning as pl
+
+        return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"} - OWN_TRAINER_ARGUMENTS
+
+
+class EvalSettings(BaseModel):
+    """The test evaluation at the end of training."""
+
+    model_config = STRICT
+    k: NonNegInt = 100                  # IWAE samples; 0 skips the test evaluation
+    limit: PosInt | None = None         # only the first N test examples
+    batch_size: PosInt = 100
+
+
+class TrainSettings(BaseModel):
+    """The top level of conf/train.yaml, and of the config saved in every checkpoint."""
+
+    model_config = STRICT
+    dataset: Node("vae_cli.datamodule.ImageData")
+    likelihood: Node("torch.nn.Module")  # before model, which holds a copy: errors name likelihood.*
+    model: Node("vae_cli.model.VAE")
+    optimizer: Node("torch.optim.Optimizer")
+    trainer: Node("pytorch_lightning.Trainer")
+    seed: Seed = 0
+    beta: NonNegFloat = 1.0             # weight on the KL
+    kl_warmup_steps: NonNegInt = 0
+    compile: bool = False
+    data_dir: Text
+    resume: Text | None = None
+    eval: EvalSettings = EvalSettings()
+
+
+def trainer_arguments(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """pytorch_lightning.Trainer's keyword arguments from conf/trainer (null means Lightning's default)."""
+    return {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
+
+
+def check_trainer_here(trainer_cfg: dict[str, Any]) -> None:
+    """What only this machine knows: the accelerator is there, and so are the devices asked for.
+    (Not part of the description: a checkpoint trained on a GPU still loads on a CPU.)"""
+    import torch
+
+    from vae_cli.errors import UserError
+
+    accelerator = trainer_cfg.get("accelerator") or "auto"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    available = ["auto", "cpu"] + (["gpu", "cuda"] if gpus else []) + (["mps"] if mps else [])
+    if accelerator == "tpu":
+        from pytorch_lightning.accelerators import XLAAccelerator
+
+        if XLAAccelerator.is_available():
+            available.append("tpu")
+    if accelerator not in available:
+        raise UserError(f"trainer.accelerator={accelerator!r} is not allowed: no such device here; expected one of "
+                        f"{', '.join(available)}")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus):
+        count, what = gpus, "GPUs"
+    elif accelerator in ("mps", "tpu"):
+        return  # Lightning counts these itself
+    else:
+        count, what = os.cpu_count() or 1, "CPUs"
+    devices = trainer_cfg.get("devices")
+    wanted = devices if isinstance(devices, list) else ([] if devices in (None, "auto") else [devices - 1])
+    if any(i >= count for i in wanted):
+        raise UserError(f"trainer.devices={devices} is not allowed: this machine has {count} {what}; expected auto, "
+                        f"an integer from 1 to {count}, or a list of indices from 0 to {count - 1}")
