@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_main
-from vae_cli import runs, sources
+from conftest import TINY, run_main, vae
+from vae_cli import pictures, runs, sources
 from vae_cli.data import run_split
 from vae_cli.errors import UserError
 
@@ -147,3 +152,101 @@ def test_picture_commands_with_bad_outputs_write_nothing(trained_run, tmp_path, 
     # the work fails after the claim (index past the split): the claimed file goes again
     assert run_main("reconstruct", f"run={trained_run}", "index=31", "n=4", f"out={tmp_path / 'r.png'}") == 2
     assert not (tmp_path / "r.png").exists()
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def interrupt(args: list[str], ready, timeout: float = 120) -> tuple[int, str]:
+    """Start `vae ARGS`, send SIGINT once ready(stderr so far) is true; (exit code, stderr)."""
+    exe = Path(sys.executable).parent / "vae"
+    proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    err = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            err.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while not ready(err.decode(errors="replace")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the command ended before it could be interrupted: " + err.decode()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    return proc.returncode, err.decode(errors="replace")
+
+
+def assert_one_line(err: str, line: str) -> None:
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip()]
+    assert lines[-1] == line, err[-2000:]
+    assert "Traceback" not in err and sum("interrupt" in x.lower() for x in lines) == 1, err[-2000:]
+
+
+def test_ctrl_c_during_training_then_resume(tmp_path, data_dir):
+    run, epochs = tmp_path / "run", 40
+    args = ["train", f"data_dir={data_dir}", *TINY, f"trainer.max_epochs={epochs}", "eval.k=0", f"hydra.run.dir={run}"]
+    code, err = interrupt(args, lambda _: (run / "checkpoints" / "last.ckpt").exists())
+    assert code == 130
+    assert_one_line(err, f"vae: interrupted; continue the run with: vae train resume={run}")
+    assert "interrupted; continue the run with" in (run / "train.log").read_text()
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step < epochs * 4 and step % 4 == 0          # the last finished epoch
+    r = vae("train", f"resume={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == epochs * 4
+
+
+def test_ctrl_c_during_the_final_test_evaluation(tmp_path, data_dir):
+    run = tmp_path / "run"
+    args = ["train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=50000", f"hydra.run.dir={run}"]
+    code, err = interrupt(args, lambda _: "`Trainer.fit` stopped" in _read(run / "train.log"))
+    assert code == 130
+    assert_one_line(err, f"vae: interrupted; continue the run with: vae train resume={run}")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # resumable
+    assert not (run / "metrics.json").exists()
+
+
+def test_ctrl_c_during_evaluate(trained_run, tmp_path):
+    out = tmp_path / "e.json"
+    code, err = interrupt(["evaluate", f"run={trained_run}", "k=500000", f"out={out}"], lambda e: "k=500000" in e)
+    assert code == 130
+    assert_one_line(err, "vae: interrupted")
+    assert not out.exists()
+
+
+def test_ctrl_c_in_a_picture_command_removes_its_claim(trained_run, tmp_path, monkeypatch, capsys):
+    def stop(*args, **kwargs):
+        assert (tmp_path / "s.png").exists()                 # claimed before the work
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pictures, "sample_images", stop)
+    assert run_main("sample", f"run={trained_run}", f"out={tmp_path / 's.png'}") == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["vae: interrupted"]
+    assert not (tmp_path / "s.png").exists()
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+# --------------------------------------------------------------------------- the run's log
+
+
+def test_train_log_holds_the_run(trained_run):
+    log = (trained_run / "train.log").read_text()
+    assert "[pytorch_lightning" in log and "`Trainer.fit` stopped" in log       # Lightning's lines
+    assert f"run folder: {trained_run}" in log.replace(str(trained_run.resolve()), str(trained_run))
+    assert "final val ELBO" in log and "tensorboard --logdir" in log             # the report
+
+
+def test_a_run_that_fails_late_says_why_in_its_log(tmp_path, data_dir):
+    run = tmp_path / "run"
+    r = vae("train", f"data_dir={data_dir}", *TINY, "dataset.shape=[1,32,32]", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("vae: error: dataset.shape=[1, 32, 32] does not match")
+    assert not run.exists() or line[len("vae: "):] in (run / "train.log").read_text()
