@@ -249,3 +249,14 @@ def test_a_run_that_fails_late_says_why_in_its_log(tmp_path, data_dir, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("vae: error: dataset.shape=[1, 32, 32] does not match")
     assert not run.exists() or line[len("vae: "):] in (run / "train.log").read_text()
+
+
+def test_a_bad_cache_in_the_users_own_folder_is_reported_once(trained_run, data_dir, tmp_path, monkeypatch, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mnist.pt").write_bytes(b"junk")
+    monkeypatch.setenv("VAE_DATA_DIR", str(mine))
+    _watch_downloads(monkeypatch, data_dir)
+    run_split(_config_with_data_dir(trained_run, str(mine)), "test")     # the run's folder is the user's own
+    assert len([x for x in capsys.readouterr().err.splitlines() if "is not valid" in x]) == 1
+    assert sources.load_cache(mine / "mnist.pt") is not None             # rebuilt there

@@ -128,7 +128,10 @@ def _resume_hint(command: str, cfg) -> str | None:
 
 def interrupted(resume: str | None = None) -> "NoReturn":  # noqa: F821
     """Ctrl-C: one line on stderr (and in the run's log), exit code 130 as a shell reports SIGINT, no traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while shutting down must not print a traceback
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while shutting down must not print a traceback
+    except ValueError:  # not the main thread
+        pass
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # end half-drawn progress bars' lines
         try:
@@ -136,12 +139,16 @@ def interrupted(resume: str | None = None) -> "NoReturn":  # noqa: F821
         except Exception:
             pass
     message = f"interrupted; continue the run with: {resume}" if resume else "interrupted"
+    # Ctrl-C reaches every process of the terminal's group: the processes Lightning started for
+    # the other devices (LOCAL_RANK >= 1) stop quietly, so the line is printed once.
+    quiet = os.environ.get("LOCAL_RANK", "0") not in ("", "0")
     try:
-        from vae_cli.logs import log
+        from vae_cli.logs import FILE_ONLY, log
 
-        log.warning(message)
+        log.warning(message, extra=FILE_ONLY if quiet else None)
     except Exception:  # interrupted while importing: print it plainly
-        print(f"vae: {message}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"vae: {message}", file=sys.stderr, flush=True)
     sys.exit(130)
 
 

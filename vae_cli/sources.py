@@ -235,6 +235,12 @@ MANUAL_FILES = {
 }
 
 
+def _others(read_only: Iterable[str], data_dir: str | None) -> list[str]:
+    """The read-only folders that are not data_dir itself (that one is read, and rebuilt, anyway)."""
+    own = data_root(data_dir).resolve() if data_dir else None
+    return [d for d in read_only if data_root(d).resolve() != own]
+
+
 def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Return the uint8 splits of a named dataset, from the cache or fetched once and cached.
 
@@ -245,13 +251,13 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
     """
     if name not in DATASETS or name == "folder":
         raise UserError(f"dataset={name!r} has no named source: choose one of mnist, fashion_mnist, cifar10")
-    for other in read_only:
+    root = data_root(data_dir)
+    for other in _others(read_only, data_dir):
         other_cache = data_root(other) / f"{name}.pt"
         if other_cache.exists():
             splits = load_cache(other_cache, SHAPES[name], rebuild=False)
             if splits is not None:
                 return splits
-    root = data_root(data_dir)
     cache = root / f"{name}.pt"
     splits = load_cache(cache, SHAPES[name])
     if splits is not None:
@@ -361,7 +367,7 @@ def load_folder(
     name = f"{key[:16]}.pt"
     shape = (channels, height, width)
     found = None
-    for other in read_only:
+    for other in _others(read_only, data_dir):
         found = found or _folder_cache(data_root(other) / "folders" / name, len(files), shape, rebuild=False)
     cache = data_root(data_dir) / "folders" / name if data_dir else None
     if found is None and cache is not None:
