@@ -187,8 +187,9 @@ def assert_one_line(err: str, line: str) -> None:
 
 
 def test_ctrl_c_during_training_then_resume(tmp_path, data_dir):
-    run, epochs = tmp_path / "run", 8
-    args = ["train", f"data_dir={data_dir}", *TINY, f"trainer.max_epochs={epochs}", "eval.k=0", f"hydra.run.dir={run}"]
+    run, epochs = tmp_path / "run", 6
+    args = ["train", f"data_dir={data_dir}", *TINY, f"trainer.max_epochs={epochs}", "trainer.limit_val_batches=1",
+            "eval.k=0", f"hydra.run.dir={run}"]
     code, err = interrupt(args, lambda _: (run / "checkpoints" / "last.ckpt").exists())
     assert code == 130
     assert_one_line(err, f"vae: interrupted; continue the run with: vae train resume={run}")

@@ -49,6 +49,18 @@ class _Drop(logging.Filter):
         return not (self.words and any(w in record.getMessage() for w in self.words))
 
 
+class _Stderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is at the time of each record."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _terminal_handler() -> _Terminal:
     for h in log.handlers:
         if isinstance(h, _Terminal):
@@ -81,6 +93,12 @@ def attach_run_log() -> None:
         lg = logging.getLogger(name)
         lg.disabled = False
         lg.propagate = True  # Lightning sets it False when it installs its own stderr handler
+        if not any(not _is_file(h) for h in lg.handlers):
+            # Lightning installs that handler only when it is imported before Hydra configures
+            # logging; otherwise its lines went to Hydra's console, which now drops them.
+            lg.addHandler(_Stderr())
+            if lg.level == logging.NOTSET:
+                lg.setLevel(logging.INFO)
         for h in lg.handlers:
             if not _is_file(h) and not any(isinstance(f, _Drop) for f in h.filters):
                 h.addFilter(_Drop((), words=("KeyboardInterrupt",)))
