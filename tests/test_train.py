@@ -130,6 +130,9 @@ def test_resume_a_run_killed_before_its_first_checkpoint(tmp_path, data_dir):
     r = vae("train", f"resume={run}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    said = [line for line in r.stderr.splitlines() if "starting over from step 0" in line]
+    assert len(said) == 1 and said[0].startswith(f"vae: resume={run} has no checkpoints/last.ckpt")
+    assert said[0][len("vae: "):] in (run / "train.log").read_text()
 
 
 def test_last_checkpoint_is_the_last_epoch_even_when_validation_gets_no_better(tmp_path, data_dir):

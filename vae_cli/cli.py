@@ -13,12 +13,14 @@ a user mistake becomes one line naming the value and what is allowed, exit code 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, first_line
 
 # command -> (function that does the work, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -83,10 +85,14 @@ def _task(command: str):
     module_name, fn_name = COMMANDS[command][0].split(":")
 
     def task(cfg) -> None:
+        from vae_cli.logs import attach_run_log, file_only
+
+        attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
             fn(cfg)
         except UserError as e:
+            file_only(f"error: {e}", logging.ERROR)  # a run that stops early says why in its train.log
             if os.environ.get("VAE_DEBUG"):
                 raise
             if _in_sweep():  # one failed job must not end the sweep: note it, go on, report at the end
@@ -96,8 +102,55 @@ def _task(command: str):
                 record_failure(str(e))
                 return
             fail(str(e))
+        except KeyboardInterrupt:
+            interrupted(_resume_hint(command, cfg))
+        except Exception as e:
+            from vae_cli.logs import FILE_ONLY, log
+
+            log.error(f"error: {first_line(e)}", exc_info=True, extra=FILE_ONLY)  # Hydra prints it on the terminal
+            raise
 
     return task
+
+
+def _resume_hint(command: str, cfg) -> str | None:
+    """For an interrupted `vae train`: the command that continues the run."""
+    if command != "train":
+        return None
+    try:
+        if cfg.get("resume"):
+            return f"vae train resume={cfg.resume}"
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"vae train resume={HydraConfig.get().runtime.output_dir}"
+    except Exception:  # no run folder known: nothing to suggest
+        return None
+
+
+def interrupted(resume: str | None = None) -> "NoReturn":  # noqa: F821
+    """Ctrl-C: one line on stderr (and in the run's log), exit code 130 as a shell reports SIGINT, no traceback."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while shutting down must not print a traceback
+    except ValueError:  # not the main thread
+        pass
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # end half-drawn progress bars' lines
+        try:
+            bar.close()
+        except Exception:
+            pass
+    message = f"interrupted; continue the run with: {resume}" if resume else "interrupted"
+    # Ctrl-C reaches every process of the terminal's group: the processes Lightning started for
+    # the other devices (LOCAL_RANK >= 1) stop quietly, so the line is printed once.
+    quiet = os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+    try:
+        from vae_cli.logs import FILE_ONLY, log
+
+        log.warning(message, extra=FILE_ONLY if quiet else None)
+    except Exception:  # interrupted while importing: print it plainly
+        if not quiet:
+            print(f"vae: {message}", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def _in_sweep() -> bool:
@@ -108,7 +161,14 @@ def _in_sweep() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vae`` console script."""
+    """Entry point of the ``vae`` console script. Ctrl-C anywhere ends in one line and exit code 130."""
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # outside a command's task: while starting, composing or importing
+        interrupted()
+
+
+def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]  # what a re-run of this process (DDP) executes
     # Lightning's own deprecation chatter is not the user's business.

@@ -8,6 +8,8 @@ an earlier one. Nothing here imports Lightning, so the commands start fast.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -227,40 +229,52 @@ def _take(images: torch.Tensor, pixels: str, cfg, model: VAE, start: int, count:
     return to_pixels(raw, pixels, g), raw.float() / 255
 
 
-def _write(image: torch.Tensor, cfg, default_dir: Path, stem: str, gif: torch.Tensor | None = None) -> Path:
-    """Save the PNG (and the GIF of ``gif`` rows) under names that overwrite nothing; print them."""
-    from vae_cli.runs import claim_outputs
+@contextmanager
+def _outputs(cfg, default_dir: Path, stem: str, gif: bool = False) -> Iterator[list[Path]]:
+    """Claim the output names first (a bad out= fails before any work), then yield them to the work;
+    if it fails or is interrupted the claimed files are removed. Prints the paths when done."""
+    from vae_cli.runs import claimed_outputs
 
-    paths = claim_outputs(cfg.out, default_dir, stem, (".png", ".gif") if gif is not None else (".png",))
-    save_png(image, paths[0])
-    if gif is not None:
-        write_gif(gif, paths[1])
+    with claimed_outputs(cfg.out, default_dir, stem, (".png", ".gif") if gif else (".png",)) as paths:
+        yield paths
     print("\n".join(map(str, paths)))
+
+
+def _save(paths: list[Path], image: torch.Tensor, gif: torch.Tensor | None = None) -> Path:
+    """Write the PNG (and the GIF of ``gif`` rows) into the claimed files."""
+    try:
+        save_png(image, paths[0])
+        if gif is not None:
+            write_gif(gif, paths[1])
+    except OSError as e:
+        raise UserError(f"cannot write {str(e.filename or paths[0])!r}: {e.strerror or e}") from None
     return paths[0]
 
 
 def sample(cfg) -> Path:
     """`vae sample`: a grid of n images decoded from the prior."""
     model, _, _, out_dir = _load(cfg)
-    images = sample_images(model, cfg.n, cfg.temperature, cfg.mode, cfg.seed)
-    return _write(grid(images, cfg.nrow), cfg, out_dir, "sample")
+    with _outputs(cfg, out_dir, "sample") as paths:
+        images = sample_images(model, cfg.n, cfg.temperature, cfg.mode, cfg.seed)
+        return _save(paths, grid(images, cfg.nrow))
 
 
 def interpolate(cfg) -> Path:
     """`vae interpolate`: rows of decoded points between two latent codes, real inputs at the ends."""
     model, config, _, out_dir = _load(cfg)
-    if cfg.source == "prior":
-        g = torch.Generator().manual_seed(cfg.seed)
-        z = torch.randn(2 * cfg.pairs, model.latent_dim, generator=g).to(model.prior_loc.device)
-        ends = None
-    else:
-        x, shown = _inputs(cfg, config, model, cfg.index, 2 * cfg.pairs)
-        z, ends = encode_mean(model, x), shown
-    rows = interpolation_rows(model, z[0::2], z[1::2], cfg.steps, cfg.method, cfg.mode, cfg.seed)  # (P, S, C, H, W)
-    if ends is not None:
-        rows = torch.cat([ends[0::2, None], rows, ends[1::2, None]], dim=1)              # (P, S+2, C, H, W)
-    walk = (rows[:, 1:-1] if ends is not None else rows) if cfg.gif else None
-    return _write(grid(rows.flatten(0, 1), rows.shape[1]), cfg, out_dir, "interpolate", gif=walk)
+    with _outputs(cfg, out_dir, "interpolate", gif=bool(cfg.gif)) as paths:
+        if cfg.source == "prior":
+            g = torch.Generator().manual_seed(cfg.seed)
+            z = torch.randn(2 * cfg.pairs, model.latent_dim, generator=g).to(model.prior_loc.device)
+            ends = None
+        else:
+            x, shown = _inputs(cfg, config, model, cfg.index, 2 * cfg.pairs)
+            z, ends = encode_mean(model, x), shown
+        rows = interpolation_rows(model, z[0::2], z[1::2], cfg.steps, cfg.method, cfg.mode, cfg.seed)  # (P, S, C, H, W)
+        if ends is not None:
+            rows = torch.cat([ends[0::2, None], rows, ends[1::2, None]], dim=1)              # (P, S+2, C, H, W)
+        walk = (rows[:, 1:-1] if ends is not None else rows) if cfg.gif else None
+        return _save(paths, grid(rows.flatten(0, 1), rows.shape[1]), gif=walk)
 
 
 def write_gif(rows: torch.Tensor, path: Path, ms: int = 80) -> None:
@@ -273,15 +287,16 @@ def write_gif(rows: torch.Tensor, path: Path, ms: int = 80) -> None:
 def reconstruct(cfg) -> Path:
     """`vae reconstruct`: rows of test inputs, each above its reconstructions."""
     model, config, _, out_dir = _load(cfg)
-    x, shown = _inputs(cfg, config, model, cfg.index, cfg.n)
-    recon = reconstructions(model, x)
-    per_row = min(cfg.n, 8)
-    blocks = [torch.cat([shown[i : i + per_row], recon[i : i + per_row]]) for i in range(0, cfg.n, per_row)]
-    if cfg.n % per_row:  # pad the last block so the input and reconstruction rows stay aligned
-        last = cfg.n % per_row
-        pad = torch.ones(per_row - last, *shown.shape[1:])
-        blocks[-1] = torch.cat([shown[-last:], pad, recon[-last:], pad])
-    return _write(grid(torch.cat(blocks), per_row), cfg, out_dir, "reconstruct")
+    with _outputs(cfg, out_dir, "reconstruct") as paths:
+        x, shown = _inputs(cfg, config, model, cfg.index, cfg.n)
+        recon = reconstructions(model, x)
+        per_row = min(cfg.n, 8)
+        blocks = [torch.cat([shown[i : i + per_row], recon[i : i + per_row]]) for i in range(0, cfg.n, per_row)]
+        if cfg.n % per_row:  # pad the last block so the input and reconstruction rows stay aligned
+            last = cfg.n % per_row
+            pad = torch.ones(per_row - last, *shown.shape[1:])
+            blocks[-1] = torch.cat([shown[-last:], pad, recon[-last:], pad])
+        return _save(paths, grid(torch.cat(blocks), per_row))
 
 
 def traverse(cfg) -> Path:
@@ -289,14 +304,15 @@ def traverse(cfg) -> Path:
     from vae_cli.data import run_split
 
     model, config, _, out_dir = _load(cfg)
-    images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
-    x, _ = _take(images, pixels, cfg, model, cfg.index, 1)
-    pool, _ = _take(images, pixels, cfg, model, 0, min(1000, len(images)))
-    kl = kl_per_dimension(model, pool)
-    order = kl.argsort(descending=True).tolist()
-    dims = order[: cfg.dims] if cfg.dims else order
-    print("rows, by KL (nats): " + ", ".join(f"z{d} {kl[d]:.2f}" for d in dims), file=sys.stderr)
-    return _write(grid(traversal(model, x, dims, cfg.steps, cfg.range), cfg.steps), cfg, out_dir, "traverse")
+    with _outputs(cfg, out_dir, "traverse") as paths:
+        images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
+        x, _ = _take(images, pixels, cfg, model, cfg.index, 1)
+        pool, _ = _take(images, pixels, cfg, model, 0, min(1000, len(images)))
+        kl = kl_per_dimension(model, pool)
+        order = kl.argsort(descending=True).tolist()
+        dims = order[: cfg.dims] if cfg.dims else order
+        print("rows, by KL (nats): " + ", ".join(f"z{d} {kl[d]:.2f}" for d in dims), file=sys.stderr)
+        return _save(paths, grid(traversal(model, x, dims, cfg.steps, cfg.range), cfg.steps))
 
 
 def manifold(cfg) -> Path:
@@ -305,4 +321,5 @@ def manifold(cfg) -> Path:
     if model.latent_dim != 2:
         raise UserError(f"vae manifold needs a 2-d latent space; this model has latent_dim={model.latent_dim} "
                         "(train one with model.latent_dim=2)")
-    return _write(grid(manifold_images(model, cfg.steps), cfg.steps), cfg, out_dir, "manifold")
+    with _outputs(cfg, out_dir, "manifold") as paths:
+        return _save(paths, grid(manifold_images(model, cfg.steps), cfg.steps))

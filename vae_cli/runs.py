@@ -9,6 +9,8 @@ checkpoint copied anywhere still loads.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -167,8 +169,14 @@ def run_dir_of(ckpt_path: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
+def _problem(error: OSError) -> str:
+    """An OSError as a few words: 'Permission denied', 'Not a directory', ..."""
+    return error.strerror or first_line(error)
+
+
 def check_out(out: str | None, gif: bool = False) -> None:
-    """Refuse, before any work, an out=FILE that exists or whose folder does not (a GIF goes beside it)."""
+    """Refuse, before any work, an out=FILE that exists or whose folder does not exist, is a file
+    or cannot be written (a GIF goes beside the PNG)."""
     if out is None:
         return
     path = Path(out).expanduser()
@@ -177,19 +185,41 @@ def check_out(out: str | None, gif: bool = False) -> None:
     for p in [path, path.with_suffix(".gif")] if gif else [path]:
         if p.exists():
             raise UserError(f"out={out!r}: {str(p)!r} exists already; choose a new name (nothing was overwritten)")
-    if not path.parent.is_dir():
-        raise UserError(f"out={out!r}: the folder {str(path.parent)!r} does not exist")
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"out={out!r}: {str(folder)!r} is a file, not a folder")
+    if not folder.is_dir():
+        raise UserError(f"out={out!r}: the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"out={out!r}: the folder {str(folder)!r} is not writable")
 
 
 def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple[str, ...]) -> list[Path]:
-    """Create the output files exclusively, so nothing is ever overwritten, even by a command
+    """Create the output files exclusively (empty), so nothing is ever overwritten, even by a command
     running at the same time: out=FILE (and FILE with the other suffixes), or by default
-    default_dir/stem-NNN.suffix with the first NNN free for every suffix."""
+    default_dir/stem-NNN.suffix with the first NNN free for every suffix.
+
+    Claim BEFORE the expensive work, so that a bad output path fails in one line at once, and
+    release the claim if the work fails; ``claimed_outputs`` does both::
+
+        with claimed_outputs(cfg.out, run_dir_of(ckpt) / "eval", stem, (".json",)) as (path,):
+            result = expensive_work()          # a failure or Ctrl-C here removes the claimed files
+            path.write_text(json.dumps(result))
+
+    Any OSError (the default folder is a file, out='s folder is unwritable or a file, a full disk)
+    is a one-line UserError naming the path and the problem.
+    """
     if out is not None:
         base = Path(out).expanduser()
         paths = [base] + [base.with_suffix(s) for s in suffixes[1:]]
     else:
-        default_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            default_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file named like the folder (or like one of its parents)
+            raise UserError(f"cannot write outputs to {str(default_dir)!r}: a file is in the way of the folder; "
+                            "move it, or give out=FILE") from None
+        except OSError as e:
+            raise UserError(f"cannot create the output folder {str(default_dir)!r}: {_problem(e)}; give out=FILE") from None
     i = 1
     while True:
         if out is None:
@@ -197,13 +227,44 @@ def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple
         claimed: list[Path] = []
         try:
             for p in paths:
-                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 os.close(fd)
                 claimed.append(p)
             return paths
         except FileExistsError:
-            for p in claimed:
-                p.unlink()
+            release_outputs(claimed)
             if out is not None:
                 raise UserError(f"out={out!r} exists already: choose a new name (nothing was overwritten)") from None
             i += 1
+        except OSError as e:
+            release_outputs(claimed)
+            where = f"out={out!r}" if out is not None else f"the output folder {str(default_dir)!r}"
+            raise UserError(f"cannot create {str(e.filename or p)!r} ({where}): {_problem(e)}") from None
+
+
+def release_outputs(paths: list[Path]) -> None:
+    """Remove claimed output files (the work that was to fill them failed); never raises."""
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+@contextmanager
+def claimed_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[list[Path]]:
+    """``claim_outputs``, then run the block; if it raises (an error, Ctrl-C), remove the claimed files.
+
+    An OSError while writing them becomes a one-line UserError naming the file.
+    """
+    paths = claim_outputs(out, default_dir, stem, suffixes)
+    try:
+        yield paths
+    except OSError as e:
+        release_outputs(paths)
+        if e.filename is not None and str(e.filename) in map(str, paths):
+            raise UserError(f"cannot write {str(e.filename)!r}: {_problem(e)}") from None
+        raise
+    except BaseException:
+        release_outputs(paths)
+        raise

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.errors import UserError, first_line
+from vae_cli.logs import STDOUT, log
 from vae_cli.run_config import TrainSettings, trainer_arguments  # noqa: F401  (the settings of this command)
 
 
@@ -60,6 +60,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.resume is not None:  # continue that run with its own saved config, in its own folder
         config, resume_ckpt = resume_source(cfg.resume)
         run = Path(cfg.resume)
+        if resume_ckpt is None:
+            log.warning(f"resume={cfg.resume} has no checkpoints/last.ckpt yet: "
+                        "starting over from step 0 with its saved config (.hydra/config.yaml)")
     else:
         config = OmegaConf.to_container(cfg, resolve=True)
         run = run_folder(cfg)
@@ -103,7 +106,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # fork. With it, every Adam step asks NVML whether CUDA is there (dlopen and all): 0.3 ms a
         # step, a tenth of the step of a small model on a CPU. Nothing forks here, so it goes.
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+    except SystemExit:
+        # Lightning catches Ctrl-C inside fit, shuts down (last.ckpt stays that of the last finished
+        # epoch) and calls sys.exit(1): turn it back into the interrupt the CLI reports.
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:  # Lightning versions that return from fit instead
+        raise KeyboardInterrupt
 
     metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": trainer.global_step, "epoch": trainer.current_epoch}
     if metrics["val_elbo"] is None and (run / "metrics.json").is_file():  # a finished run resumed: no new epoch
@@ -155,4 +167,5 @@ def report(run: Path, metrics: dict[str, Any]) -> None:
             f"gap {metrics['test_gap']:.3f} nats/example"
         )
     lines.append(f"see it: tensorboard --logdir {run / 'tensorboard'}")
-    print("\n".join(lines), file=sys.stdout, flush=True)
+    for line in lines:  # on stdout, and in the run's train.log
+        log.info(line, extra=STDOUT)

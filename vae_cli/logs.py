@@ -1,0 +1,113 @@
+"""The project's messages: one ``vae_cli`` logger, a line on the terminal and a record in the run's log.
+
+Run events (data fetched, files skipped, caches rebuilt, the final report) go through
+``logging.getLogger("vae_cli")``. Its own handler prints them as the command always has,
+``vae: message`` on stderr (or a plain line on stdout for records logged with
+``extra=STDOUT``); they also propagate to the root logger, where Hydra's job logging keeps its
+file handler (``RUN/train.log`` for ``vae train``). ``attach_run_log`` makes Lightning's loggers
+reach that file as well, while the terminal shows what it showed before.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("vae_cli")
+
+# Lightning's loggers (both package names, and Fabric's): they print through handlers of their own.
+LIGHTNING = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+STDOUT = {"stdout": True}           # extra=STDOUT: a plain line on stdout (the final report)
+FILE_ONLY = {"terminal": False}     # extra=FILE_ONLY: the log file only (the terminal has it already)
+
+
+class _Terminal(logging.Handler):
+    """Prints vae_cli records on the terminal: ``vae: message`` on stderr, or plain on stdout."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "terminal", True) is False:
+            return
+        try:
+            if getattr(record, "stdout", False):
+                print(record.getMessage(), file=sys.stdout, flush=True)
+            else:
+                print(f"vae: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:  # a closed stream must not end the run
+            self.handleError(record)
+
+
+class _Drop(logging.Filter):
+    """Keeps records from the named loggers off a terminal handler (they reach the terminal their own way)."""
+
+    def __init__(self, names: tuple[str, ...], words: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.names, self.words = names, words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(record.name == n or record.name.startswith(n + ".") for n in self.names):
+            return False
+        return not (self.words and any(w in record.getMessage() for w in self.words))
+
+
+class _Stderr(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is at the time of each record."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _terminal_handler() -> _Terminal:
+    for h in log.handlers:
+        if isinstance(h, _Terminal):
+            return h
+    h = _Terminal()
+    log.addHandler(h)
+    return h
+
+
+def _is_file(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.FileHandler)
+
+
+def attach_run_log() -> None:
+    """Route the project's and Lightning's records to the file handlers Hydra put on the root logger.
+
+    Called at the start of every command, after Hydra configured logging. The terminal is not
+    made noisier: root's non-file handlers (Hydra's console) drop these records, and Lightning's
+    own stderr handler drops its "Detected KeyboardInterrupt" line (the CLI prints one line of its own).
+    """
+    log.disabled = False  # a dictConfig with disable_existing_loggers would have switched it off
+    log.setLevel(logging.INFO)
+    log.propagate = True
+    _terminal_handler()
+    ours = ("vae_cli", *LIGHTNING)
+    for h in logging.getLogger().handlers:
+        if not _is_file(h) and not any(isinstance(f, _Drop) for f in h.filters):
+            h.addFilter(_Drop(ours))
+    for name in LIGHTNING:
+        lg = logging.getLogger(name)
+        lg.disabled = False
+        lg.propagate = True  # Lightning sets it False when it installs its own stderr handler
+        if not any(not _is_file(h) for h in lg.handlers):
+            # Lightning installs that handler only when it is imported before Hydra configures
+            # logging; otherwise its lines went to Hydra's console, which now drops them.
+            lg.addHandler(_Stderr())
+            if lg.level == logging.NOTSET:
+                lg.setLevel(logging.INFO)
+        for h in lg.handlers:
+            if not _is_file(h) and not any(isinstance(f, _Drop) for f in h.filters):
+                h.addFilter(_Drop((), words=("KeyboardInterrupt",)))
+
+
+def file_only(message: str, level: int = logging.INFO) -> None:
+    """A record for the log file alone (the terminal shows the same thing its own way)."""
+    log.log(level, message, extra=FILE_ONLY)
+
+
+log.setLevel(logging.INFO)
+_terminal_handler()
