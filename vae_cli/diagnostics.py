@@ -29,7 +29,7 @@ def ess(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
-    """Pareto k-hat of each example's weights: (k, B) -> (B,); NaN where k < 5 draws.
+    """Pareto k-hat of each example's weights: (k, B) -> (B,); NaN with fewer than 25 draws.
 
     The tail is the largest min(k/5, 3 sqrt(k)) weights, as in PSIS (r_eff = 1: the draws are
     independent). Weights that are all equal have no tail: k-hat is -inf there (perfect).
@@ -37,7 +37,7 @@ def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
     from arviz_stats.base import array_stats
 
     k = log_w.shape[0]
-    if k < 5:
+    if k < 25:  # the tail would hold fewer than 5 draws: too few to fit (arviz-stats refuses)
         return torch.full(log_w.shape[1:], math.nan, dtype=torch.float64)
     lw = log_w.detach().double().cpu().numpy().T                      # (B, k)
     out = np.full(lw.shape[0], -np.inf)

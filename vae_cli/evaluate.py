@@ -229,8 +229,9 @@ def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: 
         if f"{name}_khat" in values:
             khat = values[f"{name}_khat"]
             e["ess_mean"], e["ess_min"] = values[f"{name}_ess"].mean().item(), values[f"{name}_ess"].min().item()
-            e["khat_bad_share"] = (khat > KHAT_BAD).double().mean().item()
-            e["khat_max"] = khat.max().item()
+            fitted = khat[~khat.isnan()]                 # NaN: too few draws to fit a tail (k < 25)
+            e["khat_bad_share"] = (fitted > KHAT_BAD).double().mean().item() if len(fitted) else None
+            e["khat_max"] = fitted.max().item() if len(fitted) else None
     est["iwae"].update(k=plan.k, curve={"k": ks, "log_px": values["curve"].mean(0).tolist()})
     if "refined" in est:
         r, m = est["refined"], est["refined"]["n"]
@@ -280,7 +281,7 @@ def _on_common_examples(values: dict[str, torch.Tensor], est: dict[str, Any]) ->
 def warnings_for(out: dict[str, Any]) -> list[str]:
     """One line each: where a figure should not be trusted, and what to run instead."""
     lines, est = [], out["estimators"]
-    share = est["iwae"].get("khat_bad_share", 0.0)
+    share = est["iwae"].get("khat_bad_share") or 0.0
     if share > WARN_SHARE:
         better = [n for n in ("ais", "refined", "exact") if n in est]
         advice = (f"the headline uses {LABELS[out['log_px_estimator']]}" if out["log_px_estimator"] != "iwae"
@@ -317,8 +318,10 @@ def table(r: dict[str, Any]) -> str:
     for name in ("iwae", "refined"):
         if name in est and "ess_mean" in est[name]:
             e = est[name]
-            lines.append(f"{LABELS[name]}: ESS mean {e['ess_mean']:.1f}, min {e['ess_min']:.1f} of k={r['k']}; "
-                         f"Pareto k-hat > {KHAT_BAD} for {100 * e['khat_bad_share']:.1f}% of examples")
+            share = e["khat_bad_share"]
+            khat = (f"Pareto k-hat > {KHAT_BAD} for {100 * share:.1f}% of examples" if share is not None
+                    else "Pareto k-hat: too few draws to fit (k < 25)")
+            lines.append(f"{LABELS[name]}: ESS mean {e['ess_mean']:.1f}, min {e['ess_min']:.1f} of k={r['k']}; {khat}")
     curve = est["iwae"]["curve"]
     lines.append("IWAE over k: " + ", ".join(f"k={k} {v:.2f}" for k, v in zip(curve["k"], curve["log_px"])))
     if "bdmc" in r:
@@ -385,7 +388,7 @@ def plan_of(cfg, latent_dim: int) -> Plan:
 def evaluate(cfg) -> dict[str, Any]:
     """The `vae evaluate` command: load the model, estimate, print the table, write the JSON and the plot."""
     from vae_cli.data import run_split
-    from vae_cli.runs import check_out, claim_outputs, load_model, pick_device, run_dir_of
+    from vae_cli.runs import check_out, claimed_outputs, load_model, pick_device, run_dir_of
 
     device = pick_device(cfg.device)
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
@@ -394,9 +397,9 @@ def evaluate(cfg) -> dict[str, Any]:
     images, pixels = run_split(config, cfg.split, cfg.data_dir)
     if cfg.limit is not None:
         images = images[: cfg.limit]
-    # Claimed before the work, so a bad output folder fails now, not after an hour of sampling.
-    paths = claim_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png"))
-    try:
+    # Claimed before the work, so a bad output folder fails now, not after an hour of sampling;
+    # a failure or Ctrl-C during the work removes the claimed (empty) files.
+    with claimed_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png")) as paths:
         print(f"vae evaluate: {cfg.split} split, {len(images)} examples, estimators {', '.join(plan.estimators)}, "
               f"k={cfg.k}, checkpoint {ckpt}", file=sys.stderr)
         for name in plan.estimators[1:]:
@@ -407,13 +410,8 @@ def evaluate(cfg) -> dict[str, Any]:
         if "bdmc" in plan.estimators:
             r["bdmc"] = run_bdmc(model, plan, cfg.chunk, cfg.seed)
         r.update(split=cfg.split, checkpoint=str(ckpt), seed=cfg.seed, likelihood=config["likelihood"]["_target_"])
-        print(table(r))
         paths[0].write_text(json.dumps(r, indent=2) + "\n")
         plot_curve(r, paths[1])
-    except BaseException:
-        for p in paths:
-            if p.exists() and p.stat().st_size == 0:
-                p.unlink()
-        raise
+    print(table(r))
     print("\n".join(f"wrote {p}" for p in paths))
     return r

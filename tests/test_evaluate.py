@@ -1,0 +1,118 @@
+"""`vae evaluate`'s estimators together: exact answers on linear-Gaussian models, the headline, the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_main
+from linear_gaussian import data, exact_log_px, make
+from vae_cli.errors import UserError
+from vae_cli.estimators import curve_ks
+from vae_cli.evaluate import AIS, Plan, Refined, _batch_estimates, resolve_estimators, summarize
+
+
+def _evaluate(model, x, plan: Plan) -> dict:
+    """What evaluate_split does, on continuous x (the linear-Gaussian model has no pixels)."""
+    ks = curve_ks(plan.k)
+    parts = _batch_estimates(model, x, 0, len(x), plan, 8192, ks)
+    return summarize(parts, plan, ks, x[0].numel(), "none")
+
+
+def test_every_estimator_on_a_2d_linear_gaussian_model():
+    """Exact quadrature to 1e-6; refined IS and AIS within Monte Carlo error; exact is the headline."""
+    torch.manual_seed(0)
+    model, W, b, s = make(dz=2, shrink=0.6, inflate=3.0)
+    x = data(model, 40)
+    truth = exact_log_px(x, W, b, s)
+    plan = Plan(k=500, estimators=resolve_estimators("auto", 2), refined=Refined(limit=40, steps=150),
+                ais=AIS(limit=20, steps=100, chains=8))
+    assert plan.estimators == ("iwae", "refined", "ais", "exact")
+    parts = _batch_estimates(model, x, 0, len(x), plan, 8192, curve_ks(plan.k))
+    assert torch.allclose(parts["exact"], truth, atol=1e-6, rtol=0)
+    assert (parts["refined"] - truth).abs().max() < 0.02
+    assert len(parts["ais"]) == 20 and abs((parts["ais"] - truth[:20]).mean()) < 0.02
+    r = summarize(parts, plan, curve_ks(plan.k), 6, "none")
+    est = r["estimators"]
+    assert r["log_px_estimator"] == "exact" and r["log_px_n"] == 40
+    assert abs(r["log_px"] - truth.mean().item()) < 1e-6
+    assert r["log_px_sampling_estimator"] in ("refined", "ais", "iwae")
+    assert abs(r["gap"] - (truth - parts["elbo"]).mean().item()) < 1e-9        # the gap rests on the headline
+    assert est["ais"]["n"] == 20 and est["refined"]["n"] == 40 and est["iwae"]["n"] == 40
+    # Cremer et al.: ELBO(q) <= ELBO(q*) <= log p(x); q* is the exact posterior here, so the
+    # approximation gap vanishes and the amortization gap is the whole gap
+    assert est["refined"]["amortization_gap"] > 1.0 and abs(est["refined"]["approximation_gap"]) < 0.02
+    assert r["comparison"]["n"] == 20 and set(r["comparison"]["log_px"]) == {"iwae", "refined", "ais", "exact"}
+    json.dumps(r)                                                                  # plain JSON types only
+
+
+def test_the_headline_is_the_best_sampling_estimate_without_quadrature():
+    torch.manual_seed(0)
+    model, W, b, s = make(shrink=0.6, inflate=3.0)                   # 3-d latent: no quadrature
+    x = data(model, 30)
+    plan = Plan(k=50, estimators=resolve_estimators("auto", 3), refined=Refined(steps=150), ais=AIS(steps=100))
+    r = _evaluate(model, x, plan)
+    assert "exact" not in r["estimators"]
+    means = {n: e["log_px"] for n, e in r["estimators"].items()}
+    assert r["log_px_estimator"] == max(means, key=means.get) != "iwae"     # IWAE with k=50 is the weakest
+    assert abs(r["log_px"] - exact_log_px(x, W, b, s).mean().item()) < 0.05
+    assert r["estimators"]["iwae"]["khat_bad_share"] >= 0 and r["estimators"]["iwae"]["ess_min"] >= 1
+    assert r["estimators"]["iwae"]["curve"]["k"] == [1, 10, 50]
+
+
+def test_a_poor_proposal_is_warned_about_and_a_good_one_is_not():
+    torch.manual_seed(0)
+    good, *_ = make()
+    x = data(good, 30)
+    assert _evaluate(good, x, Plan(k=200, estimators=("iwae",)))["warnings"] == []
+    poor, *_ = make(shrink=0.0, inflate=0.05)       # q far too narrow and in the wrong place
+    r = _evaluate(poor, data(poor, 30), Plan(k=200, estimators=("iwae",)))
+    assert r["estimators"]["iwae"]["khat_bad_share"] > 0.5
+    assert len(r["warnings"]) == 1 and "estimators=[refined,ais]" in r["warnings"][0]
+
+
+def test_quadrature_is_refused_above_two_latent_dimensions():
+    with pytest.raises(UserError, match="latent_dim=3"):
+        resolve_estimators(["exact"], 3)
+    assert "exact" not in resolve_estimators("auto", 3)
+    assert resolve_estimators("ais", 20) == ("iwae", "ais")
+
+
+def test_vae_evaluate_writes_json_and_curve_plot(trained_run_2d, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert run_main("evaluate", f"run={trained_run_2d}", "k=64", "limit=12", f"out={out}", "refined.steps=20",
+                    "ais.steps=20", "ais.chains=2") == 0
+    printed = capsys.readouterr().out
+    assert "log p(x) =" in printed and "exact (quadrature)" in printed and "IWAE over k" in printed
+    r = json.loads(out.read_text())
+    assert set(r["estimators"]) == {"iwae", "refined", "ais", "exact"} and r["log_px_estimator"] == "exact"
+    for name in ("iwae", "refined", "ais", "exact"):
+        e = r["estimators"][name]
+        assert e["n"] == 12 and math.isfinite(e["log_px"]) and e["log_px_se"] >= 0
+    png = out.with_suffix(".png")
+    with Image.open(png) as im:
+        assert im.size == (600, 400)
+    # a sampling estimate never sits far above the exact value (they are lower bounds)
+    assert r["log_px_sampling"] <= r["log_px"] + 3 * r["log_px_sampling_se"] + 0.05
+
+
+@pytest.mark.parametrize("args,message", [
+    (["estimators=[exact]"], "quadrature needs latent_dim <= 2"),
+    (["estimators=[iwae,magic]"], "estimators="),
+    (["ais.steps=0"], "ais.steps=0 is not allowed"),
+    (["ais.chains=-2"], "ais.chains=-2 is not allowed"),
+    (["refined.lr=inf"], "refined.lr=inf is not allowed"),
+    (["exact.tol=0"], "exact.tol=0 is not allowed"),
+    (["refined.stepz=3"], "unknown setting 'refined.stepz'"),
+])
+def test_estimator_mistakes_are_one_line_and_write_nothing(trained_run, args, message, capsys):
+    before = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
+    assert run_main("evaluate", f"run={trained_run}", "k=4", "limit=4", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    after = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
+    assert before == after
