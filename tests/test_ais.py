@@ -9,8 +9,8 @@ import torch
 from torch.distributions import Independent, Normal
 
 from linear_gaussian import data, exact_log_px, make
-from vae_cli.ais import ais, bdmc, logmeanexp, reverse_ais, sigmoid_schedule
-from vae_cli.estimators import elbo, mean_and_stderr
+from vae_cli.ais import ais, bdmc, reverse_ais, sigmoid_schedule
+from vae_cli.estimators import elbo, log_mean_exp, mean_and_stderr
 from vae_cli.likelihoods import Bernoulli
 from vae_cli.model import VAE
 from vae_cli.networks import MLPDecoder, MLPEncoder
@@ -38,7 +38,7 @@ def test_ais_from_a_poor_q_finds_the_exact_log_px():
     x = data(model, 100)
     truth = exact_log_px(x, W, b, s)
     log_w = ais(lambda z: model.log_joint(x, z), model.proposal(x), steps=200, leapfrog=5, chains=16, seed=0)
-    m, se = mean_and_stderr(logmeanexp(log_w) - truth)
+    m, se = mean_and_stderr(log_mean_exp(log_w) - truth)
     elbo_gap = (truth - elbo(model, x)["elbo"]).mean().item()
     assert elbo_gap > 3.0
     assert abs(m) < 3 * se + 0.01, (m, se)
@@ -112,11 +112,11 @@ def test_shapes_dtype_determinism_and_any_log_joint():
     assert a.shape == (32, 3) and a.dtype == torch.float64 and a.isfinite().all()
     assert torch.equal(a, ais(log_joint, init, steps=100, leapfrog=3, chains=32, seed=1, step_size=0.3))
     assert not torch.equal(a, ais(log_joint, init, steps=100, leapfrog=3, chains=32, seed=2, step_size=0.3))
-    assert (logmeanexp(a) - math.log(7.0)).abs().max() < 0.3   # ~0.1 of Monte Carlo error here
+    assert (log_mean_exp(a) - math.log(7.0)).abs().max() < 0.3   # ~0.1 of Monte Carlo error here
     z_exact = loc + 0.5 * torch.randn(3, 2)            # exact samples of the normalised target
     r = reverse_ais(log_joint, init, z_exact, steps=100, leapfrog=3, chains=32, seed=1, step_size=0.3)
     assert r.shape == (32, 3) and r.dtype == torch.float64 and r.isfinite().all()
-    assert (-logmeanexp(r) - math.log(7.0)).abs().max() < 0.3
+    assert (-log_mean_exp(r) - math.log(7.0)).abs().max() < 0.3
 
 
 def test_non_finite_energies_are_rejected():

@@ -29,3 +29,23 @@ def test_mnist_has_the_classic_split():
     assert {k: tuple(v.shape) for k, v in splits.items()} == {
         "train": (50000, 1, 28, 28), "val": (10000, 1, 28, 28), "test": (10000, 1, 28, 28)}
     assert abs(splits["test"].float().mean().item() / 255 - 0.1325) < 0.002   # MNIST's mean intensity
+
+
+@pytest.mark.parametrize("likelihood,args,tolerance", [
+    ("gaussian", ["likelihood=gaussian"], 1.0),
+    ("bernoulli", ["dataset.binarize=static"], 0.1),
+])
+def test_best_sampling_estimate_is_close_to_exact_quadrature_on_a_2d_model(tmp_path, likelihood, args, tolerance):
+    """Issue 9's check: a 2-d mlp, 2 epochs of 100 batches; mean over the first 200 test images."""
+    run = tmp_path / likelihood
+    r = vae("train", "model.latent_dim=2", "trainer.max_epochs=2", "trainer.limit_train_batches=100", *args,
+            "eval.k=0", "trainer.enable_progress_bar=false", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / f"{likelihood}.json"
+    r = vae("evaluate", f"run={run}", "limit=200", f"out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    e = json.loads(out.read_text())
+    exact = e["estimators"]["exact"]
+    assert exact["n"] == 200 and exact["converged_share"] == 1.0
+    assert e["log_px_estimator"] == "exact" and e["log_px_sampling_n"] == 200
+    assert abs(e["log_px_sampling"] - exact["log_px"]) < tolerance, e["comparison"]

@@ -8,7 +8,7 @@ f_T(z) = p(x, z) (normaliser p(x)) through the geometric path
 on the sigmoid schedule of Grosse, Ghahramani and Adams (2015) and Wu, Burda, Salakhutdinov and
 Grosse (2017, "On the quantitative analysis of decoder-based generative models"). A chain draws
 z_0 ~ q, and for t = 1..T adds log f_t(z_{t-1}) - log f_{t-1}(z_{t-1}) to its log weight, then
-moves z by one HMC transition that leaves f_t invariant. Then E[w] = p(x), so logmeanexp of the
+moves z by one HMC transition that leaves f_t invariant. Then E[w] = p(x), so log_mean_exp of the
 log weights over chains is a stochastic lower bound on log p(x) (by Jensen, E[log w_bar] <= log p(x)).
 
 Reverse AIS runs the same chain backwards from an exact posterior sample; BDMC (Grosse et al. 2015)
@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 from torch.distributions import Distribution
 
+from vae_cli.estimators import log_mean_exp
 from vae_cli.model import VAE
 
 LogJoint = Callable[[torch.Tensor], torch.Tensor]
@@ -143,7 +144,7 @@ def ais(log_joint: LogJoint, init: Distribution, *, steps: int, leapfrog: int, c
         stats: dict | None = None) -> torch.Tensor:
     """Forward AIS from ``init`` (q(z), batch (B,), event (D,)) to p(x, z): log weights (chains, B) float64.
 
-    ``logmeanexp(log_w, 0)`` estimates log p(x) per example; it is a stochastic lower bound
+    ``log_mean_exp(log_w, 0)`` estimates log p(x) per example; it is a stochastic lower bound
     (Neal 2001; Wu et al. 2017), exact as steps -> infinity. ``steps`` annealing steps on the sigmoid
     schedule, each one weight update and one HMC transition of ``leapfrog`` leapfrog steps; the step
     size starts at ``step_size`` and adapts per (chain, example) toward ``target_accept``.
@@ -169,9 +170,9 @@ def reverse_ais(log_joint: LogJoint, init: Distribution, z_exact: torch.Tensor, 
     The chain is forward AIS on the reversed path f_T, ..., f_0 (Grosse, Ghahramani and Adams 2015):
     it starts at z ~ p(z|x) = f_T / p(x), and step t adds log f_{t-1}(z) - log f_t(z) (the same
     transitions in reverse order). Its weights estimate Z_0 / Z_T = 1 / p(x) without bias, so
-    logmeanexp(log_w, 0) is a stochastic lower bound on -log p(x), and
+    log_mean_exp(log_w, 0) is a stochastic lower bound on -log p(x), and
 
-        -logmeanexp(log_w, 0)   is a stochastic UPPER bound on log p(x).
+        -log_mean_exp(log_w, 0)   is a stochastic UPPER bound on log p(x).
 
     The returned values are these log weights themselves (log of estimates of 1/p(x)), not negated.
     Every chain starts from the same z_exact; options and ``stats`` as in ``ais``. The step sizes
@@ -181,11 +182,6 @@ def reverse_ais(log_joint: LogJoint, init: Distribution, z_exact: torch.Tensor, 
     with _seeded(seed):
         z = z_exact.detach().expand(chains, *z_exact.shape).clone()  # (S, B, D)
         return _anneal(log_joint, init, z, betas, leapfrog, step_size, target_accept, stats)
-
-
-def logmeanexp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """log mean exp over ``dim``: the AIS estimate of log p(x) from log weights (chains, B)."""
-    return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
 
 
 def bdmc(model: VAE, n: int, *, steps: int, leapfrog: int, chains: int, batch_size: int = 100, seed: int = 0,
@@ -210,8 +206,8 @@ def bdmc(model: VAE, n: int, *, steps: int, leapfrog: int, chains: int, batch_si
                         target_accept=target_accept)
             f = ais(lambda zz: model.log_joint(x, zz), q, **opts)     # (S, b)
             r = reverse_ais(lambda zz: model.log_joint(x, zz), q, z, **opts)
-            lower.append(logmeanexp(f))
-            upper.append(-logmeanexp(r))
+            lower.append(log_mean_exp(f))
+            upper.append(-log_mean_exp(r))
             xs.append(x)
     out = {"lower": torch.cat(lower), "upper": torch.cat(upper)}
     out["gap"] = out["upper"] - out["lower"]
