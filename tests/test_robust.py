@@ -247,11 +247,16 @@ def test_train_log_holds_the_run(trained_run):
     assert out.count("final val ELBO") == 1
 
 
-def test_a_run_that_fails_late_says_why_in_its_log(tmp_path, data_dir, capsys):
-    run = tmp_path / "run"
-    assert run_main("train", f"data_dir={data_dir}", *TINY, "dataset.shape=[1,32,32]", f"hydra.run.dir={run}") == 2
+def test_a_run_that_fails_late_says_why_in_its_log(tmp_path, capsys):
+    """Files named like images that are not: the pre-check sees images, decoding finds none."""
+    run, folder = tmp_path / "run", tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(b"not a png")
+    assert run_main("train", f"data_dir={tmp_path / 'cache'}", *TINY, "dataset=folder", f"dataset.path={folder}",
+                    f"hydra.run.dir={run}") == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("vae: error: dataset.shape=[1, 32, 32] does not match")
+    assert line.startswith("vae: error: dataset.path=") and "readable image" in line
     assert not run.exists() or line[len("vae: "):] in (run / "train.log").read_text()
 
 
