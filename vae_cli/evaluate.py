@@ -213,45 +213,50 @@ def _progress(n: int, plan: Plan, show: bool):
 def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: int, pixels: str) -> dict[str, Any]:
     """The JSON of an evaluation from per-example figures: every estimator under its own key,
     the headline log p(x) (the best estimate), and the gap against it."""
-    n = len(values["elbo"])
-    out: dict[str, Any] = {"n": n, "k": plan.k, "dims": dims, "pixels": pixels}
+    out: dict[str, Any] = {"n": len(values["elbo"]), "k": plan.k, "dims": dims, "pixels": pixels}
     for name in ("elbo", "recon", "kl"):
         out[name], out[f"{name}_se"] = mean_and_stderr(values[name])
-    est = out["estimators"] = {}
-    for name in plan.estimators:
-        if name == "bdmc" or name not in values:
-            continue
-        m = len(values[name])
-        e = est[name] = {"n": m}
-        e["log_px"], e["log_px_se"] = mean_and_stderr(values[name])
-        e["elbo"], e["elbo_se"] = mean_and_stderr(values["elbo"][:m])   # the encoder's ELBO, same examples
-        e["gap"], e["gap_se"] = mean_and_stderr(values[name] - values["elbo"][:m])
-        if f"{name}_khat" in values:
-            khat = values[f"{name}_khat"]
-            e["ess_mean"], e["ess_min"] = values[f"{name}_ess"].mean().item(), values[f"{name}_ess"].min().item()
-            fitted = khat[~khat.isnan()]                 # NaN: too few draws to fit a tail (k < 25)
-            e["khat_bad_share"] = (fitted > KHAT_BAD).double().mean().item() if len(fitted) else None
-            e["khat_max"] = fitted.max().item() if len(fitted) else None
+    est = out["estimators"] = {name: _estimator(name, values) for name in plan.estimators if name in values}
     est["iwae"].update(k=plan.k, curve={"k": ks, "log_px": values["curve"].mean(0).tolist()})
-    if "refined" in est:
-        r, m = est["refined"], est["refined"]["n"]
-        r.update(plan.refined.model_dump(), k=plan.k)
-        r["elbo_refined"], r["elbo_refined_se"] = mean_and_stderr(values["refined_elbo"])
-        r["amortization_gap"] = r["elbo_refined"] - r["elbo"]
     if "ais" in est:
         est["ais"].update(plan.ais.model_dump(), init=plan.ais_init)
     if "exact" in est:
         est["exact"].update(tol=plan.exact.tol, converged_share=values["exact_converged"].mean().item())
     _headline(out, values)
     out["comparison"] = _on_common_examples(values, est)
-    if "refined" in est:  # Cremer et al. 2018: ELBO(q) <= ELBO(q*) <= log p(x), split at ELBO(q*)
-        best = values[out["log_px_estimator"]][: est["refined"]["n"]]
-        m = min(len(best), est["refined"]["n"])
-        est["refined"]["approximation_gap"] = (best[:m] - values["refined_elbo"][:m]).mean().item()
-        est["refined"]["approximation_gap_from"] = out["log_px_estimator"]
+    if "refined" in est:
+        est["refined"].update(plan.refined.model_dump(), k=plan.k, **_gap_split(values, out["log_px_estimator"]))
     out["bits_per_dim"] = {"elbo": bits_per_dim(out["elbo"], dims, pixels),
                            "log_px": bits_per_dim(out["log_px"], dims, pixels)}
     out["warnings"] = warnings_for(out)
+    return out
+
+
+def _estimator(name: str, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One estimator's figures on the m examples it covered, with the encoder's ELBO and gap there."""
+    m = len(values[name])
+    e: dict[str, Any] = {"n": m}
+    e["log_px"], e["log_px_se"] = mean_and_stderr(values[name])
+    e["elbo"], e["elbo_se"] = mean_and_stderr(values["elbo"][:m])
+    e["gap"], e["gap_se"] = mean_and_stderr(values[name] - values["elbo"][:m])
+    if f"{name}_khat" in values:  # importance sampling with one proposal: its diagnostics
+        khat, weights = values[f"{name}_khat"], values[f"{name}_ess"]
+        fitted = khat[~khat.isnan()]                 # NaN: too few draws to fit a tail (k < 25)
+        e["ess_mean"], e["ess_min"] = weights.mean().item(), weights.min().item()
+        e["khat_bad_share"] = (fitted > KHAT_BAD).double().mean().item() if len(fitted) else None
+        e["khat_max"] = fitted.max().item() if len(fitted) else None
+    return e
+
+
+def _gap_split(values: dict[str, torch.Tensor], best: str) -> dict[str, Any]:
+    """Cremer et al. 2018: ELBO(q) <= ELBO(q*) <= log p(x), the gap split at ELBO(q*): the
+    amortization gap on the refined examples, the approximation gap where the best estimate ran too."""
+    refined, elbo = values["refined_elbo"], values["elbo"]
+    m = min(len(refined), len(values[best]))
+    out = {"amortization_gap": (refined - elbo[: len(refined)]).mean().item()}
+    out["elbo_refined"], out["elbo_refined_se"] = mean_and_stderr(refined)
+    out.update(approximation_gap=(values[best][:m] - refined[:m]).mean().item(), approximation_gap_from=best,
+               approximation_gap_n=m)
     return out
 
 
@@ -313,8 +318,9 @@ def table(r: dict[str, Any]) -> str:
                  "examples: the KL(q(z|x) || p(z|x)), how far q is from the true posterior")
     if "refined" in est:
         e = est["refined"]
-        lines.append(f"  amortization gap ELBO(q*) - ELBO(q) = {e['amortization_gap']:.3f}; approximation gap "
-                     f"log p(x) - ELBO(q*) = {e['approximation_gap']:.3f} ({e['n']} examples)")
+        lines.append(f"  amortization gap ELBO(q*) - ELBO(q) = {e['amortization_gap']:.3f} ({e['n']} examples); "
+                     f"approximation gap log p(x) - ELBO(q*) = {e['approximation_gap']:.3f} "
+                     f"({e['approximation_gap_n']} examples)")
     for name in ("iwae", "refined"):
         if name in est and "ess_mean" in est[name]:
             e = est[name]
