@@ -29,7 +29,8 @@ def ess(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
-    """Pareto k-hat of each example's weights: (k, B) -> (B,); NaN where k < 5 draws.
+    """Pareto k-hat of each example's weights: (k, B) -> (B,); NaN where k < 5 draws, or where
+    arviz-stats cannot fit the tail (too few draws in it).
 
     The tail is the largest min(k/5, 3 sqrt(k)) weights, as in PSIS (r_eff = 1: the draws are
     independent). Weights that are all equal have no tail: k-hat is -inf there (perfect).
@@ -46,7 +47,10 @@ def pareto_khat(log_w: torch.Tensor) -> torch.Tensor:
         row = lw[i]
         row = np.where(np.isfinite(row), row, row[np.isfinite(row)].min() - 1e3 if np.isfinite(row).any() else 0.0)
         # psislw takes log-likelihood values and smooths the weights 1/p (PSIS-LOO): hence the minus
-        _, out[i] = array_stats.psislw(-row)
+        try:
+            _, out[i] = array_stats.psislw(-row)
+        except ValueError:  # arviz-stats 0.x refuses a tail of under 5 draws (k < 25) or a flat one
+            out[i] = math.nan
     return torch.from_numpy(out)
 
 
