@@ -224,3 +224,10 @@ def test_last_checkpoint_is_the_last_epoch_even_when_validation_gets_no_better(t
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=3", "optimizer.lr=1e-12",
                     "eval.k=0", f"hydra.run.dir={run}") == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3 * 4
+
+
+def test_the_model_summary_alone_when_asked_for(tmp_path, data_dir, capsys):
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
+                    "trainer.enable_model_summary=true", f"hydra.run.dir={tmp_path / 'table'}") == 0
+    shown = "".join(capsys.readouterr())
+    assert "Total params" in shown and "GPU available" not in shown and "litlogger" not in shown

@@ -68,7 +68,9 @@ class _Quiet(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "Tensor Cores" in record.getMessage():
             return False
-        return self.verbose or record.levelno >= logging.WARNING
+        # the summary table exists only when asked for (verbose, or trainer.enable_model_summary=true)
+        asked = record.name.endswith("model_summary")
+        return self.verbose or asked or record.levelno >= logging.WARNING
 
 
 class _Stderr(logging.StreamHandler):
