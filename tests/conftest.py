@@ -75,6 +75,7 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     assert len(runs) == 1, r.stdout
     run = runs[0].parent.parent
     (run / "stdout.txt").write_text(r.stdout)
+    (run / "stderr.txt").write_text(r.stderr)
     return run
 
 

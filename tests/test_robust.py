@@ -240,11 +240,11 @@ def _read(path: Path) -> str:
 def test_train_log_holds_the_run(trained_run):
     log = (trained_run / "train.log").read_text()
     assert "[pytorch_lightning" in log and "`Trainer.fit` stopped" in log       # Lightning's lines
-    assert f"run folder: {trained_run}" in log.replace(str(trained_run.resolve()), str(trained_run))
-    assert "final val ELBO" in log and "tensorboard --logdir" in log             # the report
+    assert f"run folder:    {trained_run}" in log.replace(str(trained_run.resolve()), str(trained_run))
+    assert "val ELBO:" in log and "tensorboard --logdir" in log                  # the report
     out = (trained_run / "stdout.txt").read_text()                               # the terminal is as it was:
     assert "[pytorch_lightning" not in out and "[vae_cli]" not in out           # no log-formatted lines
-    assert out.count("final val ELBO") == 1
+    assert out.count("val ELBO:") == 1
 
 
 def test_a_run_that_fails_late_says_why_in_its_log(tmp_path, capsys):

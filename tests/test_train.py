@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,9 +30,91 @@ def test_run_folder_holds_config_checkpoints_and_events(trained_run):
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((trained_run / "checkpoints").glob("best-epoch=*-step=*.ckpt"))) == 1
     assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
-    out = (trained_run / "stdout.txt").read_text()
-    assert f"run folder: {trained_run}" in out.replace(str(trained_run.resolve()), str(trained_run))
-    assert "final val ELBO:" in out and f"tensorboard --logdir {trained_run / 'tensorboard'}" in out
+    out = (trained_run / "stdout.txt").read_text().replace(str(trained_run.resolve()), str(trained_run))
+    assert f"run folder:    {trained_run}\n" in out
+    assert f"TensorBoard:   tensorboard --logdir {trained_run / 'tensorboard'}\n" in out
+
+
+# What Lightning prints unasked: device banners, a tip for another product, the model summary.
+NOISE = ("GPU available", "TPU available", "HPU available", "litlogger", "Tip:", "FLOPs", "Total params",
+         "Tensor Cores", "Trainer.fit` stopped")
+
+
+def test_the_run_ends_in_one_summary_block(trained_run):
+    lines = (trained_run / "stdout.txt").read_text().strip().splitlines()
+    assert lines[0] == "test evaluation: IWAE k=8 on 32 examples"   # said before it starts
+    labels = [line.split(":")[0] for line in lines[1:]]
+    assert labels == ["run folder", "trained", "val ELBO", "test ELBO", "test log p(x)", "test gap", "bits/dim",
+                      "TensorBoard"], lines
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    block = "\n".join(lines)
+    assert "trained:       2 epochs, 8 steps\n" in block
+    assert f"test log p(x): {metrics['test_log_px']:.2f} nats/example (IWAE, k=8)" in block
+    assert f"bits/dim:      {metrics['test_bits_per_dim']:.3f} (of log p(x))" in block
+    # binarized pixels: bits per pixel of -log p(x)
+    assert abs(metrics["test_bits_per_dim"] - -metrics["test_log_px"] / (784 * math.log(2))) < 1e-9
+
+
+def test_a_default_run_prints_no_banners_tips_or_summary_table(trained_run):
+    shown = (trained_run / "stdout.txt").read_text() + (trained_run / "stderr.txt").read_text()
+    assert not [word for word in NOISE if word in shown], shown
+    log = (trained_run / "train.log").read_text()
+    assert "GPU available" in log and "litlogger" in log      # kept in the run's log
+
+
+def test_verbose_shows_lightning_and_the_bar_shows_one_decimal(tmp_path, data_dir):
+    run = tmp_path / "loud"
+    args = [f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "trainer.enable_progress_bar=true"]
+    r = vae("train", *args, "verbose=true", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shown = r.stdout + r.stderr
+    assert "GPU available" in shown and "Total params" in shown        # the summary table, asked for
+    assert re.search(r"val/elbo=-\d+\.\d[,\]]", r.stdout), r.stdout[-1000:]  # -542.5, not -542.
+    assert "test evaluation: IWAE k=8 on 32 examples" in r.stdout
+    assert "iwae k=8" in r.stderr and "32/32" in r.stderr               # the test evaluation's own bar
+    # a finished run resumed: the same block, the same numbers, and quiet again without verbose
+    first = json.loads((run / "metrics.json").read_text())
+    r = vae("train", f"resume={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not [word for word in NOISE if word in r.stdout + r.stderr], r.stdout + r.stderr
+    assert "trained:       1 epoch, 4 steps (resumed)" in r.stdout
+    assert f"val ELBO:      {first['val_elbo']:.2f} nats/example" in r.stdout
+    assert f"test log p(x): {first['test_log_px']:.2f}" in r.stdout
+    assert "exists and is not empty" not in r.stderr
+
+
+def test_the_summary_says_when_the_test_evaluation_was_skipped(tmp_path, capsys):
+    from vae_cli.train import report
+
+    report(tmp_path, {"val_elbo": -100.04, "step": 4, "epoch": 1})
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "val ELBO:    -100.04 nats/example (last epoch)"
+    assert out[3] == f"test:        skipped (eval.k=0); measure it with: vae evaluate run={tmp_path}"
+    assert out[-1].startswith("TensorBoard: tensorboard --logdir")
+
+
+def test_progress_bar_numbers():
+    from vae_cli.callbacks import short_number
+
+    assert [short_number(v) for v in (-104.25, -1876.24, 0.01234, -0.5, 12.0)] == \
+        ["-104.2", "-1876.2", "0.0123", "-0.5", "12.0"]
+
+
+def test_matmul_precision_is_applied(trained_run, tmp_path):
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert run_main("sample", f"run={trained_run}", "n=4", "matmul_precision=medium",
+                        f"out={tmp_path / 's.png'}") == 0
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_commands_that_read_a_model_default_to_the_gpu_when_there_is_one():
+    from vae_cli.runs import FromRunSettings, pick_device
+
+    assert FromRunSettings().device == "auto" and FromRunSettings().matmul_precision == "highest"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_tensorboard_scalars_are_the_elbo_terms_in_nats(trained_run):
@@ -140,3 +224,10 @@ def test_last_checkpoint_is_the_last_epoch_even_when_validation_gets_no_better(t
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=3", "optimizer.lr=1e-12",
                     "eval.k=0", f"hydra.run.dir={run}") == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3 * 4
+
+
+def test_the_model_summary_alone_when_asked_for(tmp_path, data_dir, capsys):
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
+                    "trainer.enable_model_summary=true", f"hydra.run.dir={tmp_path / 'table'}") == 0
+    shown = "".join(capsys.readouterr())
+    assert "Total params" in shown and "GPU available" not in shown and "litlogger" not in shown

@@ -1,4 +1,5 @@
-"""Lightning plug-ins: pictures logged to TensorBoard each validation epoch, atomic checkpoint writes."""
+"""Lightning plug-ins: pictures logged to TensorBoard each validation epoch, atomic checkpoint writes,
+a progress bar that shows the ELBO as a number one can read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from vae_cli import pictures
 
@@ -63,3 +65,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+def short_number(value: float) -> str:
+    """A progress-bar figure: one decimal (-104.3, -1876.2), three significant digits below 1 in size.
+
+    tqdm's own format cuts to three significant digits (-104., -1.88e+3): too coarse for an ELBO
+    that moves by tenths of a nat.
+    """
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar with the metrics written by ``short_number``.
+
+    Strings go into tqdm's postfix as they are (it reformats only numbers), so they show unpadded.
+    """
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        return {k: short_number(v) if isinstance(v, float) else v for k, v in items.items()}

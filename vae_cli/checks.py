@@ -144,7 +144,8 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     """Compose every variant of the command line and check its values; raise UserError on the first problem."""
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     if command == "train" and "resume" in keys:
-        others = [o for o, k in zip(overrides, keys) if k != "resume" and not k.startswith("hydra")]
+        # verbose is how the terminal looks, not how the run trains: it may change on resume
+        others = [o for o, k in zip(overrides, keys) if k not in ("resume", "verbose") and not k.startswith("hydra")]
         if others:
             raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}")
     schema = load(SCHEMAS[command])

@@ -90,6 +90,10 @@ def _task(command: str):
         attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
+            if cfg.get("matmul_precision"):  # train and every command that reads a model
+                from vae_cli.runs import set_matmul_precision
+
+                set_matmul_precision(cfg.matmul_precision)
             fn(cfg)
         except UserError as e:
             file_only(f"error: {e}", logging.ERROR)  # a run that stops early says why in its train.log
@@ -174,6 +178,8 @@ def _main(argv: list[str] | None) -> None:
     # Lightning's own deprecation chatter is not the user's business.
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    # resume=RUN writes into its own checkpoints/ again: that is the point, not a hazard
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return

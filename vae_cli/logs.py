@@ -5,7 +5,9 @@ Run events (data fetched, files skipped, caches rebuilt, the final report) go th
 ``vae: message`` on stderr (or a plain line on stdout for records logged with
 ``extra=STDOUT``); they also propagate to the root logger, where Hydra's job logging keeps its
 file handler (``RUN/train.log`` for ``vae train``). ``attach_run_log`` makes Lightning's loggers
-reach that file as well, while the terminal shows what it showed before.
+reach that file as well. On the terminal Lightning shows its warnings and errors only: its INFO
+lines (the GPU/TPU banner, tips, the model summary) go to the log file, or also to the terminal
+with ``vae train verbose=true`` (``lightning_verbose``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,28 @@ class _Drop(logging.Filter):
         if any(record.name == n or record.name.startswith(n + ".") for n in self.names):
             return False
         return not (self.words and any(w in record.getMessage() for w in self.words))
+
+
+class _Quiet(logging.Filter):
+    """On a terminal handler of Lightning's: its INFO lines only when verbose.
+
+    They are banners ("GPU available: ...", "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES"), a tip
+    advertising another logging product, the model summary and "`Trainer.fit` stopped": what the
+    user did not ask for. The log file keeps them (file handlers get no such filter). The Tensor
+    Cores advice never shows: vae-cli's answer to it is a setting (matmul_precision), not the
+    torch call it names.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verbose = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Tensor Cores" in record.getMessage():
+            return False
+        # the summary table exists only when asked for (verbose, or trainer.enable_model_summary=true)
+        asked = record.name.endswith("model_summary")
+        return self.verbose or asked or record.levelno >= logging.WARNING
 
 
 class _Stderr(logging.StreamHandler):
@@ -102,6 +126,20 @@ def attach_run_log() -> None:
         for h in lg.handlers:
             if not _is_file(h) and not any(isinstance(f, _Drop) for f in h.filters):
                 h.addFilter(_Drop((), words=("KeyboardInterrupt",)))
+    lightning_verbose(False)
+
+
+def lightning_verbose(verbose: bool) -> None:
+    """Whether Lightning's INFO lines reach the terminal (they always reach the log file)."""
+    for name in LIGHTNING:
+        for h in logging.getLogger(name).handlers:
+            if _is_file(h):
+                continue
+            quiet = next((f for f in h.filters if isinstance(f, _Quiet)), None)
+            if quiet is None:
+                quiet = _Quiet()
+                h.addFilter(quiet)
+            quiet.verbose = verbose
 
 
 def file_only(message: str, level: int = logging.INFO) -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vae_cli.typed import STRICT, Node, NonNegFloat, NonNegInt, PosInt, Seed, Text
+from vae_cli.typed import STRICT, MatmulPrecision, Node, NonNegFloat, NonNegInt, PosInt, Seed, Text
 
 Precision = Annotated[
     Literal[64, 32, 16, "64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
@@ -89,6 +89,8 @@ class TrainSettings(BaseModel):
     beta: NonNegFloat = 1.0             # weight on the KL
     kl_warmup_steps: NonNegInt = 0
     compile: bool = False
+    matmul_precision: MatmulPrecision = "highest"
+    verbose: bool = False               # Lightning's device lines, tips and the model summary
     data_dir: Text
     resume: Text | None = None
     eval: EvalSettings = EvalSettings()
