@@ -74,7 +74,8 @@ class VAEModule(pl.LightningModule):
         terms = torch.stack([recon.sum() - kl.sum(), recon.sum(), kl.sum(), t.objective * n, recon.new_tensor(n)])
         self._sums[split] = terms if split not in self._sums else self._sums[split] + terms
         if train:
-            self.collapse.train_step(self.global_step, kl)
+            if self.trainer.is_global_zero:  # one warning, not one per process
+                self.collapse.train_step(self.global_step, kl)
             if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
                 self.log("train/elbo_step", terms[0] / terms[4], prog_bar=True)
         elif split == "val":
@@ -91,7 +92,7 @@ class VAEModule(pl.LightningModule):
         elbo, recon, kl, objective = (sums[:4] / sums[4]).tolist()
         self.log(f"{split}/elbo", elbo, prog_bar=True)
         self.log_dict({f"{split}/recon": recon, f"{split}/kl": kl, f"{split}/objective": objective})
-        if split == "train":
+        if split == "train" and self.trainer.is_global_zero:
             self.collapse.train_epoch(self.global_step, kl)
         units = self._units.pop(split, None)
         if units is None:
@@ -104,7 +105,7 @@ class VAEModule(pl.LightningModule):
         if kl_dims is not None and logger is not None and self.trainer.is_global_zero and \
                 hasattr(logger.experiment, "add_histogram"):
             logger.experiment.add_histogram(f"{split}/kl_per_dim", kl_dims, self.global_step)
-        if split == "val" and not self.trainer.sanity_checking:
+        if split == "val" and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self.collapse.validation(self.global_step, kl, active, units.dims)
 
     def on_train_epoch_end(self) -> None:
