@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, Field
 
+from vae_cli.collapse import line as collapse_line
+from vae_cli.collapse import report as collapse_report
 from vae_cli.data import Batches
 from vae_cli.diagnostics import KHAT_BAD, ess, pareto_khat
 from vae_cli.estimators import (bits_per_dim, curve_ks, estimate, log_mean_exp, log_px_curve, log_weights,
@@ -340,6 +342,8 @@ def table(r: dict[str, Any]) -> str:
         lines.append("bits/dim: 8-bit images, dequantized x = (b + u)/256: -(log p(x) - D ln 256) / (D ln 2)")
     else:
         lines.append(f"bits/dim: per binarized pixel ({pixels} binarization), -log p(x) / (D ln 2)")
+    if "collapse" in r:
+        lines.append(collapse_line(r["collapse"]))
     lines += [f"warning: {w}" for w in r["warnings"]]
     return "\n".join(lines)
 
@@ -415,6 +419,7 @@ def evaluate(cfg) -> dict[str, Any]:
         r = evaluate_split(model, images, pixels, plan, cfg.batch_size, cfg.chunk, cfg.seed, progress=True)
         if "bdmc" in plan.estimators:
             r["bdmc"] = run_bdmc(model, plan, cfg.chunk, cfg.seed)
+        r["collapse"] = collapse_report(model, images, pixels, cfg.batch_size, cfg.seed)  # active units, KL per dim
         r.update(split=cfg.split, checkpoint=str(ckpt), seed=cfg.seed, likelihood=config["likelihood"]["_target_"])
         paths[0].write_text(json.dumps(r, indent=2) + "\n")
         plot_curve(r, paths[1])

@@ -1,8 +1,11 @@
 """Training: the LightningModule around a VAE.
 
-Training minimises -(recon - w * kl) with w = beta (Higgins et al. 2017) times a linear warm-up
-(Sønderby et al. 2016). Every logged ``elbo`` is the true ELBO (w = 1) in nats per example, whatever
-beta is, so runs with different beta compare on the same scale.
+Training maximises the objective (vae_cli.objectives: the ELBO, recon - w * kl, by default; IWAE)
+with w = beta (Higgins et al. 2017) times a linear warm-up (Sønderby et al. 2016), and free bits on
+the KL. Every logged ``elbo`` is the true ELBO (w = 1) in nats per example, whatever the objective
+and beta are, so runs compare on the same scale; ``objective`` is the objective's own value.
+Each validation epoch also logs the active units and the KL per latent dimension, and a collapsing
+posterior is reported once (vae_cli.collapse).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 
+from vae_cli.collapse import CollapseMonitor, UnitStats
 from vae_cli.errors import UserError
 from vae_cli.model import VAE
+from vae_cli.objectives import ELBO, Objective
 
 
 class NonFiniteLoss(UserError):
@@ -27,7 +32,7 @@ class NonFiniteLoss(UserError):
 
 
 class VAEModule(pl.LightningModule):
-    """Trains a VAE; logs split/elbo, split/recon, split/kl (nats per example)."""
+    """Trains a VAE; logs split/elbo, split/recon, split/kl, split/objective (nats per example)."""
 
     def __init__(
         self,
@@ -36,12 +41,21 @@ class VAEModule(pl.LightningModule):
         beta: float = 1.0,
         kl_warmup_steps: int = 0,
         config: dict | None = None,
+        objective: Objective | None = None,
+        free_bits: float = 0.0,
     ) -> None:
         super().__init__()
         self.model, self.optimizer = model, optimizer
-        self.beta, self.kl_warmup_steps = beta, kl_warmup_steps
+        self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits
+        self.objective = objective if objective is not None else ELBO()
+        try:
+            self.objective.check(beta, kl_warmup_steps, free_bits)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.config = config  # the run's resolved config, stored in every checkpoint
-        self._sums: dict[str, torch.Tensor] = {}  # split -> (elbo, recon, kl, n) summed this epoch
+        self._sums: dict[str, torch.Tensor] = {}  # split -> (elbo, recon, kl, objective, n) summed this epoch
+        self._units: dict[str, UnitStats] = {}    # split -> E_q[z] moments and KL per dimension this epoch
+        self.collapse = CollapseMonitor()
 
     def kl_weight(self) -> float:
         """beta, ramped linearly from 0 over the first kl_warmup_steps optimizer steps."""
@@ -50,27 +64,49 @@ class VAEModule(pl.LightningModule):
         return self.beta * min(1.0, self.global_step / self.kl_warmup_steps)
 
     def step(self, x: torch.Tensor, split: str) -> torch.Tensor:
-        """The one step shared by train, val and test: ELBO terms, loss, logs."""
-        recon, kl = self.model.elbo_terms(x)  # (B,) each
-        w = self.kl_weight() if split == "train" else 1.0
-        loss = -(recon - w * kl).mean()
+        """The one step shared by train, val and test: the objective, the ELBO terms, logs."""
+        train = split == "train"
+        t = self.objective.terms(self.model, x, self.kl_weight() if train else 1.0,
+                                 self.free_bits if train else 0.0)
+        recon, kl, n = t.recon, t.kl, len(x)
         # Sums per epoch, kept on the device: one in-place add a step instead of Lightning's per-step
         # logging machinery, which cost as much as the model itself here (README, Speed).
-        terms = torch.stack([recon.sum() - kl.sum(), recon.sum(), kl.sum(), recon.new_tensor(len(x))]).detach()
+        terms = torch.stack([recon.sum() - kl.sum(), recon.sum(), kl.sum(), t.objective * n, recon.new_tensor(n)])
         self._sums[split] = terms if split not in self._sums else self._sums[split] + terms
-        if split == "train" and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/elbo_step", terms[0] / terms[3], prog_bar=True)
-        return loss
+        if train:
+            if self.trainer.is_global_zero:  # one warning, not one per process
+                self.collapse.train_step(self.global_step, kl)
+            if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+                self.log("train/elbo_step", terms[0] / terms[4], prog_bar=True)
+        elif split == "val":
+            self._units.setdefault(split, UnitStats()).add(t.mean, t.kl_dims)
+        return t.loss
 
     def _log_epoch(self, split: str) -> None:
-        """split/elbo, split/recon, split/kl: means over the epoch's examples, summed over all processes."""
+        """split/elbo, split/recon, split/kl, split/objective: means over the epoch's examples, summed
+        over all processes; for val, the active units and the KL per dimension too."""
         sums = self._sums.pop(split, None)
         if sums is None:
             return
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # DDP: every process's examples
-        elbo, recon, kl = (sums[:3] / sums[3]).tolist()
+        elbo, recon, kl, objective = (sums[:4] / sums[4]).tolist()
         self.log(f"{split}/elbo", elbo, prog_bar=True)
-        self.log_dict({f"{split}/recon": recon, f"{split}/kl": kl})
+        self.log_dict({f"{split}/recon": recon, f"{split}/kl": kl, f"{split}/objective": objective})
+        if split == "train" and self.trainer.is_global_zero:
+            self.collapse.train_epoch(self.global_step, kl)
+        units = self._units.pop(split, None)
+        if units is None:
+            return
+        units = units.reduce(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        active = units.active_units()
+        self.log(f"{split}/active_units", float(active))
+        kl_dims = units.kl_per_dim()
+        logger = self.logger
+        if kl_dims is not None and logger is not None and self.trainer.is_global_zero and \
+                hasattr(logger.experiment, "add_histogram"):
+            logger.experiment.add_histogram(f"{split}/kl_per_dim", kl_dims, self.global_step)
+        if split == "val" and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self.collapse.validation(self.global_step, kl, active, units.dims)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

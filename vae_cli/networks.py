@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -60,6 +60,14 @@ class MLPDecoder(nn.Module):
 
 
 Channels = Annotated[list[PosInt], Field(min_length=2, max_length=2)]
+# The conv networks' hidden activation. ReLU units of a wide layer die in Adam's first steps (its
+# first update is lr * sign(g), and g_ij = delta_i h_j has one sign along a unit's row since h >= 0,
+# so the whole row moves its pre-activation by lr * sum_j h_j): with channels [64,128] and hidden
+# 512 every unit of the encoder's second convolution died within 300 steps and the posterior
+# collapsed (README, Posterior collapse). ELU units cannot die. "relu" stays the class default, so a
+# checkpoint saved before this setting existed rebuilds as it was trained; conf/model/conv.yaml says elu.
+Activation = Literal["relu", "elu"]
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU}
 
 
 class _Conv(nn.Module):
@@ -79,16 +87,18 @@ def _check_conv_shape(image_shape: list[int]) -> None:
 class ConvEncoder(_Conv):
     """Two stride-2 convolutions (H -> H/4), then a linear layer to (mu, logvar)."""
 
-    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: Channels, hidden: PosInt) -> None:
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: Channels, hidden: PosInt,
+                 activation: Activation = "relu") -> None:
         super().__init__()
         _check_conv_shape(image_shape)
         c, h, w = image_shape
         c1, c2 = channels
+        act = ACTIVATIONS[activation]
         self.net = nn.Sequential(
-            nn.Conv2d(c, c1, 4, 2, 1), nn.ReLU(),   # (B, c1, H/2, W/2)
-            nn.Conv2d(c1, c2, 4, 2, 1), nn.ReLU(),  # (B, c2, H/4, W/4)
+            nn.Conv2d(c, c1, 4, 2, 1), act(),   # (B, c1, H/2, W/2)
+            nn.Conv2d(c1, c2, 4, 2, 1), act(),  # (B, c2, H/4, W/4)
             nn.Flatten(),
-            nn.Linear(c2 * (h // 4) * (w // 4), hidden), nn.ReLU(),
+            nn.Linear(c2 * (h // 4) * (w // 4), hidden), act(),
             nn.Linear(hidden, 2 * latent_dim),
         )
 
@@ -100,17 +110,19 @@ class ConvEncoder(_Conv):
 class ConvDecoder(_Conv):
     """The mirror of ConvEncoder: linear to (c2, H/4, W/4), two stride-2 transposed convolutions."""
 
-    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: Channels, hidden: PosInt) -> None:
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: Channels, hidden: PosInt,
+                 activation: Activation = "relu") -> None:
         super().__init__()
         _check_conv_shape(image_shape)
         c, h, w = image_shape
         c1, c2 = channels
         self.image_shape = tuple(image_shape)
+        act = ACTIVATIONS[activation]
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, hidden), nn.ReLU(),
-            nn.Linear(hidden, c2 * (h // 4) * (w // 4)), nn.ReLU(),
+            nn.Linear(latent_dim, hidden), act(),
+            nn.Linear(hidden, c2 * (h // 4) * (w // 4)), act(),
             nn.Unflatten(1, (c2, h // 4, w // 4)),
-            nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),  # (B, c1, H/2, W/2)
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(),  # (B, c1, H/2, W/2)
             nn.ConvTranspose2d(c1, c, 4, 2, 1),              # (B, C, H, W)
         )
 

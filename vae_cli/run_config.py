@@ -1,6 +1,6 @@
 """What a training run's config holds (conf/train.yaml): the settings of `vae train`.
 
-``TrainSettings`` describes the top level; the nodes (dataset, model, likelihood, optimizer) are
+``TrainSettings`` describes the top level; the nodes (dataset, model, likelihood, optimizer, objective) are
 described by the typed classes they build, the trainer node by ``TrainerSettings``. The same
 description checks a command line before anything is written and a checkpoint's saved config
 before anything is built from it. This module sits below runs.py and train.py (it imports
@@ -84,10 +84,12 @@ class TrainSettings(BaseModel):
     likelihood: Node("torch.nn.Module")  # before model, which holds a copy: errors name likelihood.*
     model: Node("vae_cli.model.VAE")
     optimizer: Node("torch.optim.Optimizer")
+    objective: Node("vae_cli.objectives.Objective") = {"_target_": "vae_cli.objectives.ELBO"}  # runs before 0.2
     trainer: Node("pytorch_lightning.Trainer")
     seed: Seed = 0
     beta: NonNegFloat = 1.0             # weight on the KL
     kl_warmup_steps: NonNegInt = 0
+    free_bits: NonNegFloat = 0.0        # nats per latent dimension (Kingma et al. 2016); 0 is off
     compile: bool = False
     matmul_precision: MatmulPrecision = "highest"
     verbose: bool = False               # Lightning's device lines, tips and the model summary

@@ -55,6 +55,8 @@ TARGETS: dict[str, str | None] = {
     "vae_cli.likelihoods.Gaussian": None,
     # described without Lightning, so commands that only read a checkpoint start fast
     "vae_cli.datamodule.ImageData": "vae_cli.dataset_settings.DatasetSettings",
+    "vae_cli.objectives.ELBO": None,
+    "vae_cli.objectives.IWAE": None,
     "vae_cli.optim.adam": None,
     "vae_cli.optim.adamw": None,
     "vae_cli.optim.sgd": None,

@@ -1,0 +1,258 @@
+"""Training objectives (ELBO, IWAE, DReG), free bits, and the posterior-collapse report and warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import linear_gaussian as lg
+from conftest import TINY, run_main
+from vae_cli.collapse import CollapseMonitor, UnitStats, report
+from vae_cli.model import VAE
+from vae_cli.objectives import ELBO, IWAE, _PosteriorLogProb, stopped_log_prob
+from vae_cli.networks import MLPDecoder, MLPEncoder
+from vae_cli.likelihoods import Bernoulli
+
+
+class AffineEncoder(nn.Module):
+    """q(z|x) = N(A x + c, diag exp(s)): a learnable encoder for the linear-Gaussian model."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.A = nn.Parameter(0.3 * torch.randn(lg.DX, lg.DZ, generator=g, dtype=torch.float64))
+        self.c = nn.Parameter(0.1 * torch.randn(lg.DZ, generator=g, dtype=torch.float64))
+        self.s = nn.Parameter(torch.full((lg.DZ,), -0.5, dtype=torch.float64))
+
+    def forward(self, x):
+        mu = x.flatten(1) @ self.A + self.c
+        return mu, self.s.expand_as(mu)
+
+
+def linear_model(seed: int = 0) -> tuple[VAE, torch.Tensor]:
+    model, W, b, s = lg.make(seed)
+    model.encoder = AffineEncoder(seed)
+    return model, lg.data(model, 8)
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one thread is several times faster than many on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_mlp(seed: int = 0) -> tuple[VAE, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = VAE(3, MLPEncoder([1, 4, 4], 3, [8]), MLPDecoder([1, 4, 4], 3, [8]), Bernoulli())
+    return model, torch.bernoulli(torch.full((16, 1, 4, 4), 0.4))
+
+
+def test_iwae_with_one_sample_is_the_elbo_on_the_same_draw(one_thread):
+    model, x = tiny_mlp()
+    for w in (1.0, 0.3):
+        torch.manual_seed(5)
+        e = ELBO().terms(model, x, kl_weight=w)
+        torch.manual_seed(5)
+        i = IWAE(k=1).terms(model, x, kl_weight=w)
+        torch.manual_seed(5)
+        q = model.posterior(x)
+        z = q.rsample()
+        sampled_kl = q.log_prob(z) - model.prior.log_prob(z)
+        assert torch.allclose(i.recon, e.recon) and torch.allclose(i.kl, e.kl)      # the same draw, the same ELBO
+        assert torch.allclose(i.objective, (e.recon - w * sampled_kl).mean(), atol=1e-5)
+    # and on average the ELBO objective's closed-form KL and IWAE(k=1)'s sampled one agree
+    torch.manual_seed(0)
+    xs = x.repeat(200, 1, 1, 1)
+    with torch.no_grad():
+        a, b = ELBO().terms(model, xs).objective, IWAE(k=1).terms(model, xs).objective
+    assert abs(a - b) < 0.05
+
+
+def test_iwae_bound_rises_with_k_and_stays_below_log_px(one_thread):
+    model, _ = linear_model()
+    x = lg.data(model, 200, seed=3)
+    exact = lg.exact_log_px(x, model.decoder.W, model.decoder.b, model.likelihood.s).mean()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bounds = [IWAE(k=k).terms(model, x).objective.item() for k in (1, 10, 100)]
+    assert bounds[0] < bounds[1] < bounds[2] < exact.item() + 0.05
+
+
+def _grads(model, x, objective, w, reps):
+    """Per repetition, the gradient of the objective's loss for every parameter: {name: (reps, ...)}."""
+    out = {}
+    for _ in range(reps):
+        model.zero_grad()
+        objective.terms(model, x, kl_weight=w).loss.backward()
+        for n, p in model.named_parameters():
+            out.setdefault(n, []).append(p.grad.detach().clone())
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+@pytest.mark.parametrize("w", [1.0, 0.5])
+def test_dreg_gradients_have_the_iwae_expectation_and_less_variance(w, one_thread):
+    model, x = linear_model()
+    xs = x.repeat(40, 1, 1, 1)           # the batch mean averages 40 draws per repetition
+    torch.manual_seed(1)
+    plain = _grads(model, xs, IWAE(k=8), w, 40)
+    torch.manual_seed(1)
+    dreg = _grads(model, xs, IWAE(k=8, dreg=True), w, 40)
+    for name in ("encoder.A", "encoder.c", "encoder.s"):
+        a, b = plain[name], dreg[name]
+        se = ((a.var(0) + b.var(0)) / len(a)).sqrt()
+        z = ((a.mean(0) - b.mean(0)) / se).abs()
+        assert z.max() < 4.5, (name, z)
+        assert b.var(0).sum() < a.var(0).sum(), name     # the point of DReG
+
+
+def test_dreg_leaves_the_decoder_gradient_as_it_is(one_thread):
+    model, x = tiny_mlp()
+    torch.manual_seed(1)
+    plain = _grads(model, x, IWAE(k=8), 1.0, 1)
+    torch.manual_seed(1)
+    dreg = _grads(model, x, IWAE(k=8, dreg=True), 1.0, 1)
+    for name in plain:
+        same = torch.allclose(plain[name], dreg[name], atol=1e-7)
+        assert same == name.startswith("decoder"), name
+
+
+def test_dreg_without_a_gaussian_posterior_stops_the_whole_model():
+    model, x = linear_model()
+    q = model.posterior(x)
+    z = q.sample((3,)).requires_grad_()
+    fast = stopped_log_prob(model, x, q, z)
+    from torch.func import functional_call
+
+    detached = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+    slow = functional_call(_PosteriorLogProb(model), detached, (x, z))
+    assert torch.allclose(fast, slow)
+    g = torch.autograd.grad(slow.sum(), [model.encoder.A], allow_unused=True, retain_graph=True)[0]
+    assert g is None                                    # through z only
+    assert torch.autograd.grad(slow.sum(), [z])[0].abs().sum() > 0
+
+
+def test_free_bits_change_the_loss_only_below_the_threshold(one_thread):
+    model, x = tiny_mlp()
+    torch.manual_seed(2)
+    base = ELBO().terms(model, x)
+    per_dim = base.kl_dims.mean(0)                     # (D,) batch means
+    low = per_dim.min().item() * 0.9
+    torch.manual_seed(2)
+    same = ELBO().terms(model, x, free_bits=low)
+    assert torch.equal(same.loss, base.loss)
+    high = per_dim.max().item() * 1.1
+    torch.manual_seed(2)
+    floored = ELBO().terms(model, x, free_bits=high)
+    assert torch.allclose(floored.loss - base.loss, (high - per_dim).sum(), atol=1e-5)
+    assert torch.equal(floored.recon, base.recon) and torch.equal(floored.kl, base.kl)  # the logged ELBO is unchanged
+    # below the floor the KL gives the encoder no gradient: only recon does
+    model.zero_grad()
+    floored.loss.backward()
+    g_floor = model.encoder.net[-1].bias.grad.clone()
+    torch.manual_seed(2)
+    q = model.posterior(x)
+    model.zero_grad()
+    (-model.decode(q.rsample()).log_prob(x).mean()).backward()
+    assert torch.allclose(g_floor, model.encoder.net[-1].bias.grad, atol=1e-6)
+
+
+def test_active_units_count_the_dimensions_the_mean_moves_along():
+    stats = UnitStats()
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(500, 4, generator=g) * torch.tensor([1.0, 0.3, 0.05, 0.0])  # variances 1, .09, .0025, 0
+    stats.add(mean[:300], torch.ones(300, 4))
+    stats.add(mean[300:], torch.ones(200, 4))
+    assert stats.active_units() == 2 and stats.dims == 4
+    assert torch.allclose(stats.kl_per_dim(), torch.ones(4, dtype=torch.float64))
+    model, x = tiny_mlp()
+    r = report(model, (x * 255).to(torch.uint8), "dynamic", batch_size=5)
+    assert r["latent_dim"] == 3 and len(r["kl_per_dim"]) == 3 and 0 <= r["active_units"] <= 3
+
+
+def test_collapse_monitor_warns_once_and_only_on_collapse(caplog):
+    caplog.set_level(logging.WARNING, logger="vae_cli")
+    healthy = CollapseMonitor(after=10, window=5)
+    for step in range(40):
+        healthy.train_step(step, torch.full((8,), 3.0))
+    healthy.validation(40, 3.0, 5, 8)
+    healthy.train_epoch(40, 3.0)
+    assert not caplog.records
+    collapsed = CollapseMonitor(after=10, window=5)
+    for step in range(40):
+        collapsed.train_step(step, torch.full((8,), 1e-4))
+    collapsed.validation(40, 1e-4, 0, 8)
+    assert len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert "posterior collapse" in line and "steps 6-10" in line
+    assert all(word in line for word in ("kl_warmup_steps", "free_bits", "optimizer.lr"))
+
+
+def _tb(run):
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_the_healthy_tiny_run_logs_units_and_objective_and_no_warning(trained_run):
+    acc = _tb(trained_run)
+    s = {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    assert s["train/objective"] == pytest.approx(s["train/elbo"]) and len(s["val/objective"]) == 2
+    assert len(s["val/active_units"]) == 2 and s["val/active_units"][-1] >= 1
+    assert "val/kl_per_dim" in acc.Tags()["histograms"]
+    assert "posterior collapse" not in (trained_run / "train.log").read_text()
+
+
+def test_a_collapsing_run_is_warned_about_once(tmp_path, data_dir, capsys):
+    # beta=200 forces q(z|x) onto the prior within the first epoch
+    run = tmp_path / "collapse"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "beta=200", "optimizer.lr=0.01", "eval.k=0", "trainer.max_epochs=1",
+                    f"hydra.run.dir={run}") == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "posterior collapse" in line]
+    assert len(said) == 1 and "free_bits" in said[0], said
+    assert "step 4" in said[0]                           # at the end of the first epoch (4 steps)
+
+
+@pytest.mark.parametrize("args", [
+    ["objective=iwae", "objective.k=3", "objective.dreg=true", "kl_warmup_steps=4", "beta=0.5"],
+    ["free_bits=0.5", "kl_warmup_steps=2"],
+])
+def test_every_objective_option_trains_through_vae_train(tmp_path, data_dir, args):
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0", *args,
+                    f"hydra.run.dir={run}") == 0
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+    s = {t: [e.value for e in _tb(run).Scalars(t)] for t in _tb(run).Tags()["scalars"]}
+    assert math.isfinite(s["val/elbo"][0]) and math.isfinite(s["train/objective"][0])
+    if "objective=iwae" in args:   # with beta < 1 and the warm-up the bound is not the ELBO
+        assert s["train/objective"][0] != pytest.approx(s["train/elbo"][0])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["objective=iwae", "free_bits=0.5"], "free_bits=0.5 is not allowed with objective=iwae"),
+    (["objective=iwae", "objective.k=0"], "objective.k=0 is not allowed"),
+    (["free_bits=-1"], "free_bits=-1"),
+    (["objective.k=3"], "unknown setting 'objective.k'"),
+])
+def test_objective_mistakes_are_one_line(tmp_path, data_dir, args, message, capsys):
+    assert run_main("train", f"data_dir={data_dir}", *TINY, *args, f"hydra.run.dir={tmp_path / 'x'}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1], err[-3:]
+
+
+def test_vae_evaluate_reports_active_units(trained_run_2d, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert run_main("evaluate", f"run={trained_run_2d}", "k=8", "limit=12", "estimators=iwae", f"out={out}") == 0
+    assert "active units:" in capsys.readouterr().out
+    r = json.loads(out.read_text())["collapse"]
+    assert r["latent_dim"] == 2 and len(r["kl_per_dim"]) == 2 and len(r["posterior_mean_variance"]) == 2

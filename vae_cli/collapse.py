@@ -1,0 +1,138 @@
+"""Posterior collapse: active units, KL per latent dimension, and one warning when z goes unused.
+
+A latent unit u is active when Cov_x(E_q(z|x)[z_u]) > 0.01 over a data set (Burda, Grosse and
+Salakhutdinov 2016, section 5.2): the encoder's mean moves with the input along it. A collapsed
+posterior has q(z|x) = p(z) for every x: no active units, KL near 0, and a decoder that ignores z.
+
+Training checks twice: from the running training KL (every WINDOW steps from CHECK_AFTER on, and
+at the end of each training epoch), so a collapse is reported within the first epoch; and at each
+validation epoch, from the active units and the validation KL. The first hit prints one warning
+line naming the remedies; later ones stay silent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vae_cli.logs import log
+from vae_cli.objectives import kl_per_dim, posterior_mean
+
+ACTIVE = 0.01          # Cov_x(E_q[z_u]) above this: an active unit (Burda et al. 2016)
+KL_FLOOR = 0.05        # nats per example, over all dimensions: below it, z carries next to nothing
+CHECK_AFTER = 100      # training steps before the running KL is first checked
+WINDOW = 50            # training steps averaged per check
+REMEDIES = ("ramp the KL in (kl_warmup_steps=10000), keep a floor on each dimension's KL (free_bits=0.25), "
+            "or lower the learning rate (a smaller optimizer.lr)")
+
+
+class UnitStats:
+    """Sums over a data set, per latent dimension: of E_q[z], of its square, and of the KL."""
+
+    def __init__(self) -> None:
+        self.n = 0.0
+        self.sums: torch.Tensor | None = None   # (3, D) float64: sum m, sum m^2, sum KL_d (NaN: no closed form)
+
+    def add(self, mean: torch.Tensor, kl_dims: torch.Tensor | None) -> None:
+        mean = mean.detach().double()
+        kl = kl_dims.detach().double().sum(0) if kl_dims is not None else torch.full_like(mean[0], float("nan"))
+        part = torch.stack([mean.sum(0), (mean**2).sum(0), kl])
+        self.sums = part if self.sums is None else self.sums + part
+        self.n += len(mean)
+
+    def reduce(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "UnitStats":
+        """The sums over every process (fn: a sum across processes, e.g. the strategy's reduce)."""
+        if self.sums is None:
+            return self
+        flat = fn(torch.cat([self.sums.flatten(), self.sums.new_tensor([self.n])]))
+        out = UnitStats()
+        out.sums, out.n = flat[:-1].view_as(self.sums), float(flat[-1])
+        return out
+
+    @property
+    def dims(self) -> int:
+        return 0 if self.sums is None else self.sums.shape[1]
+
+    def variances(self) -> torch.Tensor:
+        """Cov_x(E_q[z_u]) per unit u, (D,)."""
+        m1, m2 = self.sums[0] / self.n, self.sums[1] / self.n
+        return (m2 - m1**2).clamp(min=0)
+
+    def active_units(self, threshold: float = ACTIVE) -> int:
+        return 0 if self.sums is None else int((self.variances() > threshold).sum())
+
+    def kl_per_dim(self) -> torch.Tensor | None:
+        """The mean KL of each dimension, (D,) on the CPU; None without a closed form."""
+        if self.sums is None or torch.isnan(self.sums[2]).any():
+            return None
+        return (self.sums[2] / self.n).cpu()
+
+
+class CollapseMonitor:
+    """Prints one warning the first time the posterior looks collapsed; silent otherwise."""
+
+    def __init__(self, kl_floor: float = KL_FLOOR, after: int = CHECK_AFTER, window: int = WINDOW) -> None:
+        self.kl_floor, self.after, self.window = kl_floor, after, window
+        self.warned = False
+        self._kl: torch.Tensor | None = None    # the window's KL sum, on the device (no host sync a step)
+        self._n = 0
+
+    def train_step(self, step: int, kl: torch.Tensor) -> None:
+        """Every training step (step: optimizer steps before this one), kl: (B,) this batch."""
+        if self.warned:
+            return
+        s = kl.detach().sum()
+        self._kl = s if self._kl is None else self._kl + s
+        self._n += len(kl)
+        if step + 1 >= self.after and (step + 1) % self.window == 0:
+            mean = float(self._kl) / self._n
+            self._kl, self._n = None, 0
+            if mean < self.kl_floor:
+                self.warn(f"the training KL averaged {mean:.2g} nats over steps {step + 2 - self.window}-{step + 1}")
+
+    def train_epoch(self, step: int, kl_mean: float) -> None:
+        """The end of a training epoch: its mean KL."""
+        if kl_mean < self.kl_floor:
+            self.warn(f"the training KL averaged {kl_mean:.2g} nats over the epoch ending at step {step}")
+
+    def validation(self, step: int, kl_mean: float, active: int, dims: int) -> None:
+        """The end of a validation epoch: its mean KL and the active units of dims."""
+        if dims and active == 0:
+            self.warn(f"no active latent units of {dims} at step {step} (validation KL {kl_mean:.2g} nats)")
+        elif kl_mean < self.kl_floor:
+            self.warn(f"the validation KL is {kl_mean:.2g} nats at step {step} ({active} of {dims} units active)")
+
+    def warn(self, what: str) -> None:
+        if not self.warned:
+            self.warned = True
+            log.warning(f"posterior collapse: {what}, so the decoder ignores z; to avoid it, {REMEDIES}")
+
+
+@torch.no_grad()
+def report(model, images: torch.Tensor, pixels: str, batch_size: int = 100, seed: int = 0) -> dict[str, Any]:
+    """Active units and KL per dimension of a model on uint8 images (N, C, H, W): keys for a JSON."""
+    from vae_cli.data import Batches
+
+    device = next(model.parameters()).device
+    stats = UnitStats()
+    torch.manual_seed(seed + 2)
+    for x in Batches(images.to(device), batch_size, pixels, shuffle=False, seed=seed, fixed_noise=True):
+        q = model.posterior(x)
+        mean = posterior_mean(q, q.sample((8,)))   # the draws only where q has no closed-form mean
+        stats.add(mean, kl_per_dim(q, model.prior))
+    kl = stats.kl_per_dim()
+    return {"active_units": stats.active_units(), "latent_dim": stats.dims, "active_threshold": ACTIVE,
+            "posterior_mean_variance": stats.variances().tolist(),
+            "kl_per_dim": None if kl is None else kl.tolist()}
+
+
+def line(r: dict[str, Any]) -> str:
+    """One line for a table: active units, and the KL per dimension, largest first."""
+    text = f"active units: {r['active_units']} of {r['latent_dim']} (Cov_x E_q[z_u] > {r['active_threshold']})"
+    if r.get("kl_per_dim") is not None:
+        kl = sorted(r["kl_per_dim"], reverse=True)
+        shown = ", ".join(f"{v:.2f}" for v in kl[:8]) + (", ..." if len(kl) > 8 else "")
+        text += f"; KL per dimension (nats, largest first): {shown}"
+    return text
