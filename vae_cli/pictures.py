@@ -148,6 +148,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
 def prior_draws(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
     """n draws of z ~ p(z), seeded, on the model's device: (n, D).
 
