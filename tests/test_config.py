@@ -14,7 +14,8 @@ from vae_cli.errors import UserError
 from vae_cli.train import build_datamodule
 
 GROUPS = {"dataset": ["cifar10", "fashion_mnist", "folder", "mnist"], "model": ["conv", "mlp"],
-          "likelihood": ["bernoulli", "gaussian"], "optimizer": ["adam", "adamw", "sgd"], "trainer": ["default"]}
+          "likelihood": ["bernoulli", "gaussian"], "prior": ["standard", "vamp"], "posterior": ["gaussian", "iaf"],
+          "optimizer": ["adam", "adamw", "sgd"], "trainer": ["default"]}
 
 
 def test_groups_list_their_yaml_files(conf):

@@ -32,7 +32,7 @@ LogJoint = Callable[[torch.Tensor], torch.Tensor]  # z (..., B, D) -> log p(x, z
 
 @torch.no_grad()
 def elbo(model: VAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One-sample ELBO per example: {"elbo", "recon", "kl"}, each (B,), kl in closed form."""
+    """One-sample ELBO per example: {"elbo", "recon", "kl"}, each (B,), kl in closed form where torch has one."""
     recon, kl = model.elbo_terms(x)
     return {"elbo": recon - kl, "recon": recon, "kl": kl}
 
@@ -63,10 +63,15 @@ def estimate(model: VAE, x: torch.Tensor, k: int, rows: int = 8192) -> dict[str,
 
     Returns float64 tensors of shape (B,): ``log_px`` (L_k), ``recon`` (the mean of log p(x|z_i)
     over the k draws), ``kl`` (closed form), ``elbo`` = recon - kl, ``gap`` = log_px - elbo, and
-    ``log_w``, the (k, B) log weights (for the diagnostics and the curve over k).
+    ``log_w``, the (k, B) log weights (for the diagnostics and the curve over k). Where torch has
+    no closed-form KL (a flow posterior, the VampPrior), ``kl`` is the mean of log q - log p over
+    the same k draws.
     """
     q = model.proposal(x)                                       # batch (B,), event (D,)
-    kl = kl_divergence(q, model.prior).double()                 # (B,)
+    try:
+        kl = kl_divergence(q, model.prior).double()             # (B,)
+    except NotImplementedError:
+        kl = None
     recon = torch.zeros(len(x), dtype=torch.float64, device=x.device)
 
     def log_joint(z: torch.Tensor) -> torch.Tensor:             # (c, B, D) -> (c, B), noting log p(x|z)
@@ -76,6 +81,8 @@ def estimate(model: VAE, x: torch.Tensor, k: int, rows: int = 8192) -> dict[str,
         return log_px_z + model.prior.log_prob(z)
 
     log_w = log_weights(log_joint, q, k, rows)                  # (k, B)
+    if kl is None:  # log q - log p = log p(x|z) - log w: its mean over the same k draws
+        kl = (recon - log_w.sum(0)) / k
     out = {"log_px": log_mean_exp(log_w), "recon": recon / k, "kl": kl}
     out["elbo"] = out["recon"] - kl
     out["gap"] = out["log_px"] - out["elbo"]

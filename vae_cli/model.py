@@ -5,7 +5,13 @@ The ELBO (Kingma and Welling 2014, eq. 7), in nats per example, summed over pixe
     ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))
             =        recon         -        kl
 
-recon is a one-sample reparameterised estimate; kl is in closed form (two diagonal Gaussians).
+recon is a one-sample reparameterised estimate; kl is in closed form where torch has one (the
+diagonal Gaussian posterior against the standard normal prior), else the Monte Carlo estimate
+log q(z|x) - log p(z) at the same draw z (a flow posterior, the VampPrior).
+
+The prior and the posterior family are modules of their own (vae_cli.priors, vae_cli.posteriors;
+conf/prior/, conf/posterior/), by default N(0, I) and the diagonal Gaussian: a model built without
+them (and a 0.1.0 checkpoint, which has no such keys or weights) is exactly the model of 0.1.0.
 No Lightning here: sampling, pictures and estimators import this module alone; training wraps it
 in ``vae_cli.module.VAEModule``.
 """
@@ -14,30 +20,50 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, kl_divergence
 
+from vae_cli.posteriors import GaussianPosterior, Posterior
+from vae_cli.priors import Prior, StandardNormal
 from vae_cli.typed import PosInt
 
 
 class VAE(nn.Module):
-    """A VAE with a standard-normal prior and a diagonal-Gaussian posterior q(z|x)."""
+    """A VAE: an encoder and a posterior family q(z|x), a prior p(z), a decoder and a likelihood p(x|z)."""
 
-    def __init__(self, latent_dim: PosInt, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module) -> None:
+    def __init__(self, latent_dim: PosInt, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module,
+                 prior: Prior | None = None, posterior: Posterior | None = None) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        # weights saved as prior_module.* / posterior_module.* (none for the defaults)
+        self.prior_module = prior if prior is not None else StandardNormal()
+        self.posterior_module = posterior if posterior is not None else GaussianPosterior()
+        # N(0, I)'s parameters (not saved); they also tell which device the model is on
         self.register_buffer("prior_loc", torch.zeros(latent_dim), persistent=False)
         self.register_buffer("prior_scale", torch.ones(latent_dim), persistent=False)
 
     @property
+    def device(self) -> torch.device:
+        return self.prior_loc.device
+
+    @property
+    def standard_prior(self) -> bool:
+        """Whether p(z) = N(0, I)."""
+        return isinstance(self.prior_module, StandardNormal)
+
+    @property
     def prior(self) -> Distribution:
-        """p(z) = N(0, I)."""
-        return Independent(Normal(self.prior_loc, self.prior_scale, validate_args=False), 1, validate_args=False)
+        """p(z), batch shape (), event shape (D,): N(0, I) by default, or the configured prior."""
+        return self.prior_module.distribution(self)
 
     def posterior(self, x: torch.Tensor) -> Distribution:
-        """q(z|x) = N(mu(x), diag sigma(x)^2), batch shape (B,), event shape (D,)."""
+        """q(z|x), batch shape (B,), event shape (D,): N(mu(x), diag sigma(x)^2) by default."""
         mu, logvar = self.encoder(x)  # (B, D) each
-        return Independent(Normal(mu, (0.5 * logvar).exp(), validate_args=False), 1, validate_args=False)
+        return self.posterior_module(x, mu, logvar)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """One code per input, (B, D): the mean of q(z|x) for the Gaussian, f(mu) for a flow."""
+        return self.posterior_module.point(self.posterior(x))
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z) for z of shape (..., D); event shape (C, H, W)."""
@@ -56,9 +82,20 @@ class VAE(nn.Module):
         return self.decode(z).log_prob(x) + self.prior.log_prob(z)
 
     def elbo_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example (recon, kl), each (B,), in nats: ELBO = recon - kl."""
-        q = self.posterior(x)
-        z = q.rsample()                        # (B, D), the reparameterisation trick
+        """Per-example (recon, kl), each (B,), in nats: ELBO = recon - kl.
+
+        kl is in closed form where torch has one, else log q(z|x) - log p(z) at the same draw z."""
+        q, p = self.posterior(x), self.prior
+        try:
+            kl = kl_divergence(q, p)           # (B,)  closed form
+        except NotImplementedError:
+            kl = None
+        if kl is None and hasattr(q, "rsample_and_log_prob"):
+            z, log_q = q.rsample_and_log_prob()  # a flow: log q(z|x) of its own draw, no inversion
+        else:
+            z = q.rsample()                    # (B, D), the reparameterisation trick
+            log_q = q.log_prob(z) if kl is None else None
         recon = self.decode(z).log_prob(x)     # (B,)  one-sample E_q[log p(x|z)]
-        kl = kl_divergence(q, self.prior)      # (B,)  closed form
+        if kl is None:
+            kl = log_q - p.log_prob(z)         # (B,)  one-sample Monte Carlo KL
         return recon, kl

@@ -32,7 +32,7 @@ Mode = Literal["mean", "sample"]   # mean: the mean of p(x|z); sample: a draw fr
 class SampleSettings(FromRunSettings):
     n: PosInt = 64
     nrow: PosInt = 8
-    temperature: PosFloat = 1.0    # scales the prior's standard deviation
+    temperature: PosFloat = 1.0    # scales the prior's standard deviation (prior=standard only)
     mode: Mode = "mean"
 
 
@@ -139,13 +139,37 @@ def latent_path(z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "l
 # ----------------------------------------------------------------------------- pictures
 
 
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """The global RNG seeded for the block and restored after (a Distribution's sample takes no generator)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def prior_draws(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """n draws of z ~ p(z), seeded, on the model's device: (n, D).
+
+    With the standard prior, z = temperature * eps (eps ~ N(0, I)); a temperature means nothing
+    for another prior (a mixture has no single scale), so anything but 1 is refused there."""
+    if model.standard_prior:
+        z = temperature * torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, D)
+        return z.to(model.device)
+    if temperature != 1.0:
+        raise UserError(f"temperature={temperature} is not allowed: it scales N(0, I), and this model's prior is "
+                        f"{type(model.prior_module).__name__}; use temperature=1")
+    with _seeded(seed):
+        return model.prior.sample((n,))
+
+
 @torch.no_grad()
 def sample_images(model: VAE, n: int, temperature: float = 1.0, mode: str = "mean", seed: int = 0) -> torch.Tensor:
-    """n images decoded from z ~ N(0, temperature^2 I): (n, C, H, W)."""
-    device = model.prior_loc.device
-    z = temperature * torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, D)
-    g = torch.Generator(device=device).manual_seed(seed + 1)  # for draws from p(x|z), on the model's device
-    return pixels_of(model, z.to(device), mode, g)
+    """n images decoded from z ~ p(z) (for N(0, I): z ~ N(0, temperature^2 I)): (n, C, H, W)."""
+    z = prior_draws(model, n, seed, temperature)
+    g = torch.Generator(device=model.device).manual_seed(seed + 1)  # for draws from p(x|z), on the model's device
+    return pixels_of(model, z, mode, g)
 
 
 @torch.no_grad()
@@ -161,8 +185,9 @@ def interpolation_rows(
 
 @torch.no_grad()
 def encode_mean(model: VAE, x: torch.Tensor) -> torch.Tensor:
-    """The mean of q(z|x): (B, D)."""
-    return model.posterior(x).mean
+    """The code of x, (B, D): the mean of q(z|x) for the Gaussian posterior; for a flow, the flow
+    applied to its base Gaussian's mean (``VAE.encode``)."""
+    return model.encode(x)
 
 
 @torch.no_grad()
@@ -173,9 +198,24 @@ def reconstructions(model: VAE, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def kl_per_dimension(model: VAE, x: torch.Tensor) -> torch.Tensor:
-    """The mean over x of KL(q(z_d|x) || p(z_d)) for each latent dimension d: (D,)."""
+    """The mean over x of KL(q(z_d|x) || p(z_d)) for each latent dimension d: (D,).
+
+    Defined for the diagonal Gaussian posterior and the standard prior only (see ``activity``)."""
     q = model.posterior(x).base_dist                               # Normal, (B, D)
     return kl_divergence(q, Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))).mean(0)
+
+
+def per_dimension_kl_exists(model: VAE) -> bool:
+    """Whether q(z|x) and p(z) both factorise into Gaussians over dimensions (KL per dimension defined)."""
+    from vae_cli.posteriors import GaussianPosterior
+
+    return model.standard_prior and isinstance(model.posterior_module, GaussianPosterior)
+
+
+@torch.no_grad()
+def activity(model: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The variance over x of each dimension of the code (Burda et al. 2016's activity of a unit): (D,)."""
+    return model.encode(x).var(0)
 
 
 @torch.no_grad()
@@ -190,14 +230,21 @@ def traversal(model: VAE, x: torch.Tensor, dims: list[int], steps: int, span: fl
 
 
 @torch.no_grad()
-def manifold_images(model: VAE, steps: int) -> torch.Tensor:
+def manifold_images(model: VAE, steps: int, seed: int = 0) -> torch.Tensor:
     """Decode a steps x steps grid over the 2-d latent plane through the prior's inverse CDF
-    (Kingma and Welling 2014, fig. 4): equal probability mass between neighbours. (steps^2, C, H, W)."""
+    (Kingma and Welling 2014, fig. 4): equal probability mass between neighbours. (steps^2, C, H, W).
+
+    For another prior the two axes are the quantiles of its marginals, read from 5000 seeded
+    prior draws: equal marginal mass between neighbours."""
     u = torch.linspace(0.5 / steps, 1 - 0.5 / steps, steps)        # avoid the infinite ends
-    v = Normal(0.0, 1.0).icdf(u)                                    # (S,)
-    z2, z1 = torch.meshgrid(v.flip(0), v, indexing="ij")            # rows: z2 from high to low
+    if model.standard_prior:
+        v1 = v2 = Normal(0.0, 1.0).icdf(u)                          # (S,)
+    else:
+        draws = prior_draws(model, 5000, seed).cpu()                # (N, 2)
+        v1, v2 = torch.quantile(draws, u, dim=0).T                  # (S,) each
+    z2, z1 = torch.meshgrid(v2.flip(0), v1, indexing="ij")          # rows: z2 from high to low
     z = torch.stack([z1, z2], dim=-1).reshape(-1, 2)                 # (S*S, 2)
-    return pixels_of(model, z.to(model.prior_loc.device))
+    return pixels_of(model, z.to(model.device))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -224,7 +271,7 @@ def _take(images: torch.Tensor, pixels: str, cfg, model: VAE, start: int, count:
 
     if start + count > len(images):
         raise UserError(f"index={start} with {count} image(s) runs past the {cfg.split} split ({len(images)} images)")
-    raw = images[start : start + count].to(model.prior_loc.device)
+    raw = images[start : start + count].to(model.device)
     g = torch.Generator(device=raw.device).manual_seed(cfg.seed)
     return to_pixels(raw, pixels, g), raw.float() / 255
 
@@ -264,9 +311,7 @@ def interpolate(cfg) -> Path:
     model, config, _, out_dir = _load(cfg)
     with _outputs(cfg, out_dir, "interpolate", gif=bool(cfg.gif)) as paths:
         if cfg.source == "prior":
-            g = torch.Generator().manual_seed(cfg.seed)
-            z = torch.randn(2 * cfg.pairs, model.latent_dim, generator=g).to(model.prior_loc.device)
-            ends = None
+            z, ends = prior_draws(model, 2 * cfg.pairs, cfg.seed), None
         else:
             x, shown = _inputs(cfg, config, model, cfg.index, 2 * cfg.pairs)
             z, ends = encode_mean(model, x), shown
@@ -308,10 +353,13 @@ def traverse(cfg) -> Path:
         images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
         x, _ = _take(images, pixels, cfg, model, cfg.index, 1)
         pool, _ = _take(images, pixels, cfg, model, 0, min(1000, len(images)))
-        kl = kl_per_dimension(model, pool)
-        order = kl.argsort(descending=True).tolist()
+        if per_dimension_kl_exists(model):
+            score, label = kl_per_dimension(model, pool), "KL (nats)"
+        else:  # a flow or the VampPrior: no KL per dimension; rank by how much the code varies
+            score, label = activity(model, pool), "activity (variance of the code over inputs)"
+        order = score.argsort(descending=True).tolist()
         dims = order[: cfg.dims] if cfg.dims else order
-        print("rows, by KL (nats): " + ", ".join(f"z{d} {kl[d]:.2f}" for d in dims), file=sys.stderr)
+        print(f"rows, by {label}: " + ", ".join(f"z{d} {score[d]:.2f}" for d in dims), file=sys.stderr)
         return _save(paths, grid(traversal(model, x, dims, cfg.steps, cfg.range), cfg.steps))
 
 
@@ -322,4 +370,4 @@ def manifold(cfg) -> Path:
         raise UserError(f"vae manifold needs a 2-d latent space; this model has latent_dim={model.latent_dim} "
                         "(train one with model.latent_dim=2)")
     with _outputs(cfg, out_dir, "manifold") as paths:
-        return _save(paths, grid(manifold_images(model, cfg.steps), cfg.steps))
+        return _save(paths, grid(manifold_images(model, cfg.steps, cfg.seed), cfg.steps))

@@ -1,6 +1,6 @@
 """What a training run's config holds (conf/train.yaml): the settings of `vae train`.
 
-``TrainSettings`` describes the top level; the nodes (dataset, model, likelihood, optimizer, objective) are
+``TrainSettings`` describes the top level; the nodes (dataset, model, likelihood, prior, posterior, optimizer, objective) are
 described by the typed classes they build, the trainer node by ``TrainerSettings``. The same
 description checks a command line before anything is written and a checkpoint's saved config
 before anything is built from it. This module sits below runs.py and train.py (it imports
@@ -82,6 +82,9 @@ class TrainSettings(BaseModel):
     model_config = STRICT
     dataset: Node("vae_cli.datamodule.ImageData")
     likelihood: Node("torch.nn.Module")  # before model, which holds a copy: errors name likelihood.*
+    # likewise; absent from the configs of 0.1.0 (N(0, I) and the diagonal Gaussian then)
+    prior: Node("vae_cli.priors.Prior") = None
+    posterior: Node("vae_cli.posteriors.Posterior") = None
     model: Node("vae_cli.model.VAE")
     optimizer: Node("torch.optim.Optimizer")
     objective: Node("vae_cli.objectives.Objective") = {"_target_": "vae_cli.objectives.ELBO"}  # runs before 0.2

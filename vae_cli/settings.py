@@ -13,6 +13,7 @@ is described by what it builds:
   its description);
 * an argument annotated with a class pydantic cannot check (``encoder: nn.Module``) is a nested
   node, validated the same way, whose target must build that class;
+* an argument annotated ``X | None = None`` with such a class is an optional node (absent: None);
 * ``_partial_: true`` nodes may leave required arguments out (given later, e.g. params);
 * cross-field rules live on the class too: an optional ``check_settings(cls, args: dict)``
   classmethod (or staticmethod) is called with the validated arguments and raises ValueError with
@@ -53,6 +54,10 @@ TARGETS: dict[str, str | None] = {
     "vae_cli.networks.ConvDecoder": None,
     "vae_cli.likelihoods.Bernoulli": None,
     "vae_cli.likelihoods.Gaussian": None,
+    "vae_cli.priors.StandardNormal": None,
+    "vae_cli.priors.VampPrior": None,
+    "vae_cli.posteriors.GaussianPosterior": None,
+    "vae_cli.posteriors.IAFPosterior": None,
     # described without Lightning, so commands that only read a checkpoint start fast
     "vae_cli.datamodule.ImageData": "vae_cli.dataset_settings.DatasetSettings",
     "vae_cli.objectives.ELBO": None,
@@ -99,12 +104,21 @@ def _fields_of(fn: Any) -> tuple[dict[str, tuple[Any, Any]], bool, list[str]]:
             var_kw = True
         elif p.kind is not p.VAR_POSITIONAL:
             ann = hints.get(p.name, Any)
-            if not _checkable(ann):
-                ann = Annotated[dict, Builds(ann)]
+            if not _checkable(ann):  # a node; ``X | None = None``: an optional node building X
+                ann = Annotated[dict, Builds(_without_none(ann))]
             fields[p.name] = (ann, ... if p.default is p.empty else p.default)
             if p.kind is p.POSITIONAL_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty):
                 positional.append(p.name)
     return fields, var_kw, positional
+
+
+def _without_none(ann: Any) -> Any:
+    """X for an annotation X | None (an optional node), else the annotation itself."""
+    if get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
 
 
 def _checkable(ann: Any) -> bool:

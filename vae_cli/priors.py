@@ -1,0 +1,97 @@
+"""Priors p(z) over the latent space (conf/prior/): the standard normal and the VampPrior.
+
+A prior is an ``nn.Module`` (it may hold parameters, saved in checkpoints under ``prior_module.``)
+whose ``distribution(vae)`` gives p(z) as a torch Distribution with batch shape () and event shape
+(D,), with ``sample(shape)`` -> (*shape, D) and ``log_prob(z)`` for z (..., D) -> (...). It is
+given the whole VAE because the VampPrior is evaluated through the VAE's own encoder (and its
+posterior family). ``VAE.prior`` calls it; nothing else needs to know which prior a model has.
+
+- ``standard``: p(z) = N(0, I) (Kingma and Welling 2014), no parameters.
+- ``vamp``: the VampPrior (Tomczak and Welling 2018, "VAE with a VampPrior"),
+  p(z) = (1/K) sum_k q(z | u_k), a mixture of the variational posteriors of K learned
+  pseudo-inputs u_k. As in the paper's code, u_k = hardtanh(w_k) clipped to [0, 1] with w_k
+  initialised from N(0.05, 0.01): dark images at first, inside [0, 1], so every gradient flows.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import nn
+from torch.distributions import Distribution, Independent, Normal, constraints
+
+from vae_cli.typed import ImageShape, PosInt
+
+# Rows of z evaluated against all K components at once in EqualMixture.log_prob (bounds memory).
+_ROWS_TIMES_COMPONENTS = 1 << 21
+
+
+class Prior(nn.Module):
+    """A prior family: ``distribution(vae)`` -> p(z), batch (), event (D,); ``vae`` is the
+    vae_cli.model.VAE that holds it (typed nn.Module here: model.py imports this module)."""
+
+    def distribution(self, vae: nn.Module) -> Distribution:
+        raise NotImplementedError
+
+
+class StandardNormal(Prior):
+    """p(z) = N(0, I), the default."""
+
+    def distribution(self, vae: nn.Module) -> Distribution:
+        return Independent(Normal(vae.prior_loc, vae.prior_scale, validate_args=False), 1, validate_args=False)
+
+
+class EqualMixture(Distribution):
+    """(1/K) sum_k c_k(z) for components c with batch shape (K,) and event shape (D,).
+
+    ``log_prob`` evaluates z (..., D) against every component (in chunks of rows, so a large
+    batch of draws does not build a (rows, K, D) tensor at once) and takes a logsumexp;
+    ``sample`` picks a component uniformly per draw. No rsample: the prior is never
+    reparameterised through (its parameters learn through log_prob).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, components: Distribution) -> None:
+        if len(components.batch_shape) != 1 or len(components.event_shape) != 1:
+            raise ValueError(f"components must have batch shape (K,) and event shape (D,); got "
+                             f"{tuple(components.batch_shape)} and {tuple(components.event_shape)}")
+        self.components = components
+        self.k = components.batch_shape[0]
+        super().__init__(torch.Size(), components.event_shape, validate_args=False)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        lead, d = z.shape[:-1], z.shape[-1]
+        flat = z.reshape(-1, 1, d)                                  # (N, 1, D) against (K,) components
+        rows = max(1, _ROWS_TIMES_COMPONENTS // (self.k * d))
+        per = [self.components.log_prob(part) for part in flat.split(rows)]   # each (n, K)
+        return (torch.logsumexp(torch.cat(per), dim=-1) - math.log(self.k)).reshape(lead)
+
+    def sample(self, sample_shape: torch.Size | tuple = torch.Size()) -> torch.Tensor:
+        shape = torch.Size(sample_shape)
+        with torch.no_grad():
+            c = self.components
+            if isinstance(c, Independent) and isinstance(c.base_dist, Normal):
+                k = torch.randint(self.k, shape, device=c.base_dist.loc.device)  # (*shape,) a component per draw
+                loc, scale = c.base_dist.loc[k], c.base_dist.scale[k]           # (*shape, D)
+                return loc + scale * torch.randn_like(loc)
+            z = c.sample(shape)                                                  # (*shape, K, D): any family
+            k = torch.randint(self.k, shape, device=z.device)
+            return z.gather(-2, k[..., None, None].expand(*shape, 1, z.shape[-1])).squeeze(-2)
+
+
+class VampPrior(Prior):
+    """p(z) = (1/K) sum_k q(z | u_k): K = ``components`` learned pseudo-inputs of shape ``image_shape``."""
+
+    def __init__(self, image_shape: ImageShape, components: PosInt = 500) -> None:
+        super().__init__()
+        self.pseudo_raw = nn.Parameter(torch.empty(components, *image_shape).normal_(0.05, 0.01))
+
+    def pseudo_inputs(self) -> torch.Tensor:
+        """u_k in [0, 1]: (K, C, H, W)."""
+        return nn.functional.hardtanh(self.pseudo_raw, 0.0, 1.0)
+
+    def distribution(self, vae: nn.Module) -> Distribution:
+        return EqualMixture(vae.posterior(self.pseudo_inputs()))     # components: batch (K,), event (D,)
