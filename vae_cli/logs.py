@@ -111,7 +111,9 @@ def attach_run_log() -> None:
     _terminal_handler()
     ours = ("vae_cli", *LIGHTNING)
     for h in logging.getLogger().handlers:
-        if not _is_file(h) and not any(isinstance(f, _Drop) for f in h.filters):
+        # Hydra's console handler is a plain StreamHandler; other handlers on root (a file, pytest's
+        # capture, a notebook's) keep seeing every record.
+        if type(h) is logging.StreamHandler and not any(isinstance(f, _Drop) for f in h.filters):
             h.addFilter(_Drop(ours))
     for name in LIGHTNING:
         lg = logging.getLogger(name)
