@@ -6,7 +6,7 @@ Full run (k=5000 on the whole test set of a trained run):
 
 Smoke test:  python bench/eval_speed.py --run /tmp/benchrun --k 10 --limit 50 --data-dir /tmp/benchdata
 
-Runs `vae evaluate run=DIR k=K out=TMP.json [limit=N] [data_dir=DIR]` once as a subprocess, timed
+Runs `vae evaluate run=DIR k=K out=TMP.json estimators=E [limit=N] [data_dir=DIR]` once as a subprocess, timed
 with perf_counter (start-up and model loading included). Peak memory is the child's max RSS from
 resource.getrusage(RUSAGE_CHILDREN) (Linux reports KiB; shown in MiB). n is read from the JSON it writes.
 
@@ -33,12 +33,14 @@ def main() -> None:
     p.add_argument("--k", type=int, default=5000)
     p.add_argument("--limit", type=int, default=None, help="first N test examples (default: all)")
     p.add_argument("--data-dir", default=None, help="dataset cache, if not where the run had it")
+    p.add_argument("--estimators", default="iwae", help="vae evaluate's estimators= (default iwae: its throughput)")
     a = p.parse_args()
 
     exe = Path(sys.executable).with_name("vae")
     with tempfile.TemporaryDirectory(prefix="eval_speed-") as tmp:
         out = Path(tmp) / "eval.json"
-        cmd = [str(exe) if exe.exists() else "vae", "evaluate", f"run={a.run}", f"k={a.k}", f"out={out}"]
+        cmd = [str(exe) if exe.exists() else "vae", "evaluate", f"run={a.run}", f"k={a.k}", f"out={out}",
+               f"estimators={a.estimators}"]
         cmd += [f"limit={a.limit}"] if a.limit is not None else []
         cmd += [f"data_dir={a.data_dir}"] if a.data_dir is not None else []
         print("| k | n | seconds | examples*k/s | peak RSS MB |\n|---|---|---|---|---|", file=sys.stderr, flush=True)
