@@ -132,39 +132,39 @@ def resolve_estimators(requested: str | list[str], latent_dim: int) -> tuple[str
 
 def _batch_estimates(model: VAE, x: torch.Tensor, start: int, n: int, plan: Plan, rows: int, ks: list[int]) -> dict:
     """Every estimator's per-example figures for the batch x (examples start .. start+len(x))."""
-    out: dict[str, torch.Tensor] = {}
     r = estimate(model, x, plan.k, rows)
-    for name in ("elbo", "recon", "kl"):
-        out[name] = r[name]
+    out = {name: r[name] for name in ("elbo", "recon", "kl")}
     out["iwae"], out["iwae_ess"], out["iwae_khat"] = r["log_px"], ess(r["log_w"]), pareto_khat(r["log_w"])
     out["curve"] = log_px_curve(r["log_w"], ks).T                               # (B, len(ks))
     q_star = None
-    m = plan.covers("refined", n) - start
-    if m > 0:
-        xs, s = x[:m], plan.refined
-        restarts = (4 if model.latent_dim <= 2 else 0) if s.restarts is None else s.restarts
-        q_star, out["refined_elbo"] = refine(lambda z: model.log_joint(xs, z), model.proposal(xs), model.prior,
-                                             steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts,
-                                             search=s.search)
-        lw = log_weights(lambda z: model.log_joint(xs, z), q_star, plan.k, rows)   # (k, m)
-        out["refined"], out["refined_ess"], out["refined_khat"] = log_mean_exp(lw), ess(lw), pareto_khat(lw)
-    m = plan.covers("ais", n) - start
-    if m > 0:
+    if (m := plan.covers("refined", n) - start) > 0:
+        q_star = _refined(model, x[:m], plan, rows, out)
+    if (m := plan.covers("ais", n) - start) > 0:
         from vae_cli.ais import ais
 
         xs, s = x[:m], plan.ais
         # From q* where it was computed for these examples (Wu et al. 2017 start from q; a better
-        # start needs fewer intermediate distributions), else from the encoder's q(z|x).
+        # start needs fewer intermediate distributions and finds the modes q misses), else from q(z|x).
         init = _head(q_star, m) if plan.ais_init == "refined" else model.proposal(xs)
         lw = ais(lambda z: model.log_joint(xs, z), init, steps=s.steps, leapfrog=s.leapfrog, chains=s.chains)
         out["ais"] = log_mean_exp(lw)
-    m = plan.covers("exact", n) - start
-    if m > 0:
+    if (m := plan.covers("exact", n) - start) > 0:
         from vae_cli.quadrature import exact_log_px
 
         out["exact"], info = exact_log_px(model, x[:m], tol=plan.exact.tol)
         out["exact_converged"] = info["converged"].double()
     return {name: v.detach().double().cpu() for name, v in out.items()}
+
+
+def _refined(model: VAE, xs: torch.Tensor, plan: Plan, rows: int, out: dict):
+    """The refined proposal q* for xs: its figures go into out; returns q* (AIS may start from it)."""
+    s = plan.refined
+    restarts = (4 if model.latent_dim <= 2 else 0) if s.restarts is None else s.restarts
+    q_star, out["refined_elbo"] = refine(lambda z: model.log_joint(xs, z), model.proposal(xs), model.prior,
+                                         steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts, search=s.search)
+    lw = log_weights(lambda z: model.log_joint(xs, z), q_star, plan.k, rows)   # (k, m)
+    out["refined"], out["refined_ess"], out["refined_khat"] = log_mean_exp(lw), ess(lw), pareto_khat(lw)
+    return q_star
 
 
 def _head(q, m: int):
@@ -287,16 +287,13 @@ def _on_common_examples(values: dict[str, torch.Tensor], est: dict[str, Any]) ->
 
 def warnings_for(out: dict[str, Any]) -> list[str]:
     """One line each: where a figure should not be trusted, and what to run instead."""
-    lines, est = [], out["estimators"]
-    share = est["iwae"].get("khat_bad_share") or 0.0
-    if share > WARN_SHARE:
-        better = [n for n in ("ais", "refined", "exact") if n in est]
-        advice = (f"the headline uses {LABELS[out['log_px_estimator']]}" if out["log_px_estimator"] != "iwae"
-                  else "run estimators=[refined,ais] (AIS, or the refined proposal q*) for a trustworthy log p(x)")
-        lines.append(f"Pareto k-hat > {KHAT_BAD} for {100 * share:.0f}% of examples: IWAE's log p(x) cannot be "
-                     f"trusted there (q(z|x) misses posterior mass); {advice}"
-                     + ("" if better else ""))
-    return lines
+    share = out["estimators"]["iwae"].get("khat_bad_share") or 0.0
+    if share <= WARN_SHARE:
+        return []
+    advice = (f"the headline uses {LABELS[out['log_px_estimator']]}" if out["log_px_estimator"] != "iwae"
+              else "run estimators=[refined,ais] (AIS, or the refined proposal q*) for a trustworthy log p(x)")
+    return [f"Pareto k-hat > {KHAT_BAD} for {100 * share:.0f}% of examples: IWAE's log p(x) cannot be trusted "
+            f"there (q(z|x) misses posterior mass); {advice}"]
 
 
 def table(r: dict[str, Any]) -> str:
