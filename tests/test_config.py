@@ -13,7 +13,7 @@ from vae_cli.checks import check_command_line, compose, options
 from vae_cli.errors import UserError
 from vae_cli.train import build_datamodule
 
-GROUPS = {"dataset": ["cifar10", "fashion_mnist", "folder", "mnist"], "model": ["conv", "mlp"],
+GROUPS = {"dataset": ["cifar10", "fashion_mnist", "folder", "mnist"], "model": ["conv", "mlp", "resnet"],
           "likelihood": ["bernoulli", "gaussian"], "prior": ["standard", "vamp"], "posterior": ["gaussian", "iaf"],
           "optimizer": ["adam", "adamw", "sgd"], "trainer": ["default"]}
 
@@ -73,7 +73,7 @@ def test_every_command_config_composes(conf):
 
 BAD = [
     ("train", ["dataset=imagenet"], "dataset='imagenet' does not exist: choose one of cifar10, fashion_mnist, folder, mnist"),
-    ("train", ["model=resnet"], "model='resnet' does not exist: choose one of conv, mlp"),
+    ("train", ["model=vgg"], "model='vgg' does not exist: choose one of conv, mlp, resnet"),
     ("train", ["likelihood=poisson"], "likelihood='poisson' does not exist: choose one of bernoulli, gaussian"),
     ("train", ["model.latent_dim=0"], "model.latent_dim=0 is not allowed: expected an integer > 0"),
     ("train", ["model.latent_dim=-3"], "model.latent_dim=-3 is not allowed"),
@@ -88,6 +88,11 @@ BAD = [
     ("train", ["dataset=folder", "dataset.path=/no/such/dir"], "dataset.path='/no/such/dir' is not a folder"),
     ("train", ["model=conv", "dataset=folder", "dataset.path=/tmp", "dataset.shape=[1,30,30]"],
      "height and width divisible by 4"),
+    ("train", ["model=resnet", "dataset=folder", "dataset.path=/tmp", "dataset.shape=[1,30,30]"],
+     "model.encoder.image_shape=[1, 30, 30] is not allowed: model=resnet with 2 stages"),
+    ("train", ["model=resnet", "model.encoder.channels=[8,16,32]"], "needs height and width divisible by 8"),
+    ("train", ["model=resnet", "model.encoder.channels=[]"], "model.encoder.channels=[] is not allowed"),
+    ("train", ["model=resnet", "model.encoder.blocks=0"], "model.encoder.blocks=0 is not allowed: expected an integer > 0"),
     ("train", ["-m", "model.latent_dim=2,0"], "model.latent_dim=0 is not allowed"),
     ("train", ["resume=/no/such/run"], "resume='/no/such/run' is not a folder"),
     ("sample", ["n=0"], "n=0 is not allowed: expected an integer > 0"),

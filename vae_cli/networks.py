@@ -129,3 +129,105 @@ class ConvDecoder(_Conv):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
         return self.net(z.reshape(-1, z.shape[-1])).reshape(*lead, *self.image_shape)  # (..., C, H, W)
+
+
+# model=resnet: the conv layout with residual blocks at each resolution.
+# Stages: 1 to 4, each a stride-2 convolution (so height and width must be divisible by 2**stages).
+ResNetChannels = Annotated[list[PosInt], Field(min_length=1, max_length=4)]
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm's group count: up to 8 groups that divide ``channels``."""
+    return math.gcd(channels, 8)
+
+
+class ResBlock(nn.Module):
+    """A pre-activation residual block (He et al. 2016): x + conv(elu(norm(conv(elu(norm(x)))))).
+
+    GroupNorm, not BatchNorm: GroupNorm normalises each example by its own statistics, so an
+    example's output never depends on the rest of its batch, and training and evaluation compute the
+    same function. BatchNorm mixes a batch's examples in training and switches to running averages in
+    eval mode; the importance-sampled bounds (IWAE, evaluate's estimators) need q(z|x) and p(x|z) to be
+    per-example functions that stay the same between training and evaluation.
+    ELU, not ReLU: ReLU units of this project's conv network died early in training (see Activation).
+    The second convolution starts at zero, so every block starts as the identity (a stable start
+    however deep the network is).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(_groups(channels), channels), nn.ELU(), nn.Conv2d(channels, channels, 3, 1, 1),
+            nn.GroupNorm(_groups(channels), channels), nn.ELU(), nn.Conv2d(channels, channels, 3, 1, 1),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class _ResNet(nn.Module):
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """One stride-2 layer per stage: height and width must be divisible by 2**len(channels)."""
+        shape, stages = args["image_shape"], len(args["channels"])
+        if shape[1] % 2**stages or shape[2] % 2**stages:
+            raise ValueError(f"image_shape={shape} is not allowed: model=resnet with {stages} stages "
+                             f"(channels={args['channels']}) needs height and width divisible by {2**stages} "
+                             "(28 and 32 are divisible by 4); set dataset.shape or model.encoder.channels")
+
+
+class ResNetEncoder(_ResNet):
+    """Per stage: a stride-2 convolution (H -> H/2), then ``blocks`` residual blocks; then a hidden
+    linear layer to (mu, logvar)."""
+
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: ResNetChannels, blocks: PosInt,
+                 hidden: PosInt) -> None:
+        super().__init__()
+        _ResNet.check_settings({"image_shape": list(image_shape), "channels": list(channels)})
+        c, h, w = image_shape
+        scale = 2 ** len(channels)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([c, *channels[:-1]], channels):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), *(ResBlock(c_out) for _ in range(blocks))]
+        last = channels[-1]
+        self.net = nn.Sequential(
+            *layers,                                                    # (B, last, H/scale, W/scale)
+            nn.GroupNorm(_groups(last), last), nn.ELU(),
+            nn.Flatten(),
+            nn.Linear(last * (h // scale) * (w // scale), hidden), nn.ELU(),
+            nn.Linear(hidden, 2 * latent_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, raw = self.net(x).chunk(2, dim=-1)  # (B, D) each
+        return mu, bounded_logvar(raw)
+
+
+class ResNetDecoder(_ResNet):
+    """The mirror of ResNetEncoder: linear layers to (channels[-1], H/scale, W/scale), then per stage
+    (last first) ``blocks`` residual blocks and a stride-2 transposed convolution (H -> 2H)."""
+
+    def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: ResNetChannels, blocks: PosInt,
+                 hidden: PosInt) -> None:
+        super().__init__()
+        _ResNet.check_settings({"image_shape": list(image_shape), "channels": list(channels)})
+        c, h, w = image_shape
+        scale = 2 ** len(channels)
+        self.image_shape = tuple(image_shape)
+        last = channels[-1]
+        layers: list[nn.Module] = [
+            nn.Linear(latent_dim, hidden), nn.ELU(),
+            nn.Linear(hidden, last * (h // scale) * (w // scale)),
+            nn.Unflatten(1, (last, h // scale, w // scale)),
+        ]
+        outs = [c, *channels[:-1]]
+        for c_in, c_out in zip(reversed(channels), reversed(outs)):
+            layers += [*(ResBlock(c_in) for _ in range(blocks)),
+                       nn.GroupNorm(_groups(c_in), c_in), nn.ELU(), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
+        self.net = nn.Sequential(*layers)  # the last transposed convolution gives (B, C, H, W), no activation
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        return self.net(z.reshape(-1, z.shape[-1])).reshape(*lead, *self.image_shape)  # (..., C, H, W)

@@ -52,6 +52,8 @@ TARGETS: dict[str, str | None] = {
     "vae_cli.networks.MLPDecoder": None,
     "vae_cli.networks.ConvEncoder": None,
     "vae_cli.networks.ConvDecoder": None,
+    "vae_cli.networks.ResNetEncoder": None,
+    "vae_cli.networks.ResNetDecoder": None,
     "vae_cli.likelihoods.Bernoulli": None,
     "vae_cli.likelihoods.Gaussian": None,
     "vae_cli.priors.StandardNormal": None,
