@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -47,8 +48,12 @@ def test_resnet_examples_are_independent_of_their_batch():
 def test_vae_train_model_resnet(data_dir, tmp_path):
     tiny = [o for o in TINY if not o.startswith("model.encoder.hidden=")]
     code = run_main("train", "model=resnet", f"data_dir={data_dir}", *tiny, "model.encoder.hidden=32",
-                    "model.encoder.channels=[8,16]", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}")
+                    "model.encoder.channels=[8,16]", "trainer.max_epochs=1",
+                    "trainer.limit_train_batches=3", f"hydra.run.dir={tmp_path}")
     assert code == 0
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
-    text = (tmp_path / "metrics.json").read_text()
-    assert "nan" not in text.lower() and json.loads(text)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 3
+    assert all(math.isfinite(metrics[k]) for k in ("val_elbo", "test_elbo", "test_log_px"))
+    assert run_main("sample", f"run={tmp_path}", "n=4", f"out={tmp_path / 'samples.png'}") == 0  # the checkpoint rebuilds
+    assert (tmp_path / "samples.png").exists()
