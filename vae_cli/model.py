@@ -27,7 +27,13 @@ from vae_cli.priors import Prior, StandardNormal
 from vae_cli.typed import PosInt
 
 
-class VAE(nn.Module):
+class LatentModel(nn.Module):
+    """What a config's ``model`` builds: a latent-variable model with the interface of VAE below
+    (``posterior``, ``prior``, ``proposal``, ``log_joint``, ``decode``, ``elbo_terms``, ``encode``,
+    ``latent_dim``, ``device``, ``standard_prior``); ``VAE`` and ``vae_cli.ladder.LadderVAE``."""
+
+
+class VAE(LatentModel):
     """A VAE: an encoder and a posterior family q(z|x), a prior p(z), a decoder and a likelihood p(x|z)."""
 
     def __init__(self, latent_dim: PosInt, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module,

@@ -159,7 +159,7 @@ def prior_draws(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> 
         return z.to(model.device)
     if temperature != 1.0:
         raise UserError(f"temperature={temperature} is not allowed: it scales N(0, I), and this model's prior is "
-                        f"{type(model.prior_module).__name__}; use temperature=1")
+                        f"{getattr(model, 'prior_description', None) or type(model.prior_module).__name__}; use temperature=1")
     with _seeded(seed):
         return model.prior.sample((n,))
 
@@ -349,6 +349,7 @@ def traverse(cfg) -> Path:
     from vae_cli.data import run_split
 
     model, config, _, out_dir = _load(cfg)
+    _refuse_hierarchy(model, "traverse")
     with _outputs(cfg, out_dir, "traverse") as paths:
         images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
         x, _ = _take(images, pixels, cfg, model, cfg.index, 1)
@@ -363,9 +364,19 @@ def traverse(cfg) -> Path:
         return _save(paths, grid(traversal(model, x, dims, cfg.steps, cfg.range), cfg.steps))
 
 
+def _refuse_hierarchy(model: VAE, command: str) -> None:
+    """A hierarchical model (model=ladder) decodes from z_1 alone: sweeping single coordinates of the
+    concatenated z, or a 2-d plane of it, would show rows that do not change. One line, no picture."""
+    dims = getattr(model, "latent_dims", None)
+    if dims is not None and len(dims) > 1:
+        raise UserError(f"vae {command} is not available for a model with {len(dims)} stochastic layers "
+                        f"(latent_dims={list(dims)}): it needs a single latent layer (model=mlp or model=conv)")
+
+
 def manifold(cfg) -> Path:
     """`vae manifold`: the decoded 2-d latent plane."""
     model, _, _, out_dir = _load(cfg)
+    _refuse_hierarchy(model, "manifold")
     if model.latent_dim != 2:
         raise UserError(f"vae manifold needs a 2-d latent space; this model has latent_dim={model.latent_dim} "
                         "(train one with model.latent_dim=2)")

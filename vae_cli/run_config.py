@@ -85,7 +85,7 @@ class TrainSettings(BaseModel):
     # likewise; absent from the configs of 0.1.0 (N(0, I) and the diagonal Gaussian then)
     prior: Node("vae_cli.priors.Prior") = None
     posterior: Node("vae_cli.posteriors.Posterior") = None
-    model: Node("vae_cli.model.VAE")
+    model: Node("vae_cli.model.LatentModel")  # VAE, or LadderVAE (model=ladder)
     optimizer: Node("torch.optim.Optimizer")
     objective: Node("vae_cli.objectives.Objective") = {"_target_": "vae_cli.objectives.ELBO"}  # runs before 0.2
     trainer: Node("pytorch_lightning.Trainer")

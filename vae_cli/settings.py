@@ -48,6 +48,7 @@ from vae_cli.typed import STRICT, Builds
 # be named by a config: instantiate on an untrusted config could otherwise call any function.
 TARGETS: dict[str, str | None] = {
     "vae_cli.model.VAE": None,
+    "vae_cli.ladder.LadderVAE": None,
     "vae_cli.networks.MLPEncoder": None,
     "vae_cli.networks.MLPDecoder": None,
     "vae_cli.networks.ConvEncoder": None,

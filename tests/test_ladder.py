@@ -1,0 +1,175 @@
+"""model=ladder: a two-layer linear-Gaussian hierarchy with an exact log p(x), the Chain densities,
+and a real short run through train, evaluate and sample.
+
+    p(z2) = N(0, I), p(z1|z2) = N(A z2 + a, s1^2 I), p(x|z1) = N(W z1 + b, s^2 I)
+    =>  p(x) = N(W a + b, W (A A^T + s1^2 I) W^T + s^2 I)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import MultivariateNormal, Normal
+
+from conftest import TINY, run_main
+from linear_gaussian import SHAPE, FixedGaussian
+from vae_cli.ais import ais
+from vae_cli.estimators import iwae, log_mean_exp
+from vae_cli.ladder import LadderVAE
+from vae_cli.objectives import ELBO, IWAE
+
+DX, D1, D2 = 6, 3, 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Affine(nn.Module):
+    """input (..., D_in) (or an image) -> (M h + m, logvar), a fixed linear-Gaussian layer."""
+
+    def __init__(self, M: torch.Tensor, m: torch.Tensor, logvar: torch.Tensor, flatten: int = 0) -> None:
+        super().__init__()
+        self.M, self.m, self.logvar, self.flatten = M, m, logvar, flatten
+
+    def forward(self, h: torch.Tensor):
+        if self.flatten:
+            h = h.flatten(-self.flatten)
+        mu = h @ self.M.T + self.m
+        return mu, self.logvar.expand_as(mu)
+
+
+def linear_ladder(seed: int = 0, s: float = 0.5, s1: float = 0.7, inflate: float = 1.3):
+    """A LadderVAE whose networks are the linear hierarchy above, with q(z2|z1) = p(z2|z1) exactly and
+    q(z1|x) the exact p(z1|x)'s mean with its diagonal variance (times ``inflate``). Float64."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    W = torch.randn(DX, D1, generator=g, **f64)
+    b = torch.randn(DX, generator=g, **f64)
+    Q, _ = torch.linalg.qr(torch.randn(D1, D2, generator=g, **f64))
+    A = Q * torch.tensor([1.5, 0.8], **f64)                     # orthogonal columns: p(z2|z1) diagonal
+    a = torch.randn(D1, generator=g, **f64)
+    model = LadderVAE(list(SHAPE), [D1, D2], [4], FixedGaussian(s)).double()
+    # p(z1|z2), p(x|z1)
+    model.top_down[0] = Affine(A, a, torch.full((D1,), math.log(s1**2), **f64))
+    model.decoder = _Linear(W, b)
+    # q(z2|z1) = p(z2|z1) = N(S2 A^T (z1 - a) / s1^2, S2), S2 = (I + A^T A / s1^2)^-1 (diagonal)
+    S2 = torch.linalg.inv(torch.eye(D2, **f64) + A.T @ A / s1**2)
+    model.encoder[1] = Affine(S2 @ A.T / s1**2, -(S2 @ A.T @ a) / s1**2, torch.diagonal(S2).log())
+    # p(z1|x) = N(C (Sigma1^-1 a + W^T (x - b) / s^2), C), C = (Sigma1^-1 + W^T W / s^2)^-1
+    P1 = torch.linalg.inv(A @ A.T + s1**2 * torch.eye(D1, **f64))
+    C = torch.linalg.inv(P1 + W.T @ W / s**2)
+    model.encoder[0] = Affine(C @ W.T / s**2, C @ (P1 @ a - W.T @ b / s**2), (torch.diagonal(C) * inflate).log(), 3)
+    mean = W @ a + b
+    cov = W @ (A @ A.T + s1**2 * torch.eye(D1, **f64)) @ W.T + s**2 * torch.eye(DX, **f64)
+    return model, MultivariateNormal(mean, covariance_matrix=cov)
+
+
+class _Linear(nn.Module):
+    def __init__(self, W, b):
+        super().__init__()
+        self.W, self.b = W, b
+
+    def forward(self, z1):
+        return (z1 @ self.W.T + self.b).unflatten(-1, SHAPE)
+
+
+def test_iwae_and_ais_find_the_exact_log_px_of_a_two_layer_linear_hierarchy():
+    torch.manual_seed(0)
+    model, px = linear_ladder()
+    x = px.sample((12,)).reshape(12, *SHAPE)
+    truth = px.log_prob(x.flatten(1))
+    est = iwae(model, x, k=20000)
+    assert (est - truth).abs().max() < 0.03, (est - truth)
+    lw = ais(lambda z: model.log_joint(x, z), model.proposal(x), steps=100, leapfrog=3, chains=64, seed=0)
+    err = log_mean_exp(lw, 0) - truth                  # Monte Carlo error of 64 chains: a few hundredths
+    assert err.abs().max() < 0.08 and err.mean().abs() < 0.02, err
+    recon, kl = model.elbo_terms(x)                    # a bound: below log p(x) on average
+    assert (recon - kl).mean() < truth.mean()
+
+
+def test_densities_are_the_sums_of_the_layers():
+    torch.manual_seed(1)
+    model, px = linear_ladder()
+    x = px.sample((5,)).reshape(5, *SHAPE)
+    q = model.proposal(x)
+    assert q.batch_shape == (5,) and q.event_shape == (D1 + D2,)
+    z = q.sample((7,))                                             # (7, 5, D)
+    assert z.shape == (7, 5, D1 + D2)
+    z1, z2 = z[..., :D1], z[..., D1:]
+
+    def normal(mu, logvar, v):
+        return Normal(mu, (0.5 * logvar).exp()).log_prob(v).sum(-1)
+
+    by_hand = normal(*model.encoder[0](x), z1) + normal(*model.encoder[1](z1), z2)
+    assert torch.allclose(q.log_prob(z), by_hand)
+    log_prior = normal(torch.zeros(D2, dtype=z.dtype), torch.zeros(D2, dtype=z.dtype), z2) + normal(*model.top_down[0](z2), z1)
+    assert torch.allclose(model.prior.log_prob(z), log_prior)
+    assert torch.allclose(model.log_joint(x, z), model.decode(z).log_prob(x) + log_prior)
+    # the draw and its log-density come from the same layers
+    zr, log_q = q.rsample_and_log_prob((3,))
+    assert torch.allclose(log_q, q.log_prob(zr))
+    # the prior samples ancestrally: z1's covariance is A A^T + s1^2 I
+    draws = model.prior.sample((20000,))
+    assert draws.shape == (20000, D1 + D2)
+    A = model.top_down[0].M
+    cov = A @ A.T + 0.49 * torch.eye(D1, dtype=A.dtype)
+    assert (draws[:, :D1].T.cov() - cov).abs().max() < 0.1
+    assert model.encode(x).shape == (5, D1 + D2) and model.latent_dim == D1 + D2
+
+
+def test_objectives_train_a_real_ladder():
+    torch.manual_seed(0)
+    from vae_cli.likelihoods import Bernoulli
+
+    model = LadderVAE([1, 4, 4], [3, 2, 2], [8], Bernoulli())
+    x = torch.rand(6, 1, 4, 4)
+    for objective in (ELBO(), IWAE(k=3), IWAE(k=3, dreg=True)):
+        t = objective.terms(model, x)
+        t.loss.backward()
+        assert torch.isfinite(t.loss) and t.kl.shape == (6,) and t.mean.shape == (6, 7)
+        assert all(p.grad is not None for p in model.encoder.parameters())
+        model.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def ladder_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("ladder")
+    tiny = [o for o in TINY if not o.startswith(("model.", "trainer.max_epochs"))]
+    code = run_main("train", f"data_dir={data_dir}", *tiny, "model=ladder", "model.latent_dims=[4,2]",
+                    "model.hidden=[16]", "trainer.max_epochs=1", "eval.k=4", f"hydra.run.dir={out}")
+    assert code == 0
+    return out
+
+
+def test_train_evaluate_and_sample_a_ladder(ladder_run, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert run_main("evaluate", f"run={ladder_run}", "k=8", "limit=8", "refined.steps=5", "ais.steps=5",
+                    "ais.chains=2", "ais.leapfrog=2", f"out={out}") == 0
+    r = json.loads(out.read_text())
+    assert math.isfinite(r["log_px"]) and math.isfinite(r["elbo"]) and r["n"] == 8
+    png = tmp_path / "s.png"
+    assert run_main("sample", f"run={ladder_run}", "n=4", f"out={png}") == 0 and png.exists()
+    assert run_main("reconstruct", f"run={ladder_run}", "n=4", f"out={tmp_path / 'r.png'}") == 0
+    assert run_main("interpolate", f"run={ladder_run}", "pairs=1", "steps=3", f"out={tmp_path / 'i.png'}") == 0
+    capsys.readouterr()
+    for command in ("traverse", "manifold"):
+        assert run_main(command, f"run={ladder_run}", f"out={tmp_path / (command + '.png')}") == 2
+        err = capsys.readouterr().err.strip()
+        assert "stochastic layers" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / (command + ".png")).exists()
+    assert run_main("sample", f"run={ladder_run}", "temperature=0.5", f"out={tmp_path / 't.png'}") == 2
+
+
+def test_a_ladder_refuses_another_prior_in_one_line(tmp_path, capsys):
+    assert run_main("train", "model=ladder", "prior=vamp", f"hydra.run.dir={tmp_path / 'run'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert "prior=VampPrior is not allowed" in err and len(err.splitlines()) == 1, err

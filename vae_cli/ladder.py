@@ -1,0 +1,201 @@
+"""A VAE with a hierarchy of stochastic layers (``model=ladder``): the two-layer model of Burda,
+Grosse and Salakhutdinov (2016, section 5), with any number L >= 2 of layers.
+
+    generative:  p(z_L) = N(0, I),  p(z_l | z_{l+1}) = N(mu, diag sigma^2) (l < L),  p(x | z_1)
+    inference:   q(z_1 | x),        q(z_{l+1} | z_l)  (bottom-up, each a diagonal Gaussian)
+
+z is the concatenation [z_1, ..., z_L], (..., D_1 + ... + D_L), so the model offers exactly the
+interface of ``vae_cli.model.VAE`` (``posterior``, ``prior``, ``proposal``, ``log_joint``,
+``decode``, ``elbo_terms``, ``encode``, ``latent_dim``, ``device``): objectives, estimators and
+pictures use it unchanged. q(z|x) and p(z) are ``Chain`` distributions: ancestral sampling in their
+own order, log_prob the sum of the layers' Gaussian log-densities. No KL in closed form: the KL of
+the ELBO is the one-sample Monte Carlo estimate log q(z|x) - log p(z) at the same draw.
+
+Not implemented: the Ladder VAE's precision-weighted top-down inference (Sonderby et al. 2016).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Annotated
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.distributions import Distribution, Independent, Normal, constraints
+
+from vae_cli.model import LatentModel
+from vae_cli.networks import bounded_logvar
+from vae_cli.posteriors import Posterior
+from vae_cli.priors import Prior
+from vae_cli.typed import ImageShape, PosInt, PosInts
+
+LatentDims = Annotated[list[PosInt], Field(min_length=2)]
+# a conditional layer: its input (..., D_in) -> (mu, logvar) of the next layer, (..., D_out) each
+Layer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def diagonal(mu: torch.Tensor, logvar: torch.Tensor) -> Distribution:
+    """N(mu, diag exp(logvar)), event (D,)."""
+    return Independent(Normal(mu, (0.5 * logvar).exp(), validate_args=False), 1, validate_args=False)
+
+
+class Chain(Distribution):
+    """A distribution over the concatenation of blocks [z_1, ..., z_L] (sizes ``dims``), drawn one
+    block after another in the order ``order``: the first from ``first``, each next one from
+    ``layers[i](previous block)``. log_prob is the sum of the blocks' log-densities.
+
+    q(z|x): order 1, 2, ..., L (bottom-up); p(z): order L, ..., 1 (top-down, ``first`` = N(0, I)).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 1)
+    has_rsample = True
+
+    def __init__(self, dims: Sequence[int], order: Sequence[int], first: Distribution, layers: Sequence[Layer]) -> None:
+        assert len(order) == len(dims) == len(layers) + 1
+        self.dims, self.order, self.first, self.layers = list(dims), list(order), first, list(layers)
+        super().__init__(first.batch_shape, torch.Size([sum(dims)]), validate_args=False)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.rsample_and_log_prob(sample_shape)[0]
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def rsample_and_log_prob(self, sample_shape: torch.Size = torch.Size()) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised draw z (*sample_shape, *batch, D) and its log_prob, from the same layer densities."""
+        blocks: list[torch.Tensor | None] = [None] * len(self.dims)
+        z = self.first.rsample(sample_shape)
+        log_p = self.first.log_prob(z)
+        blocks[self.order[0]] = z
+        for layer, i in zip(self.layers, self.order[1:]):
+            d = diagonal(*layer(z))
+            z = d.rsample()
+            log_p = log_p + d.log_prob(z)
+            blocks[i] = z
+        return torch.cat(blocks, -1), log_p
+
+    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
+        return list(z.split(self.dims, -1))
+
+    def layer_log_probs(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """The log-density of each block given the one before it in the order, (..., *batch) each."""
+        blocks = self.split(z)
+        out = [self.first.log_prob(blocks[self.order[0]])]
+        for layer, prev, i in zip(self.layers, self.order[:-1], self.order[1:]):
+            out.append(diagonal(*layer(blocks[prev])).log_prob(blocks[i]))
+        return out
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return sum(self.layer_log_probs(z))
+
+
+class GaussianLayer(nn.Module):
+    """A conditional diagonal Gaussian: input (..., D_in) (or an image, flattened) -> (mu, logvar), (..., D_out)."""
+
+    def __init__(self, d_in: int, d_out: int, hidden: list[int], flatten: int = 0) -> None:
+        super().__init__()
+        self.flatten = flatten  # trailing dimensions of the input to flatten (3 for an image)
+        sizes = [d_in, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 2 * d_out))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flatten:
+            h = h.flatten(-self.flatten)
+        mu, raw = self.net(h).chunk(2, dim=-1)
+        return mu, bounded_logvar(raw)
+
+
+class LadderVAE(LatentModel):
+    """A hierarchical VAE: ``latent_dims`` [D_1, ..., D_L] from the image side (z_1 next to x),
+    ``hidden`` the deterministic layers of every conditional network (tanh units, as Burda et al.),
+    ``likelihood`` p(x|z_1) from the decoder's output (C, H, W).
+
+    ``prior`` and ``posterior`` are the configured families (conf/prior, conf/posterior): only the
+    defaults (N(0, I) at the top, diagonal Gaussians) are allowed, and nothing of them is kept.
+    """
+
+    def __init__(self, image_shape: ImageShape, latent_dims: LatentDims, hidden: PosInts, likelihood: nn.Module,
+                 prior: Prior | None = None, posterior: Posterior | None = None) -> None:
+        super().__init__()
+        self.check_settings({"prior": prior, "posterior": posterior})
+        self.image_shape, self.latent_dims = tuple(image_shape), list(latent_dims)
+        self.latent_dim = sum(latent_dims)
+        dims, pixels = self.latent_dims, math.prod(image_shape)
+        # q(z_1|x), q(z_2|z_1), ..., q(z_L|z_{L-1})
+        self.encoder = nn.ModuleList([GaussianLayer(pixels, dims[0], hidden, flatten=3)] +
+                                     [GaussianLayer(a, b, hidden) for a, b in zip(dims[:-1], dims[1:])])
+        # p(z_{L-1}|z_L), ..., p(z_1|z_2): top-down
+        self.top_down = nn.ModuleList([GaussianLayer(b, a, hidden) for a, b in reversed(list(zip(dims[:-1], dims[1:])))])
+        # p(x|z_1): z_1 -> hidden (from the image side, so reversed) -> (C, H, W)
+        sizes = [dims[0], *reversed(hidden)]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        self.decoder = nn.Sequential(*layers, nn.Linear(sizes[-1], pixels), nn.Unflatten(-1, self.image_shape))
+        self.likelihood = likelihood
+        self.register_buffer("prior_loc", torch.zeros(dims[-1]), persistent=False)
+
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """Only the default prior and posterior families: the hierarchy is the prior and the posterior."""
+        for key, allowed in (("prior", "StandardNormal"), ("posterior", "GaussianPosterior")):
+            value = args.get(key)
+            name = value.get("_target_", "") if isinstance(value, dict) else type(value).__name__ if value is not None else ""
+            if value is not None and name.rsplit(".", 1)[-1] != allowed:
+                raise ValueError(f"{key}={name.rsplit('.', 1)[-1]} is not allowed: model=ladder has its own "
+                                 f"hierarchical {key}; use the default {key}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior_loc.device
+
+    @property
+    def standard_prior(self) -> bool:
+        """p(z) is a hierarchy, not N(0, I) (pictures: no temperature, no KL per dimension)."""
+        return False
+
+    prior_description = "the hierarchy p(z_L) p(z_{L-1}|z_L) ... (model=ladder)"
+
+    @property
+    def prior(self) -> Chain:
+        """p(z) over [z_1, ..., z_L], batch (), event (D,): ancestral sampling from z_L down."""
+        top = diagonal(self.prior_loc, torch.zeros_like(self.prior_loc))
+        n = len(self.latent_dims)
+        return Chain(self.latent_dims, list(range(n - 1, -1, -1)), top, list(self.top_down))
+
+    def posterior(self, x: torch.Tensor) -> Chain:
+        """q(z|x) = q(z_1|x) q(z_2|z_1) ... , batch (B,), event (D,)."""
+        first = diagonal(*self.encoder[0](x))
+        return Chain(self.latent_dims, list(range(len(self.latent_dims))), first, list(self.encoder[1:]))
+
+    def proposal(self, x: torch.Tensor) -> Chain:
+        return self.posterior(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """One code per input, (B, D): the mean of q(z_1|x), then of q(z_{l+1}|z_l) at the mean below."""
+        mu, _ = self.encoder[0](x)
+        codes = [mu]
+        for layer in self.encoder[1:]:
+            mu, _ = layer(mu)
+            codes.append(mu)
+        return torch.cat(codes, -1)
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z_1) from the concatenated z (..., D); event (C, H, W)."""
+        return self.likelihood(self.decoder(z[..., : self.latent_dims[0]]))
+
+    def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z_1) + log p(z_1|z_2) + ... + log p(z_L): z (..., B, D), x (B, C, H, W) -> (..., B)."""
+        return self.decode(z).log_prob(x) + self.prior.log_prob(z)
+
+    def elbo_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example (recon, kl), each (B,): kl = log q(z|x) - log p(z) at one reparameterised draw."""
+        z, log_q = self.posterior(x).rsample_and_log_prob()
+        return self.decode(z).log_prob(x), log_q - self.prior.log_prob(z)
