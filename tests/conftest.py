@@ -43,6 +43,16 @@ def data_dir(tmp_path_factory) -> Path:
     return make_mnist_like(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is several times faster than two busy ones (the files that use
+    it say so with pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def conf() -> str:
     return config_dir()

@@ -16,13 +16,7 @@ from vae_cli.model import VAE
 from vae_cli.networks import MLPDecoder, MLPEncoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny: one thread is several times faster than two busy ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
 
 def test_schedule_runs_from_zero_to_one_sigmoidally():

@@ -25,12 +25,7 @@ from vae_cli.objectives import ELBO, IWAE
 DX, D1, D2 = 6, 3, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
 
 class Affine(nn.Module):

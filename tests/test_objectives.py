@@ -42,15 +42,6 @@ def linear_model(seed: int = 0) -> tuple[VAE, torch.Tensor]:
     return model, lg.data(model, 8)
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: one thread is several times faster than many on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_mlp(seed: int = 0) -> tuple[VAE, torch.Tensor]:
     torch.manual_seed(seed)
     model = VAE(3, MLPEncoder([1, 4, 4], 3, [8]), MLPDecoder([1, 4, 4], 3, [8]), Bernoulli())

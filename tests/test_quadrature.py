@@ -13,13 +13,7 @@ from linear_gaussian import data, exact_log_px as closed_form, make
 from vae_cli.quadrature import exact_log_px, log_px_quadrature
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: on a shared CPU one thread is much faster than several fighting for cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors, one thread
 
 
 def far_out(model, z0: list[float]) -> torch.Tensor:
