@@ -23,9 +23,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal, kl_divergence
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
-from vae_cli.model import VAE
+from vae_cli.model import VAE, closed_form_kl
 
 LogJoint = Callable[[torch.Tensor], torch.Tensor]  # z (..., B, D) -> log p(x, z) (..., B)
 
@@ -68,10 +68,8 @@ def estimate(model: VAE, x: torch.Tensor, k: int, rows: int = 8192) -> dict[str,
     the same k draws.
     """
     q = model.proposal(x)                                       # batch (B,), event (D,)
-    try:
-        kl = kl_divergence(q, model.prior).double()             # (B,)
-    except NotImplementedError:
-        kl = None
+    kl = closed_form_kl(q, model.prior)                         # (B,), or None: no closed form
+    kl = kl.double() if kl is not None else None
     recon = torch.zeros(len(x), dtype=torch.float64, device=x.device)
 
     def log_joint(z: torch.Tensor) -> torch.Tensor:             # (c, B, D) -> (c, B), noting log p(x|z)

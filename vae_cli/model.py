@@ -27,6 +27,14 @@ from vae_cli.priors import Prior, StandardNormal
 from vae_cli.typed import PosInt
 
 
+def closed_form_kl(q: Distribution, p: Distribution) -> torch.Tensor | None:
+    """KL(q || p) where torch has a closed form (diagonal Gaussians), else None (a flow, the VampPrior)."""
+    try:
+        return kl_divergence(q, p)
+    except NotImplementedError:
+        return None
+
+
 class LatentModel(nn.Module):
     """What a config's ``model`` builds: a latent-variable model with the interface of VAE below
     (``posterior``, ``prior``, ``proposal``, ``log_joint``, ``decode``, ``elbo_terms``, ``encode``,
@@ -92,10 +100,7 @@ class VAE(LatentModel):
 
         kl is in closed form where torch has one, else log q(z|x) - log p(z) at the same draw z."""
         q, p = self.posterior(x), self.prior
-        try:
-            kl = kl_divergence(q, p)           # (B,)  closed form
-        except NotImplementedError:
-            kl = None
+        kl = closed_form_kl(q, p)              # (B,), or None: no closed form
         if kl is None and hasattr(q, "rsample_and_log_prob"):
             z, log_q = q.rsample_and_log_prob()  # a flow: log q(z|x) of its own draw, no inversion
         else:

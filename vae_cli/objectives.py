@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from vae_cli.model import closed_form_kl
 from vae_cli.typed import PosInt
 
 
@@ -55,13 +56,6 @@ def kl_per_dim(q: Distribution, prior: Distribution) -> torch.Tensor | None:
     if qn is None or pn is None:
         return None
     return kl_divergence(qn, pn)
-
-
-def closed_form_kl(q: Distribution, prior: Distribution) -> torch.Tensor | None:
-    try:
-        return kl_divergence(q, prior)
-    except NotImplementedError:
-        return None
 
 
 def posterior_mean(q: Distribution, z: torch.Tensor) -> torch.Tensor:

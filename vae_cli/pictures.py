@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Normal
 
 from vae_cli.errors import UserError
 from vae_cli.model import VAE
@@ -201,8 +201,9 @@ def kl_per_dimension(model: VAE, x: torch.Tensor) -> torch.Tensor:
     """The mean over x of KL(q(z_d|x) || p(z_d)) for each latent dimension d: (D,).
 
     Defined for the diagonal Gaussian posterior and the standard prior only (see ``activity``)."""
-    q = model.posterior(x).base_dist                               # Normal, (B, D)
-    return kl_divergence(q, Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))).mean(0)
+    from vae_cli.objectives import kl_per_dim
+
+    return kl_per_dim(model.posterior(x), model.prior).mean(0)
 
 
 def per_dimension_kl_exists(model: VAE) -> bool:
