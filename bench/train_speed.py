@@ -1,8 +1,10 @@
 """Seconds per epoch: `vae train experiment=pytorch_example` vs a plain-PyTorch loop of the same model.
 
-Full run (real MNIST from the vae cache; fetched there once if missing):
+Full runs (real MNIST from the vae cache; fetched there once if missing):
 
-    /tmp/venv/bin/python bench/train_speed.py --epochs 4
+    python bench/train_speed.py --epochs 4                                  # 2-core CPU
+    python bench/train_speed.py --device cuda --epochs 4 --repeats 1 \
+        --variants "" "compile=true" "compile=reduce-overhead"              # a GPU, three vae variants
 
 Smoke test:  python bench/train_speed.py --epochs 2 --limit-batches 2 --data-dir /tmp/benchdata
 
@@ -10,11 +12,13 @@ Both sides do per epoch what pytorch/examples vae/main.py does: a shuffled train
 over the 60k training images (vae's train + val, as `dataset.validation: test` does), then a pass
 over the 10k test images. The test pass uses batch 1000 on both sides (vae's dataset.eval_batch_size).
 Model: MLP 784-400-20, Bernoulli likelihood on grey levels x = byte/255 (summed BCE with logits),
-closed-form KL, Adam lr 1e-3.
+closed-form KL, fused Adam lr 1e-3 (one kernel per update, as vae's default optimizer).
 
 - vae: the real CLI as a subprocess (own temp hydra.run.dir, eval.k=0), timed with perf_counter
-  end to end, so per-epoch work such as checkpoints, pictures and logging is counted.
-- plain: in this process, the data as one float tensor in memory, no DataLoader, no Lightning.
+  end to end, so per-epoch work such as checkpoints, pictures and logging is counted. Each
+  --variants entry (extra overrides, "" for none) is a side of its own.
+- plain: in this process, the data as one float tensor in memory on --device, no DataLoader, no
+  Lightning, no host sync inside an epoch.
 
 Start-up is cancelled: each side runs 1 and N epochs, and s/epoch = (t_N - t_1) / (N - 1), after one
 untimed warm-up run (1 epoch, 1 batch) per side. The runs are interleaved and repeated (--repeats,
@@ -24,9 +28,9 @@ difference is noise.
 Threads: both sides use --threads T (default: torch's default here): torch.set_num_threads(T) for
 the plain loop, OMP_NUM_THREADS=T and MKL_NUM_THREADS=T in the vae child's environment.
 
-Prints a header (date, CPU model, torch version, threads), then one line per side (t_1, t_N,
+Prints a header (date, CPU or GPU model, torch version, threads), then one line per side (t_1, t_N,
 s/epoch, and the final -ELBO in nats/example: vae's val loss on the test set, plain's test loss),
-then the ratio vae / plain.
+then the ratio of each vae side to plain. A side that fails is reported and left out.
 """
 
 from __future__ import annotations
@@ -59,17 +63,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def vae_executable() -> str:
+def device_name(device: str) -> str:
+    """The CPU model, or the GPU's name."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU: {cpu_model()} ({os.cpu_count()} logical)"
+
+
+def vae_command() -> list[str]:
     exe = Path(sys.executable).with_name("vae")  # the console script of this venv
-    return str(exe) if exe.exists() else "vae"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vae_cli.cli"]  # the package on PYTHONPATH
 
 
 def time_vae(epochs: int, data_dir: str, limit: int | None, threads: int, tmp: Path,
-             extra: tuple[str, ...] = ()) -> tuple[float, float]:
-    """Seconds for one `vae train` run of `epochs` epochs, and its final val loss (-ELBO)."""
+             extra: tuple[str, ...] = ()) -> tuple[float, float] | None:
+    """Seconds for one `vae train` run of `epochs` epochs, and its final val loss (-ELBO); None if it failed."""
     tmp.mkdir(exist_ok=True)
     run = tmp / f"vae-{epochs}-{time.time_ns()}"  # a new folder each run: vae never trains into an old one
-    cmd = [vae_executable(), "train", "experiment=pytorch_example", f"trainer.max_epochs={epochs}", "eval.k=0",
+    cmd = [*vae_command(), "train", "experiment=pytorch_example", f"trainer.max_epochs={epochs}", "eval.k=0",
            f"data_dir={data_dir}", f"hydra.run.dir={run}", *extra]
     if limit is not None:
         cmd += [f"trainer.limit_train_batches={limit}", f"trainer.limit_val_batches={limit}"]
@@ -80,14 +89,9 @@ def time_vae(epochs: int, data_dir: str, limit: int | None, threads: int, tmp: P
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp).returncode
         seconds = time.perf_counter() - t0
     if rc != 0:
-        sys.exit(f"vae train failed (exit {rc}): {' '.join(cmd)}\n" + log.read_text()[-3000:])
+        print(f"# vae train failed (exit {rc}): {' '.join(cmd)}\n" + log.read_text()[-3000:], flush=True)
+        return None
     return seconds, -json.loads((run / "metrics.json").read_text())["val_elbo"]
-
-
-def last_vae_loss(tmp: str, epochs: int) -> float:
-    """The final val loss (-ELBO) of the last N-epoch vae run."""
-    runs = sorted(Path(tmp).glob(f"*/vae-{epochs}-*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    return -json.loads(runs[-1].read_text())["val_elbo"]
 
 
 class VAE(nn.Module):
@@ -109,27 +113,27 @@ class VAE(nn.Module):
         return bce + kl
 
 
-def time_plain(epochs: int, splits: dict[str, torch.Tensor], limit: int | None) -> tuple[float, float]:
+def time_plain(epochs: int, splits: dict[str, torch.Tensor], limit: int | None, device: str) -> tuple[float, float]:
     """Seconds for `epochs` epochs of the plain loop, and the last test pass's mean -ELBO per example."""
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    train = torch.cat([splits["train"], splits["val"]]).flatten(1).float() / 255  # (60000, 784)
-    test = splits["test"].flatten(1).float() / 255                               # (10000, 784)
+    train = torch.cat([splits["train"], splits["val"]]).flatten(1).to(device).float() / 255  # (60000, 784)
+    test = splits["test"].flatten(1).to(device).float() / 255                               # (10000, 784)
     n_train = min(math.ceil(len(train) / BATCH), limit or math.inf) * BATCH
     n_test = min(math.ceil(len(test) / TEST_BATCH), limit or math.inf) * TEST_BATCH
     test = test[:n_test]
-    model = VAE()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = VAE().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     for _ in range(epochs):
         model.train()
-        order = torch.randperm(len(train))[:n_train]
+        order = torch.randperm(len(train), device=device)[:n_train]
         for start in range(0, len(order), BATCH):
             opt.zero_grad()
             model.loss(train[order[start : start + BATCH]]).backward()
             opt.step()
         model.eval()
-        with torch.no_grad():
-            test_loss = sum(model.loss(test[s : s + TEST_BATCH]).item() for s in range(0, len(test), TEST_BATCH))
+        with torch.no_grad():  # summed on the device; one read at the end of the epoch
+            test_loss = sum(model.loss(test[s : s + TEST_BATCH]) for s in range(0, len(test), TEST_BATCH)).item()
     return time.perf_counter() - t0, test_loss / len(test)
 
 
@@ -140,7 +144,9 @@ def main() -> None:
     p.add_argument("--limit-batches", type=int, default=None, help="train/test batches per epoch (smoke test)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the fastest of each is used")
-    p.add_argument("--vae-args", nargs="*", default=[], help="extra overrides for vae train, e.g. compile=true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the plain loop's device and vae's accelerator")
+    p.add_argument("--variants", nargs="*", default=[""],
+                   help='vae sides: extra overrides each ("" none), e.g. "" "compile=true"')
     a = p.parse_args()
     if a.epochs < 2:
         p.error("--epochs must be at least 2")
@@ -149,34 +155,44 @@ def main() -> None:
     from vae_cli.data import load_splits
 
     splits = load_splits("mnist", a.data_dir)  # fetches and caches MNIST once, before any timing
-    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  CPU: {cpu_model()} ({os.cpu_count()} logical)  "
-          f"torch {torch.__version__}  threads {a.threads}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {device_name(a.device)}  torch {torch.__version__}  "
+          f"threads {a.threads}")
     print(f"# epochs 1 and {a.epochs}, limit_batches {a.limit_batches}, data_dir {a.data_dir}, "
           f"train {len(splits['train']) + len(splits['val'])}, test {len(splits['test'])}", flush=True)
 
-    per_epoch = {}
+    accelerator = "trainer.accelerator=" + ("gpu" if a.device.startswith("cuda") else "cpu")
+    runs = {"plain": lambda e, limit, tmp: time_plain(e, splits, limit, a.device)}
+    for v in a.variants:
+        extra = (accelerator, *v.split())
+        runs[f"vae {v}".strip()] = lambda e, limit, tmp, extra=extra: time_vae(e, a.data_dir, limit, a.threads, tmp, extra)
+    times: dict[str, dict[int, list[float]]] = {name: {1: [], a.epochs: []} for name in runs}
+    loss: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="train_speed-") as tmp:
-        runs = {
-            "vae": lambda e, limit: time_vae(e, a.data_dir, limit, a.threads, Path(tmp) / f"{limit}", tuple(a.vae_args)),
-            "plain": lambda e, limit: time_plain(e, splits, limit),
-        }
-        for run in runs.values():
-            run(1, 1)  # warm-up, untimed: lazy first-call set-up in this process, cold file caches
-        times: dict[str, dict[int, list[float]]] = {name: {1: [], a.epochs: []} for name in runs}
+        for name, run in list(runs.items()):
+            if run(1, 1, Path(tmp) / "warm-up") is None:  # warm-up, untimed: lazy set-up, cold file caches
+                del runs[name]
         for rep in range(a.repeats):  # interleaved, so a slow spell of the machine hits both sides
-            for name, run in runs.items():
+            for name, run in list(runs.items()):
                 for e in (1, a.epochs):
-                    t, loss = run(e, a.limit_batches)
-                    times[name][e].append(t)
-                print(f"# repeat {rep + 1}: {name:6} t_1 {times[name][1][-1]:7.2f} s  t_{a.epochs} "
-                      f"{times[name][a.epochs][-1]:7.2f} s", flush=True)
-        for name in runs:  # the fastest of the repeats: the least disturbed by other work
-            t1, tn = min(times[name][1]), min(times[name][a.epochs])
-            per_epoch[name] = (tn - t1) / (a.epochs - 1)
-            what = "val loss (test set)" if name == "vae" else "test loss"
-            print(f"{name:6} t_1 {t1:8.2f} s  t_{a.epochs} {tn:8.2f} s  {per_epoch[name]:8.3f} s/epoch  "
-                  f"{what} {loss if name == 'plain' else last_vae_loss(tmp, a.epochs):.2f} nats/example", flush=True)
-    print(f"ratio vae/plain: {per_epoch['vae'] / per_epoch['plain']:.2f}")
+                    result = run(e, a.limit_batches, Path(tmp) / "timed")
+                    if result is None:
+                        del runs[name]
+                        break
+                    times[name][e].append(result[0])
+                    loss[name] = result[1]
+                else:
+                    print(f"# repeat {rep + 1}: {name:28} t_1 {times[name][1][-1]:7.2f} s  t_{a.epochs} "
+                          f"{times[name][a.epochs][-1]:7.2f} s", flush=True)
+    per_epoch = {}
+    for name in runs:  # the fastest of the repeats: the least disturbed by other work
+        t1, tn = min(times[name][1]), min(times[name][a.epochs])
+        per_epoch[name] = (tn - t1) / (a.epochs - 1)
+        what = "test loss" if name == "plain" else "val loss (test set)"
+        print(f"{name:28} t_1 {t1:8.2f} s  t_{a.epochs} {tn:8.2f} s  {per_epoch[name]:8.3f} s/epoch  "
+              f"{what} {loss[name]:.2f} nats/example", flush=True)
+    for name in runs:
+        if name != "plain" and "plain" in per_epoch:
+            print(f"ratio {name}/plain: {per_epoch[name] / per_epoch['plain']:.2f}")
 
 
 if __name__ == "__main__":

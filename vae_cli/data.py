@@ -54,14 +54,19 @@ def static_binarize(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def to_pixels(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Turn a uint8 batch into the model's float input, on the batch's device."""
+    """Turn a uint8 batch into the model's float input, on the batch's device.
+
+    With a ``generator`` (fixed noise for val/test) the noise is drawn on the generator's device
+    (a CPU one: the same images whatever device evaluates them); without, on the batch's device."""
+    if mode not in ("dequantize", "dynamic"):
+        return x.float() / 255.0  # "none", or "static" (already 0/255)
+    if generator is None:
+        u = torch.rand(x.shape, device=x.device)
+    else:
+        u = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device)
     if mode == "dequantize":
-        u = torch.rand(x.shape, device=x.device, generator=generator)
         return (x.float() + u) / 256.0
-    x = x.float() / 255.0
-    if mode == "dynamic":
-        return torch.bernoulli(x, generator=generator)
-    return x  # "none", or "static" (already 0/255)
+    return (u < x.float() / 255.0).float()  # dynamic: a fresh Bernoulli(b/255) draw
 
 
 class Batches:
@@ -110,7 +115,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = self._indices()
-        noise = torch.Generator(device=self.data.device).manual_seed(self.seed) if self.fixed_noise else None
+        noise = torch.Generator().manual_seed(self.seed) if self.fixed_noise else None  # CPU: device-independent
         for start in range(0, self._shard_size(), self.batch_size):
             idx = slice(start, start + self.batch_size)
             x = self.data[order[idx]] if order is not None else self.data[idx]  # (B, C, H, W) uint8

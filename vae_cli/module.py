@@ -10,6 +10,7 @@ posterior is reported once (vae_cli.collapse).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
@@ -53,7 +54,10 @@ class VAEModule(pl.LightningModule):
         except ValueError as e:
             raise UserError(str(e)) from None
         self.config = config  # the run's resolved config, stored in every checkpoint
-        self._sums: dict[str, torch.Tensor] = {}  # split -> (elbo, recon, kl, objective, n) summed this epoch
+        self._sums: dict[str, torch.Tensor] = {}  # split -> (elbo, recon, kl, objective) summed this epoch, on the device
+        self._counts: dict[str, int] = {}         # split -> examples this epoch (a host int: no copy to the device)
+        self._finite: torch.Tensor | None = None  # on the device: every training loss since the last check was finite
+        self._checked_step = 0                    # the optimizer step of that check
         self._units: dict[str, UnitStats] = {}    # split -> E_q[z] moments and KL per dimension this epoch
         self.collapse = CollapseMonitor()
 
@@ -70,14 +74,17 @@ class VAEModule(pl.LightningModule):
                                  self.free_bits if train else 0.0)
         recon, kl, n = t.recon, t.kl, len(x)
         # Sums per epoch, kept on the device: one in-place add a step instead of Lightning's per-step
-        # logging machinery, which cost as much as the model itself here (README, Speed).
-        terms = torch.stack([recon.sum() - kl.sum(), recon.sum(), kl.sum(), t.objective * n, recon.new_tensor(n)])
+        # logging machinery, which cost as much as the model itself here (README, Speed). Nothing
+        # here reads a value back to the host, so a GPU never waits for Python (no sync a step).
+        terms = torch.stack([recon.sum() - kl.sum(), recon.sum(), kl.sum(), t.objective * n])
         self._sums[split] = terms if split not in self._sums else self._sums[split] + terms
+        self._counts[split] = self._counts.get(split, 0) + n
         if train:
-            if self.trainer.is_global_zero:  # one warning, not one per process
+            if self.trainer.is_global_zero:  # one warning, not one per process; reads the KL every 50 steps
                 self.collapse.train_step(self.global_step, kl)
             if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-                self.log("train/elbo_step", terms[0] / terms[4], prog_bar=True)
+                # A float, read once here: a tensor would be read back at every redraw of the bar.
+                self.log("train/elbo_step", float(terms[0]) / n, prog_bar=True)
         elif split == "val":
             self._units.setdefault(split, UnitStats()).add(t.mean, t.kl_dims)
         return t.loss
@@ -88,8 +95,14 @@ class VAEModule(pl.LightningModule):
         sums = self._sums.pop(split, None)
         if sums is None:
             return
+        sums = torch.cat([sums, sums.new_tensor([self._counts.pop(split)])])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # DDP: every process's examples
         elbo, recon, kl, objective = (sums[:4] / sums[4]).tolist()
+        if split == "val" and not math.isfinite(elbo):
+            # A finite training loss can still leave weights that give -inf on new data: stop
+            # before ModelCheckpoint saves such a model as "last" or "best". Every process holds
+            # the same reduced sums, so all take this decision together.
+            raise NonFiniteLoss(self.global_step, "the validation ELBO is not finite")
         self.log(f"{split}/elbo", elbo, prog_bar=True)
         self.log_dict({f"{split}/recon": recon, f"{split}/kl": kl, f"{split}/objective": objective})
         if split == "train" and self.trainer.is_global_zero:
@@ -108,10 +121,32 @@ class VAEModule(pl.LightningModule):
         if split == "val" and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self.collapse.validation(self.global_step, kl, active, units.dims)
 
+    def check_finite(self) -> None:
+        """Stop if any training loss since the last check was NaN or infinite.
+
+        One host sync (in DDP one all-reduce, on every process at the same steps): it runs every
+        log_every_n_steps steps and before every checkpoint, never at every step, so a GPU is not
+        held up; a non-finite model is still never saved (ModelCheckpoint runs after these hooks).
+        """
+        if self._finite is None:
+            return
+        finite, first = bool(self._finite), self._checked_step
+        self._finite, self._checked_step = None, self.global_step
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteLoss(self.global_step, f"a training loss of steps {first + 1}-{self.global_step} "
+                                                  "is NaN or infinite")
+
+    def on_train_batch_end(self, outputs: object, batch: torch.Tensor, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_finite()
+
     def on_train_epoch_end(self) -> None:
+        self.check_finite()  # before ModelCheckpoint's on_train_epoch_end (Lightning calls this hook first)
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.check_finite()  # before ModelCheckpoint's on_validation_end
         self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
@@ -119,21 +154,14 @@ class VAEModule(pl.LightningModule):
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.step(x, "train")
-        # One host sync a step (free on a CPU); a NaN found a thousand steps late costs the run.
-        # In DDP every process takes the same decision, so none is left waiting for the others.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            raise NonFiniteLoss(self.global_step, f"the loss is {loss.item()}")
+        finite = torch.isfinite(loss.detach())  # decided on the device, read by check_finite
+        self._finite = finite if self._finite is None else self._finite & finite
         if self.kl_warmup_steps > 0 and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/kl_weight", self.kl_weight())
         return loss
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "val")
-        # A finite training loss can still leave weights that give -inf on new data: stop before
-        # ModelCheckpoint saves such a model as "last" or "best".
-        finite = bool(torch.isfinite(self._sums["val"][0]))
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise NonFiniteLoss(self.global_step, "the validation ELBO is not finite")
 
     def test_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "test")
