@@ -1,8 +1,17 @@
-"""A VAE with a hierarchy of stochastic layers (``model=ladder``): the two-layer model of Burda,
-Grosse and Salakhutdinov (2016, section 5), with any number L >= 2 of layers.
+"""A VAE with a hierarchy of stochastic layers (``model=ladder``), any number L >= 2 of layers:
 
     generative:  p(z_L) = N(0, I),  p(z_l | z_{l+1}) = N(mu, diag sigma^2) (l < L),  p(x | z_1)
-    inference:   q(z_1 | x),        q(z_{l+1} | z_l)  (bottom-up, each a diagonal Gaussian)
+
+and one of two inference models (``inference``), each layer a diagonal Gaussian:
+
+* ``top_down`` (the default): the Ladder VAE of Sonderby, Raiko, Maaloe, Sonderby and Winther
+  (2016, "Ladder Variational Autoencoders", NeurIPS, eqs. 17-21). A deterministic bottom-up pass
+  d_1 = MLP(x), d_l = MLP(d_{l-1}) gives each layer (mu_hat_l, sigma_hat_l^2); then, top-down,
+  q(z_L | x) = N(mu_hat_L, sigma_hat_L^2) and q(z_l | z_{l+1}, x) is the precision-weighted
+  combination of (mu_hat_l, sigma_hat_l^2) with the generative p(z_l | z_{l+1}) (shared with the prior):
+      sigma_q^2 = 1 / (1 / sigma_hat^2 + 1 / sigma_p^2),  mu_q = (mu_hat / sigma_hat^2 + mu_p / sigma_p^2) sigma_q^2.
+* ``bottom_up``: the two-layer model of Burda, Grosse and Salakhutdinov (2016, section 5),
+  q(z_1 | x) q(z_2 | z_1) ... q(z_L | z_{L-1}).
 
 z is the concatenation [z_1, ..., z_L], (..., D_1 + ... + D_L), so the model offers exactly the
 interface of ``vae_cli.model.VAE`` (``posterior``, ``prior``, ``proposal``, ``log_joint``,
@@ -10,15 +19,13 @@ interface of ``vae_cli.model.VAE`` (``posterior``, ``prior``, ``proposal``, ``lo
 pictures use it unchanged. q(z|x) and p(z) are ``Chain`` distributions: ancestral sampling in their
 own order, log_prob the sum of the layers' Gaussian log-densities. No KL in closed form: the KL of
 the ELBO is the one-sample Monte Carlo estimate log q(z|x) - log p(z) at the same draw.
-
-Not implemented: the Ladder VAE's precision-weighted top-down inference (Sonderby et al. 2016).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -32,6 +39,8 @@ from vae_cli.priors import Prior
 from vae_cli.typed import ImageShape, PosInt, PosInts
 
 LatentDims = Annotated[list[PosInt], Field(min_length=2)]
+# top_down: the Ladder VAE's precision-weighted inference (Sonderby et al. 2016); bottom_up: Burda et al. 2016
+Inference = Literal["top_down", "bottom_up"]
 # a conditional layer: its input (..., D_in) -> (mu, logvar) of the next layer, (..., D_out) each
 Layer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -46,7 +55,9 @@ class Chain(Distribution):
     block after another in the order ``order``: the first from ``first``, each next one from
     ``layers[i](previous block)``. log_prob is the sum of the blocks' log-densities.
 
-    q(z|x): order 1, 2, ..., L (bottom-up); p(z): order L, ..., 1 (top-down, ``first`` = N(0, I)).
+    p(z): order L, ..., 1, ``first`` = N(0, I). q(z|x), bottom-up: order 1, 2, ..., L; top-down:
+    order L, ..., 1, and each layer a ``PrecisionWeighted`` that also holds x's bottom-up statistics,
+    (B, D_l), broadcast against the previous block's sample dimensions (k, B, D_{l+1}).
     """
 
     arg_constraints: dict = {}
@@ -92,6 +103,43 @@ class Chain(Distribution):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return sum(self.layer_log_probs(z))
 
+    def mean_path(self) -> torch.Tensor:
+        """The block means in the order, each given the mean of the block before it, (*batch, D)."""
+        blocks: list[torch.Tensor | None] = [None] * len(self.dims)
+        z = self.first.mean                                          # (*batch, D_first)
+        blocks[self.order[0]] = z
+        for layer, i in zip(self.layers, self.order[1:]):
+            z = layer(z)[0]                                          # (*batch, D_i)
+            blocks[i] = z
+        return torch.cat(blocks, -1)
+
+
+def precision_weighted(mu_hat: torch.Tensor, logvar_hat: torch.Tensor, mu_p: torch.Tensor,
+                       logvar_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product of N(mu_hat, sigma_hat^2) and N(mu_p, sigma_p^2), normalised (Sonderby et al. 2016,
+    eqs. 18-19): sigma_q^2 = 1 / (1 / sigma_hat^2 + 1 / sigma_p^2), mu_q = (mu_hat / sigma_hat^2 +
+    mu_p / sigma_p^2) sigma_q^2, in log-variance space. Shapes broadcast: (B, D) with (k, B, D).
+
+    Both inputs come from ``bounded_logvar``, and logvar_q lies in [min - log 2, min] of them, so it
+    needs no clamp of its own (a second soft clamp would change the exact product).
+    """
+    logvar = -torch.logaddexp(-logvar_hat, -logvar_p)               # log sigma_q^2, (..., D)
+    w = torch.sigmoid(logvar_p - logvar_hat)                         # sigma_q^2 / sigma_hat^2, (..., D)
+    return w * mu_hat + (1 - w) * mu_p, logvar                       # sigma_q^2 / sigma_p^2 = 1 - w
+
+
+class PrecisionWeighted:
+    """A layer of the top-down q: z_{l+1} (..., B, D_{l+1}) -> (mu_q, logvar_q) of q(z_l | z_{l+1}, x),
+    (..., B, D_l) each: the generative p(z_l | z_{l+1}) merged with x's bottom-up (mu_hat_l,
+    logvar_hat_l), (B, D_l) each, computed once per x."""
+
+    def __init__(self, generative: Layer, mu_hat: torch.Tensor, logvar_hat: torch.Tensor) -> None:
+        self.generative, self.mu_hat, self.logvar_hat = generative, mu_hat, logvar_hat
+
+    def __call__(self, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu_p, logvar_p = self.generative(z_above)                    # (..., B, D_l) each
+        return precision_weighted(self.mu_hat, self.logvar_hat, mu_p, logvar_p)
+
 
 class GaussianLayer(nn.Module):
     """A conditional diagonal Gaussian: input (..., D_in) (or an image, flattened) -> (mu, logvar), (..., D_out)."""
@@ -112,26 +160,48 @@ class GaussianLayer(nn.Module):
         return mu, bounded_logvar(raw)
 
 
+class BottomUpLayer(GaussianLayer):
+    """A step of the top-down model's deterministic bottom-up pass (Sonderby et al. 2016):
+    d_{l-1} (..., D_in) (or x, flattened) -> (d_l, mu_hat_l, logvar_hat_l): d_l the last tanh layer,
+    (..., hidden[-1]), the input of the next step; mu_hat_l and logvar_hat_l, (..., D_out) each, its
+    linear heads."""
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.flatten:
+            h = h.flatten(-self.flatten)
+        d = self.net[:-1](h)                                         # (..., hidden[-1])
+        mu, raw = self.net[-1](d).chunk(2, dim=-1)                   # (..., D_out) each
+        return d, mu, bounded_logvar(raw)
+
+
 class LadderVAE(LatentModel):
     """A hierarchical VAE: ``latent_dims`` [D_1, ..., D_L] from the image side (z_1 next to x),
     ``hidden`` the deterministic layers of every conditional network (tanh units, as Burda et al.),
-    ``likelihood`` p(x|z_1) from the decoder's output (C, H, W).
+    ``likelihood`` p(x|z_1) from the decoder's output (C, H, W), ``inference`` the inference model
+    (the module docstring): ``top_down`` (Sonderby et al. 2016) or ``bottom_up`` (Burda et al. 2016).
 
     ``prior`` and ``posterior`` are the configured families (conf/prior, conf/posterior): only the
     defaults (N(0, I) at the top, diagonal Gaussians) are allowed, and nothing of them is kept.
     """
 
     def __init__(self, image_shape: ImageShape, latent_dims: LatentDims, hidden: PosInts, likelihood: nn.Module,
-                 prior: Prior | None = None, posterior: Posterior | None = None) -> None:
+                 prior: Prior | None = None, posterior: Posterior | None = None,
+                 inference: Inference = "top_down") -> None:
         super().__init__()
         self.check_settings({"prior": prior, "posterior": posterior})
         self.image_shape, self.latent_dims = tuple(image_shape), list(latent_dims)
         self.latent_dim = sum(latent_dims)
+        self.inference = inference
         dims, pixels = self.latent_dims, math.prod(image_shape)
-        # q(z_1|x), q(z_2|z_1), ..., q(z_L|z_{L-1})
-        self.encoder = nn.ModuleList([GaussianLayer(pixels, dims[0], hidden, flatten=3)] +
-                                     [GaussianLayer(a, b, hidden) for a, b in zip(dims[:-1], dims[1:])])
-        # p(z_{L-1}|z_L), ..., p(z_1|z_2): top-down
+        if inference == "top_down":
+            # the bottom-up pass x -> d_1 -> ... -> d_L, with (mu_hat_l, logvar_hat_l) from each d_l
+            self.encoder = nn.ModuleList([BottomUpLayer(pixels, dims[0], hidden, flatten=3)] +
+                                         [BottomUpLayer(hidden[-1], b, hidden) for b in dims[1:]])
+        else:
+            # q(z_1|x), q(z_2|z_1), ..., q(z_L|z_{L-1})
+            self.encoder = nn.ModuleList([GaussianLayer(pixels, dims[0], hidden, flatten=3)] +
+                                         [GaussianLayer(a, b, hidden) for a, b in zip(dims[:-1], dims[1:])])
+        # p(z_{L-1}|z_L), ..., p(z_1|z_2): the generative top-down layers (also in top_down's q)
         self.top_down = nn.ModuleList([GaussianLayer(b, a, hidden) for a, b in reversed(list(zip(dims[:-1], dims[1:])))])
         # p(x|z_1): z_1 -> hidden (from the image side, so reversed) -> (C, H, W)
         sizes = [dims[0], *reversed(hidden)]
@@ -171,21 +241,28 @@ class LadderVAE(LatentModel):
         return Chain(self.latent_dims, list(range(n - 1, -1, -1)), top, list(self.top_down))
 
     def posterior(self, x: torch.Tensor) -> Chain:
-        """q(z|x) = q(z_1|x) q(z_2|z_1) ... , batch (B,), event (D,)."""
-        first = diagonal(*self.encoder[0](x))
-        return Chain(self.latent_dims, list(range(len(self.latent_dims))), first, list(self.encoder[1:]))
+        """q(z|x), batch (B,), event (D,): top_down q(z_L|x) q(z_{L-1}|z_L, x) ... q(z_1|z_2, x);
+        bottom_up q(z_1|x) q(z_2|z_1) ... q(z_L|z_{L-1})."""
+        n = len(self.latent_dims)
+        if self.inference == "bottom_up":
+            first = diagonal(*self.encoder[0](x))
+            return Chain(self.latent_dims, list(range(n)), first, list(self.encoder[1:]))
+        d, stats = x, []
+        for layer in self.encoder:                                   # once per x, not per sample
+            d, mu_hat, logvar_hat = layer(d)                         # (B, hidden[-1]), (B, D_l), (B, D_l)
+            stats.append((mu_hat, logvar_hat))
+        first = diagonal(*stats[-1])                                 # q(z_L|x), batch (B,)
+        # self.top_down[j] is p(z_l|z_{l+1}) for l = L-1, ..., 1; stats[l-1] its (mu_hat_l, logvar_hat_l)
+        layers = [PrecisionWeighted(p, *stats[l - 1]) for p, l in zip(self.top_down, range(n - 1, 0, -1))]
+        return Chain(self.latent_dims, list(range(n - 1, -1, -1)), first, layers)
 
     def proposal(self, x: torch.Tensor) -> Chain:
         return self.posterior(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """One code per input, (B, D): the mean of q(z_1|x), then of q(z_{l+1}|z_l) at the mean below."""
-        mu, _ = self.encoder[0](x)
-        codes = [mu]
-        for layer in self.encoder[1:]:
-            mu, _ = layer(mu)
-            codes.append(mu)
-        return torch.cat(codes, -1)
+        """One code per input, (B, D): the mean of q's first layer, then of each next one given the
+        mean before it (bottom_up: from z_1 up; top_down: from z_L down)."""
+        return self.posterior(x).mean_path()
 
     def decode(self, z: torch.Tensor) -> Distribution:
         """p(x|z_1) from the concatenated z (..., D); event (C, H, W)."""
