@@ -154,8 +154,8 @@ def test_top_down_densities_are_the_precision_weighted_layers():
     torch.manual_seed(2)
     from vae_cli.likelihoods import Bernoulli
 
-    model = LadderVAE([1, 4, 4], [3, 2, 2], [8, 6], Bernoulli()).double()
-    assert model.inference == "top_down"
+    model = LadderVAE([1, 4, 4], [3, 2, 2], [8, 6], Bernoulli(), inference="top_down").double()
+    assert LadderVAE([1, 4, 4], [3, 2], [8], Bernoulli()).inference == "bottom_up"  # runs saved before the setting
     x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
     q = model.proposal(x)
     assert q.batch_shape == (5,) and q.event_shape == (7,)
@@ -253,3 +253,14 @@ def test_a_ladder_refuses_an_unknown_inference_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "model.inference='sideways' is not allowed: expected one of top_down, bottom_up" in err, err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists(), err
+
+
+def test_compile_reaches_every_network_of_a_ladder():
+    """compile=true wraps the layers the ladder calls (its encoder and top_down are lists of layers)."""
+    from vae_cli.likelihoods import Bernoulli
+    from vae_cli.train import compile_networks
+
+    model = LadderVAE([1, 4, 4], [3, 2], [8], Bernoulli(), inference="top_down")
+    compile_networks(model)   # lazy: nothing is compiled until a layer is called
+    layers = [*model.encoder, *model.top_down, model.decoder]
+    assert all(layer._compiled_call_impl is not None for layer in layers)

@@ -186,7 +186,7 @@ class LadderVAE(LatentModel):
 
     def __init__(self, image_shape: ImageShape, latent_dims: LatentDims, hidden: PosInts, likelihood: nn.Module,
                  prior: Prior | None = None, posterior: Posterior | None = None,
-                 inference: Inference = "top_down") -> None:
+                 inference: Inference = "bottom_up") -> None:
         super().__init__()
         self.check_settings({"prior": prior, "posterior": posterior})
         self.image_shape, self.latent_dims = tuple(image_shape), list(latent_dims)

@@ -93,7 +93,7 @@ class TrainSettings(BaseModel):
     beta: NonNegFloat = 1.0             # weight on the KL
     kl_warmup_steps: NonNegInt = 0
     free_bits: NonNegFloat = 0.0        # nats per latent dimension (Kingma et al. 2016); 0 is off
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False  # true: torch.compile's default mode
+    compile: bool = False               # torch.compile the networks (README, Speed)
     matmul_precision: MatmulPrecision = "highest"
     verbose: bool = False               # Lightning's device lines, tips and the model summary
     data_dir: Text

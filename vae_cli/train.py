@@ -45,16 +45,18 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def compile_networks(model: "torch.nn.Module", mode: bool | str) -> None:
+def compile_networks(model: "torch.nn.Module") -> None:
     """torch.compile the model's networks in place (the state_dict keys stay those of the plain
-    model): the encoder and decoder, or every child of a model without them (model=ladder).
-    mode "reduce-overhead" replays CUDA graphs on a GPU: no Python or launch cost per kernel."""
+    model): the encoder and decoder, each member where one is a list of layers (model=ladder)."""
     import torch
 
-    mode = "default" if mode is True else mode
-    nets = [getattr(model, n) for n in ("encoder", "decoder") if isinstance(getattr(model, n, None), torch.nn.Module)]
-    for net in nets or [m for m in model.children() if any(True for _ in m.parameters())]:
-        net.compile(mode=mode)
+    for name in ("encoder", "decoder", "top_down"):
+        net = getattr(model, name, None)
+        if isinstance(net, torch.nn.ModuleList):  # its own forward is never called: compile the layers
+            for layer in net:
+                layer.compile()
+        elif isinstance(net, torch.nn.Module):
+            net.compile()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -99,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except Exception as e:  # Hydra's InstantiationException, TypeError, ValueError: a bad setting
         raise UserError(f"cannot build the model or optimizer from these settings: {first_line(e.__cause__ or e)}") from None
     if config.get("compile"):
-        compile_networks(model, config["compile"])
+        compile_networks(model)
     logger = TensorBoardLogger(save_dir=str(run), name="tensorboard", version="", default_hp_metric=False)
     best = ModelCheckpoint(
         dirpath=run / "checkpoints", filename="best-epoch={epoch}-step={step}", auto_insert_metric_name=False,
