@@ -264,3 +264,19 @@ def test_compile_reaches_every_network_of_a_ladder():
     compile_networks(model)   # lazy: nothing is compiled until a layer is called
     layers = [*model.encoder, *model.top_down, model.decoder]
     assert all(layer._compiled_call_impl is not None for layer in layers)
+
+
+def test_interpolation_walks_the_top_latent():
+    """vae interpolate on a hierarchy: z_L moves along the path, the layers below are p's means."""
+    from vae_cli.likelihoods import Bernoulli
+    from vae_cli.pictures import interpolation_rows, pixels_of
+
+    torch.manual_seed(0)
+    model = LadderVAE([1, 4, 4], [3, 2], [8], Bernoulli(), inference="top_down")
+    z0, z1 = model.encode(torch.rand(2, 1, 4, 4)).chunk(2)            # (1, 5) each
+    path = model.from_top(torch.stack([model.top_latent(z0[0]), model.top_latent(z1[0])]))
+    assert torch.equal(model.top_latent(path), torch.cat([model.top_latent(z0), model.top_latent(z1)]))
+    assert torch.allclose(path[:, :3], model.top_down[0](path[:, 3:])[0])  # z_1 = E p(z_1|z_2)
+    rows = interpolation_rows(model, z0, z1, steps=5)                  # (1, 5, 1, 4, 4)
+    assert rows.shape == (1, 5, 1, 4, 4)
+    assert torch.allclose(rows[0, [0, -1]], pixels_of(model, path))

@@ -259,6 +259,18 @@ class LadderVAE(LatentModel):
     def proposal(self, x: torch.Tensor) -> Chain:
         return self.posterior(x)
 
+    def top_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """z_L, the top block of z = [z_1, ..., z_L]: (..., D) -> (..., D_L)."""
+        return z[..., -self.latent_dims[-1]:]
+
+    def from_top(self, z_top: torch.Tensor) -> torch.Tensor:
+        """The z whose top block is z_top (..., D_L) and whose lower blocks are the means of
+        p(z_l | z_{l+1}) in turn: what interpolating in the top latent walks (..., D)."""
+        blocks = [z_top]
+        for layer in self.top_down:                                  # p(z_{L-1}|z_L), ..., p(z_1|z_2)
+            blocks.insert(0, layer(blocks[0])[0])                    # the mean, (..., D_l)
+        return torch.cat(blocks, -1)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """One code per input, (B, D): the mean of q's first layer, then of each next one given the
         mean before it (bottom_up: from z_1 up; top_down: from z_L down)."""

@@ -177,9 +177,17 @@ def interpolation_rows(
     model: VAE, z0: torch.Tensor, z1: torch.Tensor, steps: int, method: str = "linear", mode: str = "mean",
     seed: int = 0,
 ) -> torch.Tensor:
-    """One row of decoded path points per pair: z0, z1 (P, D) -> (P, steps, C, H, W)."""
+    """One row of decoded path points per pair: z0, z1 (P, D) -> (P, steps, C, H, W).
+
+    A hierarchy (model=ladder) is walked in its top latent z_L, each layer below following as the
+    mean of p(z_l | z_{l+1}): the path stays where the generative model puts its mass."""
     g = torch.Generator(device=z0.device).manual_seed(seed)
-    rows = [pixels_of(model, latent_path(a, b, steps, method), mode, g) for a, b in zip(z0, z1)]
+    if hasattr(model, "from_top"):
+        paths = [model.from_top(latent_path(model.top_latent(a), model.top_latent(b), steps, method))
+                 for a, b in zip(z0, z1)]
+    else:
+        paths = [latent_path(a, b, steps, method) for a, b in zip(z0, z1)]
+    rows = [pixels_of(model, path, mode, g) for path in paths]
     return torch.stack(rows)
 
 
