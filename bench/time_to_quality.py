@@ -89,7 +89,7 @@ def main() -> None:
                         f"hydra.run.dir={run}"]
             else:
                 args = ["evaluate", f"run={run}", f"out={run}/evaluation.json", *a.eval_args]
-            procs[str(run.name)] = start(args, run.with_suffix(f".{phase}.log"))
+            procs[str(run.name)] = start(args, run.parent / f"{run.name}.{phase}.log")  # names may hold dots
             if not a.parallel:
                 wait(procs, phase)
                 procs = {}
