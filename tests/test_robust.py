@@ -157,8 +157,8 @@ def test_picture_commands_with_bad_outputs_write_nothing(trained_run, tmp_path, 
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-def interrupt(args: list[str], ready, timeout: float = 120) -> tuple[int, str]:
-    """Start `vae ARGS`, send SIGINT once ready(stderr so far) is true; (exit code, stderr)."""
+def interrupt(args: list[str], ready, timeout: float = 120, sig: int = signal.SIGINT) -> tuple[int, str]:
+    """Start `vae ARGS`, send sig (Ctrl-C's SIGINT) once ready(stderr so far) is true; (exit code, stderr)."""
     exe = Path(sys.executable).parent / "vae"
     proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -174,7 +174,7 @@ def interrupt(args: list[str], ready, timeout: float = 120) -> tuple[int, str]:
     while not ready(err.decode(errors="replace")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the command ended before it could be interrupted: " + err.decode()[-2000:]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     proc.wait(timeout=60)
     reader.join(timeout=10)
     return proc.returncode, err.decode(errors="replace")
@@ -186,11 +186,12 @@ def assert_one_line(err: str, line: str) -> None:
     assert "Traceback" not in err and sum("interrupt" in x.lower() for x in lines) == 1, err[-2000:]
 
 
-def test_ctrl_c_during_training_then_resume(tmp_path, data_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, or kill / a scheduler's pre-emption
+def test_ctrl_c_during_training_then_resume(tmp_path, data_dir, sig):
     run, epochs = tmp_path / "run", 6
     args = ["train", f"data_dir={data_dir}", *TINY, f"trainer.max_epochs={epochs}", "trainer.limit_val_batches=1",
             "eval.k=0", f"hydra.run.dir={run}"]
-    code, err = interrupt(args, lambda _: (run / "checkpoints" / "last.ckpt").exists())
+    code, err = interrupt(args, lambda _: (run / "checkpoints" / "last.ckpt").exists(), sig=sig)
     assert code == 130
     assert_one_line(err, f"vae: interrupted; continue the run with: vae train resume={run}")
     assert "interrupted; continue the run with" in (run / "train.log").read_text()
@@ -211,9 +212,10 @@ def test_ctrl_c_during_the_final_test_evaluation(tmp_path, data_dir):
     assert not (run / "metrics.json").exists()
 
 
-def test_ctrl_c_during_evaluate(trained_run, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_evaluate(trained_run, tmp_path, sig):
     out = tmp_path / "e.json"
-    code, err = interrupt(["evaluate", f"run={trained_run}", "k=500000", f"out={out}"], lambda e: "k=500000" in e)
+    code, err = interrupt(["evaluate", f"run={trained_run}", "k=500000", f"out={out}"], lambda e: "k=500000" in e, sig=sig)
     assert code == 130
     assert_one_line(err, "vae: interrupted")
     assert not out.exists()

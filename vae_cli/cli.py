@@ -164,12 +164,25 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (kill, a batch scheduler's pre-emption) stops a command as Ctrl-C does, so that
+    half-made outputs are removed and a run can be resumed; the default action leaves them behind."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``vae`` console script. Ctrl-C anywhere ends in one line and exit code 130."""
+    """Entry point of the ``vae`` console script. Ctrl-C or SIGTERM anywhere ends in one line and exit code 130."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         _main(argv)
     except KeyboardInterrupt:  # outside a command's task: while starting, composing or importing
         interrupted()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: list[str] | None) -> None:
