@@ -4,7 +4,7 @@ Full runs (real MNIST from the vae cache; fetched there once if missing):
 
     python bench/train_speed.py --epochs 4                                  # 2-core CPU
     python bench/train_speed.py --device cuda --epochs 4 --repeats 1 \
-        --variants "" "compile=true" "compile=reduce-overhead"              # a GPU, three vae variants
+        --variants "" "compile=true"                                        # a GPU, two vae variants
 
 Smoke test:  python bench/train_speed.py --epochs 2 --limit-batches 2 --data-dir /tmp/benchdata
 
