@@ -177,6 +177,13 @@ class _ResNet(nn.Module):
                              f"(channels={args['channels']}) needs height and width divisible by {2**stages} "
                              "(28 and 32 are divisible by 4); set dataset.shape or model.encoder.channels")
 
+    @staticmethod
+    def bottleneck(image_shape: ImageShape, channels: list[int]) -> tuple[int, int, int]:
+        """The checked settings' smallest feature map, (channels[-1], H / 2**stages, W / 2**stages)."""
+        _ResNet.check_settings({"image_shape": list(image_shape), "channels": list(channels)})
+        scale = 2 ** len(channels)
+        return channels[-1], image_shape[1] // scale, image_shape[2] // scale
+
 
 class ResNetEncoder(_ResNet):
     """Per stage: a stride-2 convolution (H -> H/2), then ``blocks`` residual blocks; then a hidden
@@ -185,18 +192,15 @@ class ResNetEncoder(_ResNet):
     def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: ResNetChannels, blocks: PosInt,
                  hidden: PosInt) -> None:
         super().__init__()
-        _ResNet.check_settings({"image_shape": list(image_shape), "channels": list(channels)})
-        c, h, w = image_shape
-        scale = 2 ** len(channels)
+        last, hs, ws = self.bottleneck(image_shape, channels)
         layers: list[nn.Module] = []
-        for c_in, c_out in zip([c, *channels[:-1]], channels):
+        for c_in, c_out in zip([image_shape[0], *channels[:-1]], channels):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), *(ResBlock(c_out) for _ in range(blocks))]
-        last = channels[-1]
         self.net = nn.Sequential(
-            *layers,                                                    # (B, last, H/scale, W/scale)
+            *layers,                                                    # (B, last, hs, ws)
             nn.GroupNorm(_groups(last), last), nn.ELU(),
             nn.Flatten(),
-            nn.Linear(last * (h // scale) * (w // scale), hidden), nn.ELU(),
+            nn.Linear(last * hs * ws, hidden), nn.ELU(),
             nn.Linear(hidden, 2 * latent_dim),
         )
 
@@ -212,17 +216,14 @@ class ResNetDecoder(_ResNet):
     def __init__(self, image_shape: ImageShape, latent_dim: PosInt, channels: ResNetChannels, blocks: PosInt,
                  hidden: PosInt) -> None:
         super().__init__()
-        _ResNet.check_settings({"image_shape": list(image_shape), "channels": list(channels)})
-        c, h, w = image_shape
-        scale = 2 ** len(channels)
+        last, hs, ws = self.bottleneck(image_shape, channels)
         self.image_shape = tuple(image_shape)
-        last = channels[-1]
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, hidden), nn.ELU(),
-            nn.Linear(hidden, last * (h // scale) * (w // scale)),
-            nn.Unflatten(1, (last, h // scale, w // scale)),
+            nn.Linear(hidden, last * hs * ws),
+            nn.Unflatten(1, (last, hs, ws)),                            # (B, last, hs, ws)
         ]
-        outs = [c, *channels[:-1]]
+        outs = [image_shape[0], *channels[:-1]]
         for c_in, c_out in zip(reversed(channels), reversed(outs)):
             layers += [*(ResBlock(c_in) for _ in range(blocks)),
                        nn.GroupNorm(_groups(c_in), c_in), nn.ELU(), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
