@@ -17,27 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-
-def vae_command() -> list[str]:
-    exe = Path(sys.executable).with_name("vae")  # the console script of this venv
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vae_cli.cli"]  # the package on PYTHONPATH
+from train_speed import device_name, vae_command  # bench/ is the script's folder, on sys.path
 
 
 def hardware() -> str:
+    """The GPU that vae train will pick, else the CPU model and its cores."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "CPU"
-    return f"{model}, {os.cpu_count()} cores"
+    return device_name("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
