@@ -212,12 +212,12 @@ def test_objectives_train_a_real_ladder(inference):
         model.zero_grad()
 
 
-@pytest.fixture(scope="module", params=["top_down", "bottom_up"])
+@pytest.fixture(scope="module", params=["model.inference=top_down model.activation=elu", "model.inference=bottom_up"])
 def ladder_run(request, tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("ladder")
     tiny = [o for o in TINY if not o.startswith(("model.", "trainer.max_epochs"))]
     code = run_main("train", f"data_dir={data_dir}", *tiny, "model=ladder", "model.latent_dims=[4,2]",
-                    "model.hidden=[16]", f"model.inference={request.param}", "trainer.max_epochs=1", "eval.k=4",
+                    "model.hidden=[16]", *request.param.split(), "trainer.max_epochs=1", "eval.k=4",
                     f"hydra.run.dir={out}")
     assert code == 0
     return out
@@ -248,11 +248,28 @@ def test_a_ladder_refuses_another_prior_in_one_line(tmp_path, capsys):
     assert "prior=VampPrior is not allowed" in err and len(err.splitlines()) == 1, err
 
 
-def test_a_ladder_refuses_an_unknown_inference_in_one_line(tmp_path, capsys):
-    assert run_main("train", "model=ladder", "model.inference=sideways", f"hydra.run.dir={tmp_path / 'run'}") == 2
+@pytest.mark.parametrize("setting, allowed", [("inference=sideways", "top_down, bottom_up"),
+                                              ("activation=relu", "tanh, elu")])
+def test_a_ladder_refuses_an_unknown_setting_in_one_line(tmp_path, capsys, setting, allowed):
+    assert run_main("train", "model=ladder", f"model.{setting}", f"hydra.run.dir={tmp_path / 'run'}") == 2
     err = capsys.readouterr().err.strip()
-    assert "model.inference='sideways' is not allowed: expected one of top_down, bottom_up" in err, err
+    key, value = setting.split("=")
+    assert f"model.{key}='{value}' is not allowed: expected one of {allowed}" in err, err
     assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists(), err
+
+
+@pytest.mark.parametrize("inference", ["top_down", "bottom_up"])
+def test_activation_sets_every_hidden_unit_of_a_ladder(inference):
+    from torch import nn
+
+    from vae_cli.likelihoods import Bernoulli
+
+    for activation, unit in (("tanh", nn.Tanh), ("elu", nn.ELU)):
+        model = LadderVAE([1, 4, 4], [3, 2], [8, 6], Bernoulli(), inference=inference, activation=activation)
+        units = [type(m) for m in model.modules() if isinstance(m, (nn.Tanh, nn.ELU))]
+        # two hidden layers in each of: two encoder layers, p(z1|z2), p(x|z1)
+        assert units == [unit] * 8, units
+    assert LadderVAE([1, 4, 4], [3, 2], [8], Bernoulli()).decoder[1].__class__ is nn.Tanh  # runs saved before
 
 
 def test_compile_reaches_every_network_of_a_ladder():
