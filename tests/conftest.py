@@ -15,6 +15,12 @@ import torch
 
 from vae_cli.cli import config_dir, main
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest -n N each worker is one process of N: one thread each (and in the `vae`
+    # subprocesses they start), so N workers do not fight over the cores with 2N threads.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Tiny overrides for a real `vae train` that takes seconds on a CPU.
 TINY = ["trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=1", "dataset.batch_size=32", "dataset.eval_batch_size=32",

@@ -84,7 +84,7 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("key,value,message", MALFORMED, ids=[f"{m[0]}={m[1]!r}"[:40] for m in MALFORMED])
+@pytest.mark.parametrize("key,value,message", MALFORMED, ids=[f"{m[0]}={'<deleted>' if m[1] is _DELETE else repr(m[1])}"[:40] for m in MALFORMED])
 def test_malformed_checkpoint_configs_are_one_line(trained_run, key, value, message):
     config = _set(_config(trained_run), key, value)
     if message is None:

@@ -207,6 +207,14 @@ def evaluate_split(
     return summarize(values, plan, ks, math.prod(images.shape[1:]), pixels)
 
 
+def say(line: str) -> None:
+    """One line on stderr in a single write: print() writes the text and its newline separately
+    (stderr to a pipe is write-through), and a Ctrl-C between the two left ``vae: interrupted``
+    at the end of the half-written line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _progress(n: int, plan: Plan, show: bool):
     if not show:
         return None
@@ -423,12 +431,12 @@ def evaluate(cfg) -> dict[str, Any]:
     # Claimed before the work, so a bad output folder fails now, not after an hour of sampling;
     # a failure or Ctrl-C during the work removes the claimed (empty) files.
     with claimed_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png")) as paths:
-        print(f"vae evaluate: {cfg.split} split, {len(images)} examples, estimators {', '.join(plan.estimators)}, "
-              f"k={cfg.k}, checkpoint {ckpt}", file=sys.stderr)
+        say(f"vae evaluate: {cfg.split} split, {len(images)} examples, estimators {', '.join(plan.estimators)}, "
+            f"k={cfg.k}, checkpoint {ckpt}")
         for name in plan.estimators[1:]:
             if name != "bdmc" and plan.covers(name, len(images)) < len(images):
-                print(f"vae evaluate: {name} on the first {plan.covers(name, len(images))} examples "
-                      f"(set {name}.limit to change)", file=sys.stderr)
+                say(f"vae evaluate: {name} on the first {plan.covers(name, len(images))} examples "
+                    f"(set {name}.limit to change)")
         r = evaluate_split(model, images, pixels, plan, cfg.batch_size, cfg.chunk, cfg.seed, progress=True)
         if "bdmc" in plan.estimators:
             r["bdmc"] = run_bdmc(model, plan, cfg.chunk, cfg.seed)

@@ -206,14 +206,14 @@ class LadderVAE(LatentModel):
         dims, pixels, act = self.latent_dims, math.prod(image_shape), activation
         if inference == "top_down":
             # the bottom-up pass x -> d_1 -> ... -> d_L, with (mu_hat_l, logvar_hat_l) from each d_l
-            self.encoder = nn.ModuleList([BottomUpLayer(pixels, dims[0], hidden, 3, act)] +
-                                         [BottomUpLayer(hidden[-1], b, hidden, 0, act) for b in dims[1:]])
+            self.encoder = nn.ModuleList([BottomUpLayer(pixels, dims[0], hidden, flatten=3, activation=act)] +
+                                         [BottomUpLayer(hidden[-1], b, hidden, activation=act) for b in dims[1:]])
         else:
             # q(z_1|x), q(z_2|z_1), ..., q(z_L|z_{L-1})
-            self.encoder = nn.ModuleList([GaussianLayer(pixels, dims[0], hidden, 3, act)] +
-                                         [GaussianLayer(a, b, hidden, 0, act) for a, b in zip(dims[:-1], dims[1:])])
+            self.encoder = nn.ModuleList([GaussianLayer(pixels, dims[0], hidden, flatten=3, activation=act)] +
+                                         [GaussianLayer(a, b, hidden, activation=act) for a, b in zip(dims[:-1], dims[1:])])
         # p(z_{L-1}|z_L), ..., p(z_1|z_2): the generative top-down layers (also in top_down's q)
-        self.top_down = nn.ModuleList([GaussianLayer(b, a, hidden, 0, act)
+        self.top_down = nn.ModuleList([GaussianLayer(b, a, hidden, activation=act)
                                        for a, b in reversed(list(zip(dims[:-1], dims[1:])))])
         # p(x|z_1): z_1 -> hidden (from the image side, so reversed) -> (C, H, W)
         sizes = [dims[0], *reversed(hidden)]
