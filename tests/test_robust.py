@@ -160,8 +160,11 @@ def test_picture_commands_with_bad_outputs_write_nothing(trained_run, tmp_path, 
 def interrupt(args: list[str], ready, timeout: float = 120, sig: int = signal.SIGINT) -> tuple[int, str]:
     """Start `vae ARGS`, send sig (Ctrl-C's SIGINT) once ready(stderr so far) is true; (exit code, stderr)."""
     exe = Path(sys.executable).parent / "vae"
+    # SIGINT at its default in the child: a background job, or a pytest-xdist worker, ignores it,
+    # and a child inherits an ignored signal (then Python installs no KeyboardInterrupt for it).
     proc = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = bytearray()
 
     def read() -> None:
