@@ -24,6 +24,7 @@ from vae_cli.data import Batches
 from vae_cli.diagnostics import KHAT_BAD, ess, pareto_khat
 from vae_cli.estimators import (bits_per_dim, curve_ks, estimate, log_mean_exp, log_px_curve, log_weights,
                                 mean_and_stderr, refine)
+from vae_cli.logs import say
 from vae_cli.model import VAE
 from vae_cli.runs import FromRunSettings
 from vae_cli.typed import STRICT, NonNegInt, PosFloat, PosInt
@@ -205,14 +206,6 @@ def evaluate_split(
         bar.close()
     values = {name: torch.cat(v) for name, v in parts.items()}
     return summarize(values, plan, ks, math.prod(images.shape[1:]), pixels)
-
-
-def say(line: str) -> None:
-    """One line on stderr in a single write: print() writes the text and its newline separately
-    (stderr to a pipe is write-through), and a Ctrl-C between the two left ``vae: interrupted``
-    at the end of the half-written line."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def _progress(n: int, plan: Plan, show: bool):

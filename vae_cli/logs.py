@@ -23,6 +23,15 @@ STDOUT = {"stdout": True}           # extra=STDOUT: a plain line on stdout (the 
 FILE_ONLY = {"terminal": False}     # extra=FILE_ONLY: the log file only (the terminal has it already)
 
 
+def say(line: str, stream=None) -> None:
+    """One line on stderr (or ``stream``) in a single write: print() writes the text and its newline
+    separately (stderr to a pipe is write-through), and a Ctrl-C between the two left
+    ``vae: interrupted`` at the end of the half-written line."""
+    stream = stream or sys.stderr
+    stream.write(line + "\n")
+    stream.flush()
+
+
 class _Terminal(logging.Handler):
     """Prints vae_cli records on the terminal: ``vae: message`` on stderr, or plain on stdout."""
 
@@ -31,9 +40,9 @@ class _Terminal(logging.Handler):
             return
         try:
             if getattr(record, "stdout", False):
-                print(record.getMessage(), file=sys.stdout, flush=True)
+                say(record.getMessage(), sys.stdout)
             else:
-                print(f"vae: {record.getMessage()}", file=sys.stderr, flush=True)
+                say(f"vae: {record.getMessage()}")
         except Exception:  # a closed stream must not end the run
             self.handleError(record)
 
