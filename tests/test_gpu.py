@@ -31,6 +31,8 @@ class SyncCounter(pl.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if (trainer.global_step + 1) % 50 == 0:
             return
+        if module._graph is not None and module._graph.graph is None and module._graph_ready():
+            return  # the step that captures the CUDA graph: torch.cuda.graph synchronises, once
         self._catcher = warnings.catch_warnings(record=True)
         self._caught = self._catcher.__enter__()
         warnings.simplefilter("always")
@@ -48,7 +50,8 @@ class SyncCounter(pl.Callback):
         self._catcher = None
 
 
-def test_a_training_step_never_waits_for_the_gpu(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("graph", ["true", "false"])
+def test_a_training_step_never_waits_for_the_gpu(tmp_path, data_dir, monkeypatch, graph):
     counter = SyncCounter()
     real_trainer = pl.Trainer
 
@@ -57,7 +60,7 @@ def test_a_training_step_never_waits_for_the_gpu(tmp_path, data_dir, monkeypatch
         return real_trainer(*args, **kwargs)
 
     monkeypatch.setattr(pl, "Trainer", trainer_with_counter)
-    assert run_main("train", f"data_dir={data_dir}", *GPU, "trainer.max_epochs=2", "eval.k=0",
+    assert run_main("train", f"data_dir={data_dir}", *GPU, "trainer.max_epochs=2", "eval.k=0", f"cuda_graph={graph}",
                     f"hydra.run.dir={tmp_path / 'gpu'}") == 0
     assert counter.steps >= 6 and not counter.syncs, f"host syncs in {counter.steps} steps at {counter.syncs[:5]}"
 
@@ -74,3 +77,86 @@ def test_evaluation_agrees_on_gpu_and_cpu(tmp_path, data_dir):
     # Different random draws on each device: agreement within Monte Carlo error (4 combined s.e.).
     assert cpu["n"] == gpu["n"] == 32
     assert abs(cpu["log_px"] - gpu["log_px"]) < 4 * math.hypot(cpu["log_px_se"], gpu["log_px_se"]), (cpu, gpu)
+
+
+def test_a_replayed_step_computes_what_the_step_computes():
+    """One step of a VAE as a CUDA graph and op by op, from the same weights, Adam state, batch and
+    random draws (the generator reseeded before each): the same weights after."""
+    from vae_cli.graphs import StepGraph
+    from vae_cli.likelihoods import Bernoulli
+    from vae_cli.model import VAE
+    from vae_cli.networks import MLPDecoder, MLPEncoder
+    from vae_cli.objectives import ELBO
+
+    def build():
+        torch.manual_seed(0)
+        model = VAE(4, MLPEncoder([1, 28, 28], 4, [64]), MLPDecoder([1, 28, 28], 4, [64]), Bernoulli()).cuda()
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def forward(model):
+        def f(x):
+            t = ELBO().terms(model, x)
+            return t.loss, t.kl
+        return f
+
+    batches = [torch.rand(32, 1, 28, 28, device="cuda").bernoulli() for _ in range(4)]
+    (eager, opt_e), (graphed, opt_g) = build(), build()
+    for opt, model in ((opt_e, eager), (opt_g, graphed)):  # one ordinary step: Adam's state exists
+        torch.cuda.manual_seed(1)
+        opt.zero_grad()
+        forward(model)(batches[0])[0].backward()
+        opt.step()
+    step = StepGraph(forward(graphed), opt_g)
+    for i, x in enumerate(batches):
+        torch.cuda.manual_seed(100 + i)
+        opt_e.zero_grad()
+        loss_e, kl_e = forward(eager)(x)
+        loss_e.backward()
+        opt_e.step()
+        torch.cuda.manual_seed(100 + i)
+        loss_g, kl_g = step(x)
+        assert step.graph is not None
+        torch.testing.assert_close(loss_g, loss_e.detach(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(kl_g, kl_e.detach(), rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# Every option's training step captures (a step that cannot falls back to op by op, with a warning).
+OPTIONS = [[], ["model=conv"], ["objective=iwae", "objective.k=4", "objective.dreg=true"], ["prior=vamp"],
+           ["posterior=iaf"], ["free_bits=0.1"], ["model=ladder", "model.inference=top_down"], ["model=resnet"]]
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: " ".join(o) or "default")
+def test_every_option_trains_as_a_cuda_graph(tmp_path, data_dir, option, caplog):
+    args = [a for a in GPU if not a.startswith(("model.", "dataset.batch_size"))] if option else GPU
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *args, *option, "dataset.batch_size=32", "eval.k=0",
+                    f"hydra.run.dir={run}") == 0
+    log = (run / "train.log").read_text()
+    assert "could not be captured" not in log and "not as a CUDA graph" not in log, log[-2000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * 4  # 2 epochs x 128/32 batches: every replay counted
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    val = json.loads((run / "metrics.json").read_text())["val_elbo"]
+    assert math.isfinite(val)
+
+
+def test_a_graphed_run_learns_as_the_plain_one_does(tmp_path, data_dir):
+    """The same run with and without the graph (different random draws: the warm-up draws too)."""
+    vals = {}
+    for graph in ("true", "false"):
+        run = tmp_path / graph
+        assert run_main("train", f"data_dir={data_dir}", *GPU, "trainer.max_epochs=20", "eval.k=0",
+                        f"cuda_graph={graph}", f"hydra.run.dir={run}") == 0
+        vals[graph] = json.loads((run / "metrics.json").read_text())["val_elbo"]
+    assert abs(vals["true"] - vals["false"]) < 0.05 * abs(vals["false"]), vals
+
+
+def test_a_diverging_graphed_run_stops_before_a_bad_checkpoint(tmp_path, data_dir):
+    run = tmp_path / "nan"
+    code = run_main("train", f"data_dir={data_dir}", *GPU, "optimizer.lr=1e30", "trainer.max_epochs=3",
+                    f"hydra.run.dir={run}")
+    assert code == 2
+    assert all(torch.isfinite(v).all() for ckpt in run.glob("checkpoints/*.ckpt")
+               for v in torch.load(ckpt, weights_only=True)["state_dict"].values())

@@ -5,7 +5,9 @@ with w = beta (Higgins et al. 2017) times a linear warm-up (Sønderby et al. 201
 the KL. Every logged ``elbo`` is the true ELBO (w = 1) in nats per example, whatever the objective
 and beta are, so runs compare on the same scale; ``objective`` is the objective's own value.
 Each validation epoch also logs the active units and the KL per latent dimension, and a collapsing
-posterior is reported once (vae_cli.collapse).
+posterior is reported once (vae_cli.collapse). On one GPU the whole training step (forward,
+backward, the optimizer's update) is replayed as one CUDA graph (vae_cli.graphs; cuda_graph=false
+runs it op by op).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import torch
 
 from vae_cli.collapse import CollapseMonitor, UnitStats
 from vae_cli.errors import UserError
+from vae_cli.graphs import StepGraph, graph_blocker
+from vae_cli.logs import FILE_ONLY, log
 from vae_cli.model import VAE
-from vae_cli.objectives import ELBO, Objective
+from vae_cli.objectives import ELBO, Objective, Terms
 
 
 class NonFiniteLoss(UserError):
@@ -44,9 +48,10 @@ class VAEModule(pl.LightningModule):
         config: dict | None = None,
         objective: Objective | None = None,
         free_bits: float = 0.0,
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.cuda_graph = model, optimizer, cuda_graph
         self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits
         self.objective = objective if objective is not None else ELBO()
         try:
@@ -60,6 +65,8 @@ class VAEModule(pl.LightningModule):
         self._checked_step = 0                    # the optimizer step of that check
         self._units: dict[str, UnitStats] = {}    # split -> E_q[z] moments and KL per dimension this epoch
         self.collapse = CollapseMonitor()
+        self._graph: StepGraph | None = None      # the captured training step, while fit runs on one GPU
+        self._replayed = False                    # this step ran as the graph: no backward or update left to do
 
     def kl_weight(self) -> float:
         """beta, ramped linearly from 0 over the first kl_warmup_steps optimizer steps."""
@@ -67,27 +74,34 @@ class VAEModule(pl.LightningModule):
             return self.beta
         return self.beta * min(1.0, self.global_step / self.kl_warmup_steps)
 
+    def terms(self, x: torch.Tensor, train: bool) -> tuple[Terms, torch.Tensor]:
+        """The objective's terms on a batch, and the batch's sums (elbo, recon, kl, objective), (4,)."""
+        t = self.objective.terms(self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
+        recon, kl = t.recon.sum(), t.kl.sum()
+        return t, torch.stack([recon - kl, recon, kl, t.objective * len(x)])
+
     def step(self, x: torch.Tensor, split: str) -> torch.Tensor:
         """The one step shared by train, val and test: the objective, the ELBO terms, logs."""
-        train = split == "train"
-        t = self.objective.terms(self.model, x, self.kl_weight() if train else 1.0,
-                                 self.free_bits if train else 0.0)
-        recon, kl, n = t.recon, t.kl, len(x)
-        # Sums per epoch, kept on the device: one in-place add a step instead of Lightning's per-step
-        # logging machinery, which cost as much as the model itself here (README, Speed). Nothing
-        # here reads a value back to the host, so a GPU never waits for Python (no sync a step).
-        terms = torch.stack([recon.sum() - kl.sum(), recon.sum(), kl.sum(), t.objective * n])
-        self._sums[split] = terms if split not in self._sums else self._sums[split] + terms
+        t, sums = self.terms(x, split == "train")
+        self.record(split, sums, t.kl, len(x))
+        if split == "val":
+            self._units.setdefault(split, UnitStats()).add(t.mean, t.kl_dims)
+        return t.loss
+
+    def record(self, split: str, sums: torch.Tensor, kl: torch.Tensor, n: int) -> None:
+        """Add a batch's sums (4,) and KLs (B,) to the epoch's."""
+        # Sums per epoch, kept on the device: one add a step instead of Lightning's per-step logging
+        # machinery, which cost as much as the model itself here (README, Speed). Nothing here reads
+        # a value back to the host, so a GPU never waits for Python (no sync a step). A new tensor,
+        # never sums itself: a replayed graph overwrites its outputs at the next step.
+        self._sums[split] = self._sums[split] + sums if split in self._sums else sums.clone()
         self._counts[split] = self._counts.get(split, 0) + n
-        if train:
+        if split == "train":
             if self.trainer.is_global_zero:  # one warning, not one per process; reads the KL every 50 steps
                 self.collapse.train_step(self.global_step, kl)
             if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
                 # A float, read once here: a tensor would be read back at every redraw of the bar.
-                self.log("train/elbo_step", float(terms[0]) / n, prog_bar=True)
-        elif split == "val":
-            self._units.setdefault(split, UnitStats()).add(t.mean, t.kl_dims)
-        return t.loss
+                self.log("train/elbo_step", float(sums[0]) / n, prog_bar=True)
 
     def _log_epoch(self, split: str) -> None:
         """split/elbo, split/recon, split/kl, split/objective: means over the epoch's examples, summed
@@ -153,12 +167,64 @@ class VAEModule(pl.LightningModule):
         self._log_epoch("test")
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.step(x, "train")
-        finite = torch.isfinite(loss.detach())  # decided on the device, read by check_finite
-        self._finite = finite if self._finite is None else self._finite & finite
+        self._replayed = False
+        if self._graph is not None and self._graph.fits(x) and self._graph_ready():
+            try:  # forward, backward and the update, all replayed (optimizer_step then does nothing more)
+                loss, sums, kl, finite = self._graph(x)
+                self._replayed = True
+            except RuntimeError as e:  # a model with a step that cannot be captured: run it op by op
+                log.warning(f"the training step could not be captured as a CUDA graph ({str(e).splitlines()[0][:200]}); "
+                            "it runs op by op (cuda_graph=false says so from the start)")
+                self._graph = None
+        if self._replayed:
+            self.record("train", sums, kl, len(x))
+        else:
+            loss = self.step(x, "train")
+            finite = torch.isfinite(loss.detach())
+        # decided on the device, read by check_finite
+        self._finite = finite.clone() if self._finite is None else self._finite & finite
         if self.kl_warmup_steps > 0 and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/kl_weight", self.kl_weight())
         return loss
+
+    # --- the training step as one CUDA graph (vae_cli.graphs) ---
+
+    def on_train_start(self) -> None:
+        self._graph = None
+        if not self.cuda_graph:
+            return
+        optimizer = self.trainer.optimizers[0]
+        blocker = graph_blocker(self.trainer, optimizer, compiled=bool((self.config or {}).get("compile")))
+        if blocker is None:
+            self._graph = StepGraph(self._graph_forward, optimizer)
+        elif self.trainer.strategy.root_device.type == "cuda":  # on a CPU there is nothing to say
+            log.info(f"the training step runs op by op, not as a CUDA graph: {blocker}", extra=FILE_ONLY)
+
+    def on_train_end(self) -> None:
+        self._graph = None  # its memory goes back before the test evaluation
+
+    def _graph_ready(self) -> bool:
+        """The optimizer has its state (one step done) and the KL weight no longer changes."""
+        return self.global_step >= 1 and self.global_step >= self.kl_warmup_steps
+
+    def _graph_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        t, sums = self.terms(x, train=True)
+        return t.loss, sums, t.kl, torch.isfinite(t.loss.detach())
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if self._graph is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer_closure()  # training_step; then zero_grad and backward, unless the graph was replayed
+        if not self._replayed:
+            optimizer.step()  # this step's update, op by op (the first step, a smaller last batch)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if not self._replayed:
+            optimizer.zero_grad()
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if not self._replayed:
+            super().backward(loss, *args, **kwargs)
 
     def validation_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "val")

@@ -94,6 +94,7 @@ class TrainSettings(BaseModel):
     kl_warmup_steps: NonNegInt = 0
     free_bits: NonNegFloat = 0.0        # nats per latent dimension (Kingma et al. 2016); 0 is off
     compile: bool = False               # torch.compile the networks (README, Speed)
+    cuda_graph: bool = True             # on one GPU, replay the training step as one CUDA graph (README, Speed)
     matmul_precision: MatmulPrecision = "highest"
     verbose: bool = False               # Lightning's device lines, tips and the model summary
     data_dir: Text
