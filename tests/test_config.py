@@ -67,6 +67,27 @@ def test_pytorch_example_experiment(conf):
     assert cfg.optimizer.lr == 1e-3 and cfg.dataset.batch_size == 128 and cfg.trainer.max_epochs == 10
 
 
+EXPERIMENTS = ["conv_iwae", "conv_iwae_vamp", "ladder_iwae", "pytorch_example"]
+
+
+def test_experiments_are_listed(conf):
+    assert options(conf, "experiment") == EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_validates_and_trains(tmp_path, data_dir, experiment):
+    """Each preset passes the settings' description and trains two steps on tiny data."""
+    from conftest import run_main
+
+    small = ["objective.k=2"] if "iwae" in experiment else []
+    small += ["prior.components=4"] if "vamp" in experiment else []
+    assert run_main("train", f"experiment={experiment}", f"data_dir={data_dir}", "trainer.max_epochs=1",
+                    "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.accelerator=cpu",
+                    "trainer.enable_progress_bar=false", "dataset.batch_size=16", "dataset.eval_batch_size=16",
+                    "eval.k=0", *small, f"hydra.run.dir={tmp_path / 'run'}") == 0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_every_command_config_composes(conf):
     for command in ("train", "evaluate", "sample", "interpolate", "reconstruct", "traverse", "manifold"):
         check_command_line(conf, command, [])
