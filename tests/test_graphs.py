@@ -22,7 +22,7 @@ class EagerStepGraph(StepGraph):
     calls = captures = 0
 
     def capture(self, x: torch.Tensor) -> None:
-        self.x = x.clone()
+        self.x, self.graph = x.clone(), "recorded"
         EagerStepGraph.captures += 1
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -61,6 +61,8 @@ def test_the_graphed_step_trains_exactly_like_lightnings_step(tmp_path, data_dir
         assert torch.equal(plain[name], graph[name]), name
     metrics = [json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("plain", "graph")]
     assert metrics[0] == metrics[1] and metrics[0]["step"] == 9
+    step = 5 if extra else 2  # the first step past the warm-up that is not an epoch's last batch
+    assert f"captured as one CUDA graph at step {step} (batches of 48)" in (tmp_path / "graph" / "train.log").read_text()
 
 
 def test_cuda_graph_false_never_builds_one(tmp_path, data_dir, monkeypatch):
@@ -72,7 +74,9 @@ def test_cuda_graph_false_never_builds_one(tmp_path, data_dir, monkeypatch):
 
 
 def trainer(**kw) -> SimpleNamespace:
-    fields = dict(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1, precision="32-true",
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    fields = dict(strategy=SingleDeviceStrategy(torch.device("cuda", 0)), precision="32-true",
                   gradient_clip_val=None, accumulate_grad_batches=1)
     return SimpleNamespace(**(fields | kw))
 
@@ -86,7 +90,7 @@ def adam(fused: bool) -> torch.optim.Optimizer:
 @pytest.mark.parametrize("kw, compiled, fused, reason", [
     ({}, False, True, None),
     ({"strategy": SimpleNamespace(root_device=torch.device("cpu"))}, False, True, "not on a CUDA device"),
-    ({"world_size": 2}, False, True, "2 processes (DDP)"),
+    ({"strategy": SimpleNamespace(root_device=torch.device("cuda", 0))}, False, True, "strategy SimpleNamespace"),
     ({"precision": "bf16-mixed"}, False, True, "trainer.precision=bf16-mixed"),
     ({"gradient_clip_val": 1.0}, False, True, "trainer.gradient_clip_val=1.0"),
     ({"accumulate_grad_batches": 4}, False, True, "trainer.accumulate_grad_batches=4"),
@@ -96,3 +100,24 @@ def adam(fused: bool) -> torch.optim.Optimizer:
 def test_what_keeps_the_step_out_of_a_graph(kw, compiled, fused, reason):
     why = graph_blocker(trainer(**kw), adam(fused), compiled)
     assert why == reason if reason is None else reason in why
+
+
+def test_anomaly_detection_keeps_the_step_out_of_a_graph():
+    with torch.autograd.set_detect_anomaly(True):
+        assert "detect_anomaly" in graph_blocker(trainer(), adam(True), False)
+
+
+class FailingStepGraph(StepGraph):
+    def capture(self, x: torch.Tensor) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_step_that_cannot_be_captured_runs_op_by_op_after_one_line(tmp_path, data_dir, monkeypatch):
+    assert run_main("train", f"data_dir={data_dir}", *ARGS, f"hydra.run.dir={tmp_path / 'plain'}") == 0
+    monkeypatch.setattr(vae_cli.module, "graph_blocker", lambda *a, **k: None)
+    monkeypatch.setattr(vae_cli.module, "StepGraph", FailingStepGraph)
+    assert run_main("train", f"data_dir={data_dir}", *ARGS, f"hydra.run.dir={tmp_path / 'graph'}") == 0
+    log = (tmp_path / "graph" / "train.log").read_text()
+    assert log.count("could not be captured as a CUDA graph (operation not permitted when stream is capturing)") == 1
+    plain, graph = weights(tmp_path / "plain"), weights(tmp_path / "graph")
+    assert all(torch.equal(plain[name], graph[name]) for name in plain)

@@ -9,7 +9,8 @@ overwrites, parameters and optimizer state updated in place. Random draws stay f
 replay: torch registers the CUDA generator with the graph and advances its offset per replay.
 
 What the captured step needs, and why `VAEModule` only uses it when all hold (``graph_blocker``):
-one CUDA device (DDP's gradient hooks are not captured here), float32 (no gradient scaler), no
+one CUDA device under Lightning's single-device strategy (DDP's gradient hooks are not captured
+here), no anomaly detection, float32 (no gradient scaler), no
 gradient clipping or accumulation (Lightning would run those between backward and step), and an
 optimizer whose update reads no host value (fused Adam keeps its step count on the device).
 """
@@ -50,6 +51,13 @@ class StepGraph:
             torch.distributions.Distribution.set_default_validate_args(validate)
 
     def _capture(self, x: torch.Tensor) -> None:
+        stream = torch.cuda.current_stream()
+        try:
+            self._record(x)
+        finally:  # a failed capture_end skips torch.cuda.graph's own return to this stream
+            torch.cuda.set_stream(stream)
+
+    def _record(self, x: torch.Tensor) -> None:
         self.x = x.clone()
         # Warm-up on a side stream before capture, as torch.cuda.graph's notes ask: lazy set-up
         # (cuBLAS/cuDNN workspaces, autograd's streams) must not happen inside the capture.
@@ -79,6 +87,9 @@ class StepGraph:
         self.graph, self.outputs = graph, (loss.detach(), *(o.detach() for o in outputs))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # After capture, p.grad of each parameter is the graph's own buffer; an op-by-op step in
+        # between (optimizer.zero_grad(), backward) points it elsewhere, while the replay keeps
+        # writing and reading its own: read gradients only of an op-by-op step.
         if self.graph is None:
             self.capture(x)
         self.x.copy_(x)
@@ -88,10 +99,14 @@ class StepGraph:
 
 def graph_blocker(trainer, optimizer: torch.optim.Optimizer, compiled: bool) -> str | None:
     """Why this fit cannot replay its training step as a CUDA graph, or None if it can."""
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
     if trainer.strategy.root_device.type != "cuda":
         return "not on a CUDA device"
-    if trainer.world_size > 1:
-        return f"{trainer.world_size} processes (DDP)"
+    if not isinstance(trainer.strategy, SingleDeviceStrategy):  # DDP's gradient hooks, even with one process
+        return f"strategy {type(trainer.strategy).__name__} (one device, no DDP)"
+    if torch.is_anomaly_enabled():
+        return "trainer.detect_anomaly=true (its checks read values on the host)"
     if str(trainer.precision) not in ("32-true", "32"):
         return f"trainer.precision={trainer.precision} (float32 only)"
     if trainer.gradient_clip_val:
@@ -101,5 +116,6 @@ def graph_blocker(trainer, optimizer: torch.optim.Optimizer, compiled: bool) -> 
     if compiled:
         return "compile=true"
     if not all(group.get("fused") for group in optimizer.param_groups):
-        return f"{type(optimizer).__name__} without fused=true (its update reads the step count on the host)"
+        return (f"{type(optimizer).__name__} without fused=true (the graph needs an update that reads nothing "
+                "on the host: fused Adam or AdamW)")
     return None

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from vae_cli.collapse import CollapseMonitor, UnitStats
-from vae_cli.errors import UserError
+from vae_cli.errors import UserError, first_line
 from vae_cli.graphs import StepGraph, graph_blocker
 from vae_cli.logs import FILE_ONLY, log
 from vae_cli.model import VAE
@@ -48,7 +48,7 @@ class VAEModule(pl.LightningModule):
         config: dict | None = None,
         objective: Objective | None = None,
         free_bits: float = 0.0,
-        cuda_graph: bool = False,
+        cuda_graph: bool = True,
     ) -> None:
         super().__init__()
         self.model, self.optimizer, self.cuda_graph = model, optimizer, cuda_graph
@@ -167,21 +167,15 @@ class VAEModule(pl.LightningModule):
         self._log_epoch("test")
 
     def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        self._replayed = False
-        if self._graph is not None and self._graph.fits(x) and self._graph_ready():
-            try:  # forward, backward and the update, all replayed (optimizer_step then does nothing more)
-                loss, sums, kl, finite = self._graph(x)
-                self._replayed = True
-            except RuntimeError as e:  # a model with a step that cannot be captured: run it op by op
-                log.warning(f"the training step could not be captured as a CUDA graph ({str(e).splitlines()[0][:200]}); "
-                            "it runs op by op (cuda_graph=false says so from the start)")
-                self._graph = None
-        if self._replayed:
+        outputs = self._replay(x, batch_idx)
+        self._replayed = outputs is not None  # then optimizer_step, zero_grad and backward do nothing more
+        if outputs is not None:
+            loss, sums, kl, finite = outputs
             self.record("train", sums, kl, len(x))
         else:
             loss = self.step(x, "train")
             finite = torch.isfinite(loss.detach())
-        # decided on the device, read by check_finite
+        # finite: decided on the device, read by check_finite
         self._finite = finite.clone() if self._finite is None else self._finite & finite
         if self.kl_warmup_steps > 0 and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/kl_weight", self.kl_weight())
@@ -201,13 +195,36 @@ class VAEModule(pl.LightningModule):
             log.info(f"the training step runs op by op, not as a CUDA graph: {blocker}", extra=FILE_ONLY)
 
     def on_train_end(self) -> None:
-        self._graph = None  # its memory goes back before the test evaluation
+        self._graph = None  # its memory pool can go back before the test evaluation
 
-    def _graph_ready(self) -> bool:
-        """The optimizer has its state (one step done) and the KL weight no longer changes."""
-        return self.global_step >= 1 and self.global_step >= self.kl_warmup_steps
+    def _replay(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, ...] | None:
+        """The step for x as the graph: (loss, sums, kl, finite), or None where it runs op by op."""
+        graph = self._graph
+        if graph is None or not graph.fits(x):  # e.g. a smaller last batch
+            return None
+        if graph.graph is None:
+            if not self._graph_ready(batch_idx):
+                return None
+            try:
+                graph.capture(x)
+            except RuntimeError as e:  # something in the step reads the GPU from the host: op by op
+                self._graph = None
+                log.warning(f"the training step could not be captured as a CUDA graph "
+                            f"({first_line(e.__context__ or e)[:200]}); it runs op by op "
+                            "(set cuda_graph=false to skip the attempt)")
+                return None
+            log.info(f"the training step is captured as one CUDA graph at step {self.global_step + 1} "
+                     f"(batches of {len(x)})", extra=FILE_ONLY)
+        return graph(x)
+
+    def _graph_ready(self, batch_idx: int) -> bool:
+        """Capture now? The optimizer has its state (one step done), the KL weight no longer changes,
+        and this is not an epoch's last batch, the one that may be smaller than the rest."""
+        return (self.global_step >= 1 and self.global_step >= self.kl_warmup_steps
+                and batch_idx + 1 < self.trainer.num_training_batches)
 
     def _graph_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the graph records besides backward and the update: loss, sums (4,), kl (B,), finite."""
         t, sums = self.terms(x, train=True)
         return t.loss, sums, t.kl, torch.isfinite(t.loss.detach())
 
