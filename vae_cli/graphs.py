@@ -41,21 +41,15 @@ class StepGraph:
     def capture(self, x: torch.Tensor) -> None:
         """Record the step for batches shaped like x. The optimizer must already hold its state
         (one ordinary step first): a first step inside the graph would re-create it at each replay."""
-        validate = torch.distributions.Distribution._validate_args
+        validate, stream = torch.distributions.Distribution._validate_args, torch.cuda.current_stream()
         # A distribution's argument checks read a value on the host, which a capture forbids: ours are
         # built with validate_args=False, and the default is off for any other (a flow library's).
         torch.distributions.Distribution.set_default_validate_args(False)
         try:
-            self._capture(x)
+            self._record(x)
         finally:
             torch.distributions.Distribution.set_default_validate_args(validate)
-
-    def _capture(self, x: torch.Tensor) -> None:
-        stream = torch.cuda.current_stream()
-        try:
-            self._record(x)
-        finally:  # a failed capture_end skips torch.cuda.graph's own return to this stream
-            torch.cuda.set_stream(stream)
+            torch.cuda.set_stream(stream)  # a failed capture_end skips torch.cuda.graph's return to it
 
     def _record(self, x: torch.Tensor) -> None:
         self.x = x.clone()
