@@ -297,3 +297,26 @@ def test_interpolation_walks_the_top_latent():
     rows = interpolation_rows(model, z0, z1, steps=5)                  # (1, 5, 1, 4, 4)
     assert rows.shape == (1, 5, 1, 4, 4)
     assert torch.allclose(rows[0, [0, -1]], pixels_of(model, path))
+
+
+@pytest.mark.parametrize("inference", ["bottom_up", "top_down"])
+def test_logvar_floor_bounds_every_generative_conditional(inference):
+    from vae_cli.likelihoods import Bernoulli
+
+    torch.manual_seed(0)
+    model = LadderVAE([1, 4, 4], [3, 2, 2], [8], Bernoulli(), inference=inference, logvar_floor=-4.0)
+    for layer in model.top_down:
+        with torch.no_grad():
+            layer.net[-1].bias.fill_(-30.0)  # a raw log-variance far below the floor
+        _, logvar = layer(torch.randn(5, layer.net[0].in_features))
+        assert (logvar > -4.0).all() and (logvar < -3.99).all()
+    x = torch.rand(6, 1, 4, 4).bernoulli()
+    assert torch.isfinite(model.log_joint(x, model.proposal(x).sample((3,)))).all()
+    plain = LadderVAE([1, 4, 4], [3, 2, 2], [8], Bernoulli(), inference=inference)
+    assert all(layer.logvar_floor is None for layer in plain.top_down)  # runs saved before: no floor
+
+
+def test_logvar_floor_out_of_range_is_one_line(tmp_path, capsys):
+    assert run_main("train", "model=ladder", "model.logvar_floor=-20", f"hydra.run.dir={tmp_path / 'run'}") == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.logvar_floor=-20" in err and len(err.splitlines()) == 1, err

@@ -49,6 +49,11 @@ Inference = Literal["top_down", "bottom_up"]
 # hidden units its spread over x stayed at 0.03 and the KL went to 0.1 nats for good. With ELU units
 # mu_hat_1's spread grew to 0.5 within 400 steps, and the model trained (README, Results).
 Activation = Literal["tanh", "elu"]
+# A floor on log sigma^2 of the generative conditionals p(z_l | z_{l+1}), inside the soft bound:
+# the top-down Ladder VAE drives sigma_p to ~0.002, which makes z_1 a function of z_2 and leaves
+# x a weight of ~1e-8 in q(z_1 | z_2, x) (README, Results); a floor keeps noise in p.
+LogvarFloor = Annotated[float, Field(gt=-14.0, lt=14.0)]
+
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
 # a conditional layer: its input (..., D_in) -> (mu, logvar) of the next layer, (..., D_out) each
 Layer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -154,9 +159,10 @@ class GaussianLayer(nn.Module):
     """A conditional diagonal Gaussian: input (..., D_in) (or an image, flattened) -> (mu, logvar), (..., D_out)."""
 
     def __init__(self, d_in: int, d_out: int, hidden: list[int], flatten: int = 0,
-                 activation: Activation = "tanh") -> None:
+                 activation: Activation = "tanh", logvar_floor: float | None = None) -> None:
         super().__init__()
         self.flatten = flatten  # trailing dimensions of the input to flatten (3 for an image)
+        self.logvar_floor = logvar_floor
         sizes = [d_in, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
@@ -167,7 +173,10 @@ class GaussianLayer(nn.Module):
         if self.flatten:
             h = h.flatten(-self.flatten)
         mu, raw = self.net(h).chunk(2, dim=-1)
-        return mu, bounded_logvar(raw)
+        logvar = bounded_logvar(raw)
+        if self.logvar_floor is not None:  # a smooth floor: softplus keeps the gradient alive below it
+            logvar = self.logvar_floor + nn.functional.softplus(logvar - self.logvar_floor)
+        return mu, logvar
 
 
 class BottomUpLayer(GaussianLayer):
@@ -187,7 +196,8 @@ class BottomUpLayer(GaussianLayer):
 class LadderVAE(LatentModel):
     """A hierarchical VAE: ``latent_dims`` [D_1, ..., D_L] from the image side (z_1 next to x),
     ``hidden`` the deterministic layers of every conditional network, with ``activation`` units
-    (tanh as Burda et al.; ELU for top_down, see ``Activation``), ``likelihood`` p(x|z_1) from the
+    (tanh as Burda et al.; ELU for top_down, see ``Activation``), ``logvar_floor`` a floor on log
+    sigma^2 of every p(z_l|z_{l+1}) (None: none; see ``LogvarFloor``), ``likelihood`` p(x|z_1) from the
     decoder's output (C, H, W), ``inference`` the inference model (the module docstring):
     ``top_down`` (Sonderby et al. 2016) or ``bottom_up`` (Burda et al. 2016).
 
@@ -197,7 +207,8 @@ class LadderVAE(LatentModel):
 
     def __init__(self, image_shape: ImageShape, latent_dims: LatentDims, hidden: PosInts, likelihood: nn.Module,
                  prior: Prior | None = None, posterior: Posterior | None = None,
-                 inference: Inference = "bottom_up", activation: Activation = "tanh") -> None:
+                 inference: Inference = "bottom_up", activation: Activation = "tanh",
+                 logvar_floor: LogvarFloor | None = None) -> None:
         super().__init__()
         self.check_settings({"prior": prior, "posterior": posterior})
         self.image_shape, self.latent_dims = tuple(image_shape), list(latent_dims)
@@ -213,7 +224,7 @@ class LadderVAE(LatentModel):
             self.encoder = nn.ModuleList([GaussianLayer(pixels, dims[0], hidden, flatten=3, activation=act)] +
                                          [GaussianLayer(a, b, hidden, activation=act) for a, b in zip(dims[:-1], dims[1:])])
         # p(z_{L-1}|z_L), ..., p(z_1|z_2): the generative top-down layers (also in top_down's q)
-        self.top_down = nn.ModuleList([GaussianLayer(b, a, hidden, activation=act)
+        self.top_down = nn.ModuleList([GaussianLayer(b, a, hidden, activation=act, logvar_floor=logvar_floor)
                                        for a, b in reversed(list(zip(dims[:-1], dims[1:])))])
         # p(x|z_1): z_1 -> hidden (from the image side, so reversed) -> (C, H, W)
         sizes = [dims[0], *reversed(hidden)]
