@@ -72,6 +72,34 @@ def test_bernoulli_likelihood_is_on_logits_and_stable():
     assert torch.allclose(px.log_prob(torch.tensor([[[[1.0, 0.0]]]])), torch.zeros(1), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bernoulli_log_prob_equals_torch_and_its_gradient(dtype):
+    """The fast log_prob (x l - softplus(l), one-expression backward) against torch's own Bernoulli
+    (-BCE with logits): values and gradients, from tiny to huge logits, binary and grey x, and
+    broadcast as IWAE uses it (k draws of logits against one x)."""
+    from vae_cli.likelihoods import Bernoulli
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.tensor([-1e4, -100.0, -30.0, -17.0, -1e-6, 0.0, 1e-6, 17.0, 30.0, 100.0, 1e4]),
+                        20 * torch.randn(5, generator=g)]).to(dtype)                   # (16,)
+    logits = logits.view(1, 1, 4, 4).expand(3, 2, 1, 4, 4).clone().requires_grad_()  # (k=3, B=2, C, H, W)
+    x = torch.rand(2, 1, 4, 4, generator=g, dtype=dtype)
+    x[0] = x[0].round()                                                               # one binary image, one grey
+    x.requires_grad_()
+    ours = Bernoulli()(logits).log_prob(x)                                            # (3, 2)
+    ref = torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits, validate_args=False), 3,
+                                          validate_args=False).log_prob(x)
+    tol = 1e-6 if dtype == torch.float64 else 2e-5
+    assert ours.shape == (3, 2) and torch.allclose(ours, ref, rtol=0, atol=tol * 16)
+    w = torch.randn(3, 2, generator=g, dtype=dtype)
+    got = torch.autograd.grad((ours * w).sum(), (logits, x))
+    want = torch.autograd.grad((ref * w).sum(), (logits, x))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=tol)
+    small = (logits[:1, :1].detach().double().requires_grad_(), x[:1].detach().double().requires_grad_())
+    assert torch.autograd.gradcheck(lambda l, v: Bernoulli()(l).log_prob(v), small)
+
+
 def test_atomic_checkpoint_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
