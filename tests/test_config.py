@@ -195,6 +195,7 @@ BAD = [
     ("train", ["dataset.batch_size=[32]"], "dataset.batch_size=[32] is not allowed: expected an integer > 0"),
     ("sample", ["nrow=1.0"], "nrow=1.0 is not allowed: expected an integer > 0"),
     ("train", ["kl_warmup_steps=-1"], "kl_warmup_steps=-1 is not allowed: expected an integer >= 0"),
+    ("train", ["scheduler=cosine", "scheduler.final=2"], "scheduler.final=2 is not allowed: expected a finite number from 0 to 1"),
     # output folders
     ("train", ["hydra.run.dir=/etc/hostname"], "hydra.run.dir='/etc/hostname' is a file: give a new folder"),
     ("train", ["hydra.run.dir=/etc/hostname/run"], "hydra.run.dir='/etc/hostname/run' cannot be created"),

@@ -96,6 +96,7 @@ def adam(fused: bool) -> torch.optim.Optimizer:
     ({"accumulate_grad_batches": 4}, False, True, "trainer.accumulate_grad_batches=4"),
     ({}, True, True, "compile=true"),
     ({}, False, False, "without fused=true"),
+    ({"lr_scheduler_configs": [object()]}, False, True, "a learning-rate scheduler"),
 ])
 def test_what_keeps_the_step_out_of_a_graph(kw, compiled, fused, reason):
     why = graph_blocker(trainer(**kw), adam(fused), compiled)

@@ -11,8 +11,9 @@ replay: torch registers the CUDA generator with the graph and advances its offse
 What the captured step needs, and why `VAEModule` only uses it when all hold (``graph_blocker``):
 one CUDA device under Lightning's single-device strategy (DDP's gradient hooks are not captured
 here), no anomaly detection, float32 (no gradient scaler), no
-gradient clipping or accumulation (Lightning would run those between backward and step), and an
-optimizer whose update reads no host value (fused Adam keeps its step count on the device).
+gradient clipping or accumulation (Lightning would run those between backward and step), no
+learning-rate schedule (the update's lr is fixed at capture), and an optimizer whose update reads
+no host value (fused Adam keeps its step count on the device).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def graph_blocker(trainer, optimizer: torch.optim.Optimizer, compiled: bool) -> 
         return f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}"
     if compiled:
         return "compile=true"
+    if getattr(trainer, "lr_scheduler_configs", None):  # a float lr would be fixed in the graph at capture
+        return "a learning-rate scheduler (the lr changes at every step)"
     if not all(group.get("fused") for group in optimizer.param_groups):
         return (f"{type(optimizer).__name__} without fused=true (the graph needs an update that reads nothing "
                 "on the host: fused Adam or AdamW)")

@@ -49,9 +49,11 @@ class VAEModule(pl.LightningModule):
         objective: Objective | None = None,
         free_bits: float = 0.0,
         cuda_graph: bool = True,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
     ) -> None:
         super().__init__()
         self.model, self.optimizer, self.cuda_graph = model, optimizer, cuda_graph
+        self.scheduler = scheduler  # called with (optimizer, self.progress); None: a constant lr
         self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits
         self.objective = objective if objective is not None else ELBO()
         try:
@@ -67,6 +69,20 @@ class VAEModule(pl.LightningModule):
         self.collapse = CollapseMonitor()
         self._graph: StepGraph | None = None      # the captured training step, while fit runs on one GPU
         self._replayed = False                    # this step ran as the graph: no backward or update left to do
+        self._planned_steps = math.inf            # the optimizer steps that max_steps / max_epochs allow
+        self._timer = None                        # Lightning's Timer callback, where trainer.max_time is set
+
+    def progress(self) -> float:
+        """The fraction of the run done, in [0, 1]: the larger of the steps done over the steps that
+        trainer.max_steps / max_epochs allow and the time trained over trainer.max_time (whichever
+        ends the run first); 0 outside fit. The learning-rate schedule reads it at every step."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0.0
+        done = trainer.global_step / self._planned_steps
+        if self._timer is not None:  # Lightning's own clock for max_time (restored on resume)
+            done = max(done, self._timer.time_elapsed("train") / self._timer._duration)
+        return min(1.0, done)
 
     def kl_weight(self) -> float:
         """beta, ramped linearly from 0 over the first kl_warmup_steps optimizer steps."""
@@ -177,14 +193,19 @@ class VAEModule(pl.LightningModule):
             finite = torch.isfinite(loss.detach())
         # finite: decided on the device, read by check_finite
         self._finite = finite.clone() if self._finite is None else self._finite & finite
-        if self.kl_warmup_steps > 0 and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/kl_weight", self.kl_weight())
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            if self.kl_warmup_steps > 0:
+                self.log("train/kl_weight", self.kl_weight())
+            if self.scheduler is not None:
+                self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     # --- the training step as one CUDA graph (vae_cli.graphs) ---
 
     def on_train_start(self) -> None:
         self._graph = None
+        if self.scheduler is not None:
+            self._plan_schedule()
         if not self.cuda_graph:
             return
         optimizer = self.trainer.optimizers[0]
@@ -193,6 +214,17 @@ class VAEModule(pl.LightningModule):
             self._graph = StepGraph(self._graph_forward, optimizer)
         elif self.trainer.strategy.root_device.type == "cuda":  # on a CPU there is nothing to say
             log.info(f"the training step runs op by op, not as a CUDA graph: {blocker}", extra=FILE_ONLY)
+
+    def _plan_schedule(self) -> None:
+        """Where the run ends, for progress(): the planned steps and the max_time clock, read once."""
+        from pytorch_lightning.callbacks import Timer
+
+        trainer = self.trainer
+        self._planned_steps = max(1.0, float(trainer.estimated_stepping_batches))  # inf with no step or epoch limit
+        self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration), None)
+        if math.isinf(self._planned_steps) and self._timer is None:
+            raise UserError("scheduler needs the run's end to decay over: set trainer.max_epochs, trainer.max_steps "
+                            "or trainer.max_time (now the run has no limit)")
 
     def on_train_end(self) -> None:
         self._graph = None  # its memory pool can go back before the test evaluation
@@ -249,8 +281,12 @@ class VAEModule(pl.LightningModule):
     def test_step(self, x: torch.Tensor, batch_idx: int) -> None:
         self.step(x, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer(self.parameters())
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer,  # a new lr after every optimizer step, from progress()
+                "lr_scheduler": {"scheduler": self.scheduler(optimizer, self.progress), "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What rebuilds the model (as nanoGPT does): the resolved run config, plain types only, so

@@ -1,13 +1,15 @@
 """The optimizers a config can name, as typed factories: their arguments are the settings' description.
 
 conf/optimizer/*.yaml point at these with ``_partial_: true``; training calls the partial with the
-model's parameters. Checkpoints of 0.1.0 name torch.optim.Adam/AdamW/SGD, checked against the same
+model's parameters. conf/scheduler/*.yaml likewise name a learning-rate schedule, which training
+calls with the optimizer and the run's progress (the fraction of the run done, in [0, 1]). Checkpoints of 0.1.0 name torch.optim.Adam/AdamW/SGD, checked against the same
 arguments (vae_cli.settings.TARGETS).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any
 
 import torch
@@ -16,6 +18,7 @@ from pydantic import Field
 from vae_cli.typed import NonNegFloat, PosFloat
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
 Betas = Annotated[list[Beta], Field(min_length=2, max_length=2)]
 
 
@@ -38,3 +41,17 @@ def sgd(params: Iterable[Any], lr: PosFloat = 1e-2, momentum: NonNegFloat = 0.0,
     """SGD with (optionally Nesterov) momentum."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                            nesterov=nesterov)
+
+
+def cosine(optimizer: torch.optim.Optimizer, progress: Callable[[], float],
+           final: UnitFloat = 0.0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay of every group's lr to ``final`` times it over the run (SGDR without restarts,
+    Loshchilov and Hutter 2017): lr_t = lr (final + (1 - final) (1 + cos(pi t)) / 2), t = progress().
+
+    t is the fraction of the run done, not a step count, so that the decay also ends on time in a
+    run bounded by trainer.max_time (VAEModule.progress)."""
+    def factor(_: int) -> float:
+        t = min(1.0, max(0.0, progress()))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

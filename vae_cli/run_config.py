@@ -1,6 +1,7 @@
 """What a training run's config holds (conf/train.yaml): the settings of `vae train`.
 
-``TrainSettings`` describes the top level; the nodes (dataset, model, likelihood, prior, posterior, optimizer, objective) are
+``TrainSettings`` describes the top level; the nodes (dataset, model, likelihood, prior, posterior, optimizer,
+scheduler, objective) are
 described by the typed classes they build, the trainer node by ``TrainerSettings``. The same
 description checks a command line before anything is written and a checkpoint's saved config
 before anything is built from it. This module sits below runs.py and train.py (it imports
@@ -87,6 +88,7 @@ class TrainSettings(BaseModel):
     posterior: Node("vae_cli.posteriors.Posterior") = None
     model: Node("vae_cli.model.LatentModel")  # VAE, or LadderVAE (model=ladder)
     optimizer: Node("torch.optim.Optimizer")
+    scheduler: Node("torch.optim.lr_scheduler.LRScheduler") = None  # absent or null: a constant lr
     objective: Node("vae_cli.objectives.Objective") = {"_target_": "vae_cli.objectives.ELBO"}  # runs before 0.2
     trainer: Node("pytorch_lightning.Trainer")
     seed: Seed = 0

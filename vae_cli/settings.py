@@ -68,6 +68,7 @@ TARGETS: dict[str, str | None] = {
     "vae_cli.optim.adam": None,
     "vae_cli.optim.adamw": None,
     "vae_cli.optim.sgd": None,
+    "vae_cli.optim.cosine": None,
     # checkpoints of 0.1.0 name torch's classes: the same arguments as the factories
     "torch.optim.Adam": "vae_cli.optim.adam",
     "torch.optim.AdamW": "vae_cli.optim.adamw",

@@ -95,7 +95,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         objective = instantiate(config.get("objective") or {"_target_": "vae_cli.objectives.ELBO"})
         module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"],
                            config=config, objective=objective, free_bits=config.get("free_bits", 0.0),
-                           cuda_graph=config.get("cuda_graph", True))
+                           cuda_graph=config.get("cuda_graph", True),
+                           scheduler=instantiate(config["scheduler"]) if config.get("scheduler") else None)
         module.configure_optimizers()  # a bad optimizer setting fails here, in one line, not inside fit
     except UserError:
         raise
