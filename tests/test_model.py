@@ -100,6 +100,22 @@ def test_bernoulli_log_prob_equals_torch_and_its_gradient(dtype):
     assert torch.autograd.gradcheck(lambda l, v: Bernoulli()(l).log_prob(v), small)
 
 
+def test_bernoulli_log_prob_of_half_precision_logits_is_computed_in_float32():
+    """Under autocast (trainer.precision=bf16-mixed) the decoder gives bf16 logits: the value and
+    gradient must match float32's, as torch's BCE (on autocast's float32 list) does."""
+    from vae_cli.likelihoods import Bernoulli
+
+    g = torch.Generator().manual_seed(0)
+    logits = (8 * torch.randn(4, 1, 28, 28, generator=g)).to(torch.bfloat16).requires_grad_()
+    x = (torch.rand(4, 1, 28, 28, generator=g) < 0.3).float()
+    ours = Bernoulli()(logits).log_prob(x)
+    exact = Bernoulli()(logits.detach().double()).log_prob(x.double())
+    assert ours.dtype == torch.float32 and torch.allclose(ours.double(), exact, atol=1e-3)
+    (grad,) = torch.autograd.grad(ours.sum(), logits)
+    want = (x.double() - torch.sigmoid(logits.detach().double())).to(torch.bfloat16)
+    assert torch.allclose(grad.float(), want.float(), atol=1e-2)
+
+
 def test_atomic_checkpoint_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"

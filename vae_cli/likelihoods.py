@@ -52,6 +52,10 @@ class BernoulliLogits(_Bernoulli):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits, value = broadcast_all(self.logits, value)  # expanded views, no copies
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            # In float32, as autocast runs torch's BCE: in half precision 1 + e rounds to 1 for
+            # |l| > 6 or so, and sigmoid(l) to 1, which would bias the value and zero the gradient.
+            logits, value = logits.float(), value.float()
         return _BernoulliLogProb.apply(logits, value)
 
 
