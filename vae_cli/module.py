@@ -26,6 +26,10 @@ from vae_cli.model import VAE
 from vae_cli.objectives import ELBO, Objective, Terms
 
 
+NO_END = ("scheduler needs the run's end to decay over: set trainer.max_epochs, trainer.max_steps or "
+          "trainer.max_time (now the run has no limit)")
+
+
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite: training stops, keeping the last good checkpoint."""
 
@@ -219,12 +223,16 @@ class VAEModule(pl.LightningModule):
         """Where the run ends, for progress(): the planned steps and the max_time clock, read once."""
         from pytorch_lightning.callbacks import Timer
 
-        trainer = self.trainer
-        self._planned_steps = max(1.0, float(trainer.estimated_stepping_batches))  # inf with no step or epoch limit
+        trainer = self._trainer
+        planned = float(trainer.estimated_stepping_batches)  # inf with no step or epoch limit
+        self._planned_steps = planned if planned > 0 else math.inf  # -1: max_steps=-1 over an endless loader
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration), None)
         if math.isinf(self._planned_steps) and self._timer is None:
-            raise UserError("scheduler needs the run's end to decay over: set trainer.max_epochs, trainer.max_steps "
-                            "or trainer.max_time (now the run has no limit)")
+            raise UserError(NO_END)
+        if self._timer is not None and trainer.world_size > 1:
+            # Each process's clock differs a little, and so would its lr: the replicas would drift apart.
+            raise UserError("scheduler with trainer.max_time is not allowed on several processes (each would decay "
+                            "on its own clock): bound the run by trainer.max_steps or trainer.max_epochs instead")
 
     def on_train_end(self) -> None:
         self._graph = None  # its memory pool can go back before the test evaluation

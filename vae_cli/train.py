@@ -59,6 +59,12 @@ def compile_networks(model: "torch.nn.Module") -> None:
             net.compile()
 
 
+def endless(trainer_cfg: dict[str, Any]) -> bool:
+    """True if nothing ends the run: no epoch limit (-1), no step limit and no trainer.max_time."""
+    return (trainer_cfg.get("max_epochs") == -1 and trainer_cfg.get("max_steps") in (None, -1)
+            and not trainer_cfg.get("max_time"))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a VAE as cfg says; returns the final metrics (also written to RUN/metrics.json)."""
     import pytorch_lightning as pl
@@ -68,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from vae_cli.callbacks import AtomicCheckpointIO, ProgressBar, TrainingPictures
     from vae_cli.logs import lightning_verbose
-    from vae_cli.module import VAEModule
+    from vae_cli.module import NO_END, VAEModule
     from vae_cli.runs import resume_source, set_matmul_precision
 
     verbose = bool(cfg.get("verbose", False))  # the command line's, also on resume: it only changes the terminal
@@ -98,6 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                            cuda_graph=config.get("cuda_graph", True),
                            scheduler=instantiate(config["scheduler"]) if config.get("scheduler") else None)
         module.configure_optimizers()  # a bad optimizer setting fails here, in one line, not inside fit
+        if module.scheduler is not None and endless(trainer_cfg):
+            raise UserError(NO_END)
     except UserError:
         raise
     except Exception as e:  # Hydra's InstantiationException, TypeError, ValueError: a bad setting
