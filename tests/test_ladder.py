@@ -264,9 +264,11 @@ def test_activation_sets_every_hidden_unit_of_a_ladder(inference):
 
     from vae_cli.likelihoods import Bernoulli
 
-    for activation, unit in (("tanh", nn.Tanh), ("elu", nn.ELU)):
+    from vae_cli.networks import ELU
+
+    for activation, unit in (("tanh", nn.Tanh), ("elu", ELU)):
         model = LadderVAE([1, 4, 4], [3, 2], [8, 6], Bernoulli(), inference=inference, activation=activation)
-        units = [type(m) for m in model.modules() if isinstance(m, (nn.Tanh, nn.ELU))]
+        units = [type(m) for m in model.modules() if isinstance(m, (nn.Tanh, nn.ELU, ELU))]
         # two hidden layers in each of: two encoder layers, p(z1|z2), p(x|z1)
         assert units == [unit] * 8, units
     assert LadderVAE([1, 4, 4], [3, 2], [8], Bernoulli()).decoder[1].__class__ is nn.Tanh  # runs saved before

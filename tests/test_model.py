@@ -116,6 +116,22 @@ def test_bernoulli_log_prob_of_half_precision_logits_is_computed_in_float32():
     assert torch.allclose(grad.float(), want.float(), atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elu_equals_torch_and_its_gradient(dtype):
+    """The ELU from exp against nn.ELU (expm1): values and gradients, near 0 and far from it."""
+    from vae_cli.networks import ELU
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([-1e4, -100.0, -20.0, -1.0, -1e-4, -1e-8, 0.0, 1e-8, 1e-4, 1.0, 50.0]),
+                   5 * torch.randn(300, generator=g)]).to(dtype).requires_grad_()
+    ours, ref = ELU()(x), torch.nn.ELU()(x)
+    assert torch.allclose(ours, ref, rtol=1e-6, atol=1e-7 if dtype == torch.float32 else 1e-15)
+    w = torch.randn(x.shape, generator=g, dtype=dtype)
+    (a,), (b,) = torch.autograd.grad((ours * w).sum(), x), torch.autograd.grad((ref * w).sum(), x)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(ELU(), (x[:20].detach().double().requires_grad_(),))
+
+
 def test_atomic_checkpoint_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"

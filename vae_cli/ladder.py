@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal, constraints
 
 from vae_cli.model import LatentModel
-from vae_cli.networks import bounded_logvar
+from vae_cli.networks import ELU, bounded_logvar
 from vae_cli.posteriors import Posterior
 from vae_cli.priors import Prior
 from vae_cli.typed import ImageShape, PosInt, PosInts
@@ -54,7 +54,7 @@ Activation = Literal["tanh", "elu"]
 # x a weight of ~1e-8 in q(z_1 | z_2, x) (README, Results); a floor keeps noise in p.
 LogvarFloor = Annotated[float, Field(gt=-14.0, lt=14.0)]
 
-ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
+ACTIVATIONS = {"tanh": nn.Tanh, "elu": ELU}
 # a conditional layer: its input (..., D_in) -> (mu, logvar) of the next layer, (..., D_out) each
 Layer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

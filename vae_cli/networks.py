@@ -28,6 +28,33 @@ def bounded_logvar(raw: torch.Tensor) -> torch.Tensor:
     return LOGVAR_BOUND * torch.tanh(raw / LOGVAR_BOUND)
 
 
+class _ELUFunction(torch.autograd.Function):
+    """elu(x) = x for x > 0, exp(x) - 1 otherwise; its derivative exp(min(x, 0)) is kept from forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        e = x.clamp(max=0).exp()                 # the derivative: 1 for x > 0, exp(x) below
+        ctx.save_for_backward(e)
+        return torch.where(x > 0, x, e - 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (e,) = ctx.saved_tensors
+        return grad * e
+
+
+class ELU(nn.Module):
+    """The ELU (Clevert et al. 2016, alpha 1), as nn.ELU computes it, from exp rather than expm1.
+
+    Why: on a CPU torch's ELU runs on expm1, which is not vectorised (~18 ns an element against
+    ~1 for exp); exp(x) - 1 differs from expm1(x) by at most one float32 rounding near 0 (6e-8).
+    No parameters: checkpoints are the same as with nn.ELU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ELUFunction.apply(x)
+
+
 def _mlp(sizes: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
@@ -67,7 +94,7 @@ Channels = Annotated[list[PosInt], Field(min_length=2, max_length=2)]
 # collapsed (README, Posterior collapse). ELU units cannot die. "relu" stays the class default, so a
 # checkpoint saved before this setting existed rebuilds as it was trained; conf/model/conv.yaml says elu.
 Activation = Literal["relu", "elu"]
-ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU}
+ACTIVATIONS = {"relu": nn.ReLU, "elu": ELU}
 
 
 class _Conv(nn.Module):
@@ -157,8 +184,8 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(_groups(channels), channels), nn.ELU(), nn.Conv2d(channels, channels, 3, 1, 1),
-            nn.GroupNorm(_groups(channels), channels), nn.ELU(), nn.Conv2d(channels, channels, 3, 1, 1),
+            nn.GroupNorm(_groups(channels), channels), ELU(), nn.Conv2d(channels, channels, 3, 1, 1),
+            nn.GroupNorm(_groups(channels), channels), ELU(), nn.Conv2d(channels, channels, 3, 1, 1),
         )
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
@@ -198,9 +225,9 @@ class ResNetEncoder(_ResNet):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), *(ResBlock(c_out) for _ in range(blocks))]
         self.net = nn.Sequential(
             *layers,                                                    # (B, last, hs, ws)
-            nn.GroupNorm(_groups(last), last), nn.ELU(),
+            nn.GroupNorm(_groups(last), last), ELU(),
             nn.Flatten(),
-            nn.Linear(last * hs * ws, hidden), nn.ELU(),
+            nn.Linear(last * hs * ws, hidden), ELU(),
             nn.Linear(hidden, 2 * latent_dim),
         )
 
@@ -219,14 +246,14 @@ class ResNetDecoder(_ResNet):
         last, hs, ws = self.bottleneck(image_shape, channels)
         self.image_shape = tuple(image_shape)
         layers: list[nn.Module] = [
-            nn.Linear(latent_dim, hidden), nn.ELU(),
+            nn.Linear(latent_dim, hidden), ELU(),
             nn.Linear(hidden, last * hs * ws),
             nn.Unflatten(1, (last, hs, ws)),                            # (B, last, hs, ws)
         ]
         outs = [image_shape[0], *channels[:-1]]
         for c_in, c_out in zip(reversed(channels), reversed(outs)):
             layers += [*(ResBlock(c_in) for _ in range(blocks)),
-                       nn.GroupNorm(_groups(c_in), c_in), nn.ELU(), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
+                       nn.GroupNorm(_groups(c_in), c_in), ELU(), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
         self.net = nn.Sequential(*layers)  # the last transposed convolution gives (B, C, H, W), no activation
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
