@@ -2,8 +2,9 @@
 
 conf/optimizer/*.yaml point at these with ``_partial_: true``; training calls the partial with the
 model's parameters. conf/scheduler/*.yaml likewise name a learning-rate schedule, which training
-calls with the optimizer and the run's progress (the fraction of the run done, in [0, 1]). Checkpoints of 0.1.0 name torch.optim.Adam/AdamW/SGD, checked against the same
-arguments (vae_cli.settings.TARGETS).
+calls with the optimizer and the run's progress (the fraction of the run done, in [0, 1]).
+Checkpoints of 0.1.0 name torch.optim.Adam/AdamW/SGD, checked against the same arguments
+(vae_cli.settings.TARGETS).
 """
 
 from __future__ import annotations
