@@ -46,8 +46,9 @@ class _ELUFunction(torch.autograd.Function):
 class ELU(nn.Module):
     """The ELU (Clevert et al. 2016, alpha 1), as nn.ELU computes it, from exp rather than expm1.
 
-    Why: on a CPU torch's ELU runs on expm1, which is not vectorised (~18 ns an element against
-    ~1 for exp); exp(x) - 1 differs from expm1(x) by at most one float32 rounding near 0 (6e-8).
+    Why: on a CPU torch's ELU runs on expm1, which this build does not vectorise: 227 us against
+    80 for this on a (128, 200) tensor (python bench/kernels.py, 2 threads); exp(x) - 1 differs
+    from expm1(x) by at most one float32 rounding near 0 (6e-8).
     No parameters: checkpoints are the same as with nn.ELU.
     """
 
