@@ -1,4 +1,5 @@
-"""Training objectives (ELBO, IWAE, DReG), free bits, and the posterior-collapse report and warning."""
+"""Training objectives (ELBO, IWAE, DReG), free bits, the posterior-collapse report and warning, and the
+warning for a run that diverges to a finite ELBO."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import linear_gaussian as lg
 from conftest import TINY, run_main
-from vae_cli.collapse import CollapseMonitor, UnitStats, report
+from vae_cli.collapse import CollapseMonitor, DivergenceMonitor, UnitStats, report
 from vae_cli.model import VAE
+from vae_cli.module import VAEModule
 from vae_cli.objectives import ELBO, IWAE, _PosteriorLogProb, stopped_log_prob
 from vae_cli.networks import MLPDecoder, MLPEncoder
 from vae_cli.likelihoods import Bernoulli
@@ -188,6 +190,59 @@ def test_collapse_monitor_warns_once_and_only_on_collapse(caplog):
     assert all(word in line for word in ("kl_warmup_steps", "free_bits", "optimizer.lr"))
 
 
+def test_divergence_monitor_warns_once_when_the_elbo_falls_far_below_its_best(caplog):
+    caplog.set_level(logging.WARNING, logger="vae_cli")
+    noisy = DivergenceMonitor()
+    for epoch, elbo in enumerate([-540.0, -210.0, -120.0, -112.0, -113.5, -109.0, -118.9, -110.0]):
+        assert not noisy.validation(epoch, elbo, lr=1e-3)   # under 10 nats below the best: noise
+    assert not caplog.records
+    diverged = DivergenceMonitor()
+    said = [diverged.validation(e, v, lr=3e-3, best_checkpoint="run/checkpoints/best-epoch=1-step=8.ckpt")
+            for e, v in enumerate([-150.0, -106.25, -3.6e8, -2e8, -4e8])]
+    assert said == [False, False, True, False, False] and len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert "-106.25 (epoch 1)" in line and "-3.6e+08 (epoch 2)" in line
+    assert "optimizer.lr=0.003" in line and "try 0.0015" in line
+    assert "vae evaluate ckpt=run/checkpoints/best-epoch=1-step=8.ckpt" in line
+    # Large ELBOs (a Gaussian likelihood): the margin is a tenth of the best's size.
+    big = DivergenceMonitor()
+    assert not any(big.validation(e, v, lr=1e-3) for e, v in enumerate([3000.0, 2750.0, 2980.0]))
+    assert big.validation(3, 2650.0, lr=1e-3)
+    caplog.clear()
+    resumed = DivergenceMonitor()
+    resumed.load_state_dict(diverged.state_dict())
+    assert (resumed.best, resumed.best_epoch, resumed.diverged_epoch) == (-106.25, 1, 2)
+    assert not resumed.validation(5, -5e8, lr=3e-3) and not caplog.records   # warned before the resume
+
+
+def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best(tmp_path, data_dir, capsys,
+                                                                                    monkeypatch):
+    def blow_up(module):  # at epoch 2 the decoder's weights are scaled by 30: finite, and far worse
+        if module.current_epoch == 2:
+            with torch.no_grad():
+                for p in module.model.decoder.parameters():
+                    p.mul_(30.0)
+
+    monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up, raising=False)
+    run = tmp_path / "diverged"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=4", "eval.k=0",
+                    f"hydra.run.dir={run}") == 0
+    out, err = capsys.readouterr()
+    said = [line for line in err.splitlines() if "training diverged" in line]
+    assert len(said) == 1 and "(epoch 1)" in said[0] and "(epoch 2)" in said[0], err
+    s = {t: [e.value for e in _tb(run).Scalars(t)] for t in _tb(run).Tags()["scalars"]}
+    assert all(math.isfinite(v) for v in s["val/elbo"]) and s["val/elbo"][2] < s["val/elbo"][1] - 10
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_val_elbo"] == pytest.approx(s["val/elbo"][1]) and metrics["best_epoch"] == 1
+    best = metrics["best_checkpoint"]
+    assert "best-epoch=1-" in best and (run / "checkpoints" / best.split("/")[-1]).is_file()
+    assert f"vae evaluate ckpt={best}" in said[0]
+    summary = [line for line in out.splitlines() if line.startswith("best val ELBO:")]
+    assert len(summary) == 1 and "(epoch 1; diverged at epoch 2)" in summary[0] and f"ckpt={best}" in summary[0]
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["vae_cli"]["divergence"]
+    assert (state["best_epoch"], state["diverged_epoch"]) == (1, 2)   # a resumed run keeps its best
+
+
 def _tb(run):
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
@@ -200,7 +255,8 @@ def test_the_healthy_tiny_run_logs_units_and_objective_and_no_warning(trained_ru
     assert s["train/objective"] == pytest.approx(s["train/elbo"]) and len(s["val/objective"]) == 2
     assert len(s["val/active_units"]) == 2 and s["val/active_units"][-1] >= 1
     assert "val/kl_per_dim" in acc.Tags()["histograms"]
-    assert "posterior collapse" not in (trained_run / "train.log").read_text()
+    text = (trained_run / "train.log").read_text()
+    assert "posterior collapse" not in text and "training diverged" not in text
 
 
 def test_a_collapsing_run_is_warned_about_once(tmp_path, data_dir, capsys):

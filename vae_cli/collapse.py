@@ -1,4 +1,5 @@
-"""Posterior collapse: active units, KL per latent dimension, and one warning when z goes unused.
+"""Posterior collapse: active units, KL per latent dimension, and one warning when z goes unused;
+and one warning when training diverges while its loss stays finite.
 
 A latent unit u is active when Cov_x(E_q(z|x)[z_u]) > 0.01 over a data set (Burda, Grosse and
 Salakhutdinov 2016, section 5.2): the encoder's mean moves with the input along it. A collapsed
@@ -8,10 +9,15 @@ Training checks twice: from the running training KL (every WINDOW steps from CHE
 at the end of each training epoch), so a collapse is reported within the first epoch; and at each
 validation epoch, from the active units and the validation KL. The first hit prints one warning
 line naming the remedies; later ones stay silent.
+
+A run can also diverge without a NaN: a ladder at lr 3e-3 went from a val ELBO of -106 to -3.6e8 in
+one epoch and trained on there (README, Results), out of reach of the finiteness checks. Each
+validation epoch compares the val ELBO with the best so far and warns once when it falls far below.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +35,12 @@ CHECK_AFTER = 100      # training steps before the running KL is first checked
 WINDOW = 50            # training steps averaged per check
 REMEDIES = ("ramp the KL in (kl_warmup_steps=10000), keep a floor on each dimension's KL (free_bits=0.25), "
             "or lower the learning rate (a smaller optimizer.lr)")
+
+# A val ELBO this far below the best so far means divergence: DROP_NATS nats, or DROP_FRACTION of the
+# best's size where ELBOs are large (Gaussian likelihoods). MNIST models move by under a nat between
+# epochs once past the first few; the diverged ladder above fell by 3.6e8.
+DROP_NATS = 10.0
+DROP_FRACTION = 0.1
 
 
 class UnitStats:
@@ -111,6 +123,39 @@ class CollapseMonitor:
         if not self.warned:
             self.warned = True
             log.warning(f"posterior collapse: {what}, so the decoder ignores z; to avoid it, {REMEDIES}")
+
+
+class DivergenceMonitor:
+    """Prints one warning the first time the validation ELBO falls far below its best; silent otherwise.
+    Its state goes into checkpoints, so a resumed run compares with the best before the resume."""
+
+    def __init__(self, drop_nats: float = DROP_NATS, drop_fraction: float = DROP_FRACTION) -> None:
+        self.drop_nats, self.drop_fraction = drop_nats, drop_fraction
+        self.best, self.best_epoch = -math.inf, -1
+        self.diverged_epoch: int | None = None   # the epoch of the warning; None: no warning
+
+    def validation(self, epoch: int, elbo: float, lr: float, best_checkpoint: str | None = None) -> bool:
+        """The end of a validation epoch: its mean ELBO; lr: the optimizer's (peak) learning rate;
+        best_checkpoint: where the best model so far is saved. True when it warned just now."""
+        if elbo > self.best:
+            self.best, self.best_epoch = elbo, epoch
+            return False
+        margin = max(self.drop_nats, self.drop_fraction * abs(self.best))
+        if self.diverged_epoch is not None or elbo >= self.best - margin:
+            return False
+        self.diverged_epoch = epoch
+        keep = f"; the best model so far: vae evaluate ckpt={best_checkpoint}" if best_checkpoint else ""
+        log.warning(f"training diverged: the validation ELBO fell from {self.best:.2f} (epoch {self.best_epoch}) "
+                    f"to {elbo:.4g} (epoch {epoch}); lower the learning rate (optimizer.lr={lr:g} now, "
+                    f"try {lr / 2:g}){keep}")
+        return True
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "diverged_epoch": self.diverged_epoch}
+
+    def load_state_dict(self, state: dict[str, float | int | None]) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+        self.diverged_epoch = state["diverged_epoch"]
 
 
 @torch.no_grad()

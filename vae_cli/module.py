@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 
-from vae_cli.collapse import CollapseMonitor, UnitStats
+from vae_cli.collapse import CollapseMonitor, DivergenceMonitor, UnitStats
 from vae_cli.errors import UserError, first_line
 from vae_cli.graphs import StepGraph, graph_blocker
 from vae_cli.logs import FILE_ONLY, log
@@ -71,6 +71,7 @@ class VAEModule(pl.LightningModule):
         self._checked_step = 0                    # the optimizer step of that check
         self._units: dict[str, UnitStats] = {}    # split -> E_q[z] moments and KL per dimension this epoch
         self.collapse = CollapseMonitor()
+        self.divergence = DivergenceMonitor()      # a val ELBO far below its best: one warning
         self._graph: StepGraph | None = None      # the captured training step, while fit runs on one GPU
         self._replayed = False                    # this step ran as the graph: no backward or update left to do
         self._planned_steps = math.inf            # the optimizer steps that max_steps / max_epochs allow
@@ -154,6 +155,16 @@ class VAEModule(pl.LightningModule):
             logger.experiment.add_histogram(f"{split}/kl_per_dim", kl_dims, self.global_step)
         if split == "val" and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self.collapse.validation(self.global_step, kl, active, units.dims)
+            self._check_divergence(elbo)
+
+    def _check_divergence(self, elbo: float) -> None:
+        """One warning if the val ELBO fell far below its best, naming the best checkpoint so far: the
+        monitoring ModelCheckpoint has not yet seen this epoch, so its best is from an earlier one."""
+        group = self.trainer.optimizers[0].param_groups[0] if self.trainer.optimizers else {}
+        lr = group.get("initial_lr", group.get("lr", float("nan")))  # initial_lr: a scheduler's peak
+        best = self.trainer.checkpoint_callback
+        path = getattr(best, "best_model_path", "") if getattr(best, "monitor", None) == "val/elbo" else ""
+        self.divergence.validation(self.current_epoch, elbo, lr, path or None)
 
     def check_finite(self) -> None:
         """Stop if any training loss since the last check was NaN or infinite.
@@ -301,4 +312,10 @@ class VAEModule(pl.LightningModule):
         # the checkpoint loads with torch.load(weights_only=True).
         from vae_cli import __version__
 
-        checkpoint["vae_cli"] = {"config": self.config, "version": __version__}
+        checkpoint["vae_cli"] = {"config": self.config, "version": __version__,
+                                 "divergence": self.divergence.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("vae_cli", {}).get("divergence")
+        if state is not None:  # a resumed run compares with its best before the resume
+            self.divergence.load_state_dict(state)

@@ -153,6 +153,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": trainer.global_step, "epoch": trainer.current_epoch}
     if metrics["val_elbo"] is None and (run / "metrics.json").is_file():  # a finished run resumed: no new epoch
         metrics["val_elbo"] = json.loads((run / "metrics.json").read_text()).get("val_elbo")
+    watch = module.divergence
+    if watch.diverged_epoch is not None:  # the last model is not the one to measure: say where the best is
+        metrics.update(best_val_elbo=watch.best, best_epoch=watch.best_epoch, diverged_epoch=watch.diverged_epoch,
+                       best_checkpoint=best.best_model_path or None)
     if trainer.is_global_zero:
         metrics.update(test_metrics(module.model, data, config, trainer,
                                     progress=trainer.progress_bar_callback is not None))
@@ -208,6 +212,10 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool = False) -> None:
         rows.append(("trained", trained + (" (resumed)" if resumed else "")))
     val = metrics.get("val_elbo")
     rows.append(("val ELBO", f"{val:.2f} nats/example (last epoch)" if val is not None else "none (no validation epoch)"))
+    if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
+        where = f": vae evaluate ckpt={metrics['best_checkpoint']}" if metrics.get("best_checkpoint") else ""
+        rows.append(("best val ELBO", f"{metrics['best_val_elbo']:.2f} nats/example (epoch {metrics['best_epoch']}; "
+                                      f"diverged at epoch {metrics['diverged_epoch']}){where}"))
     if "test_log_px" in metrics:
         n = f" on {metrics['test_n']} examples" if "test_n" in metrics else ""
         name = ESTIMATOR_NAMES.get(metrics.get("test_log_px_estimator", "iwae"), metrics.get("test_log_px_estimator"))
