@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from conftest import TINY, run_main
 from vae_cli.collapse import CollapseMonitor, DivergenceMonitor, UnitStats, report
 from vae_cli.model import VAE
 from vae_cli.module import VAEModule
+from vae_cli.runs import load_model, warn_if_diverged
 from vae_cli.objectives import ELBO, IWAE, _PosteriorLogProb, stopped_log_prob
 from vae_cli.networks import MLPDecoder, MLPEncoder
 from vae_cli.likelihoods import Bernoulli
@@ -194,25 +196,47 @@ def test_divergence_monitor_warns_once_when_the_elbo_falls_far_below_its_best(ca
     caplog.set_level(logging.WARNING, logger="vae_cli")
     noisy = DivergenceMonitor()
     for epoch, elbo in enumerate([-540.0, -210.0, -120.0, -112.0, -113.5, -109.0, -118.9, -110.0]):
-        assert not noisy.validation(epoch, elbo, lr=1e-3)   # under 10 nats below the best: noise
+        assert not noisy.validation(epoch, 10 * epoch, elbo, lr=1e-3)   # under 10 nats below the best: noise
     assert not caplog.records
     diverged = DivergenceMonitor()
-    said = [diverged.validation(e, v, lr=3e-3, best_checkpoint="run/checkpoints/best-epoch=1-step=8.ckpt")
+    said = [diverged.validation(e, 4 * e + 3, v, lr=3e-3, best_checkpoint="run/checkpoints/best-epoch=1-step=7.ckpt")
             for e, v in enumerate([-150.0, -106.25, -3.6e8, -2e8, -4e8])]
     assert said == [False, False, True, False, False] and len(caplog.records) == 1
     line = caplog.records[0].getMessage()
-    assert "-106.25 (epoch 1)" in line and "-3.6e+08 (epoch 2)" in line
-    assert "optimizer.lr=0.003" in line and "try 0.0015" in line
-    assert "vae evaluate ckpt=run/checkpoints/best-epoch=1-step=8.ckpt" in line
+    assert "-106.25 (epoch 1, step 7)" in line and "-3.6e+08 (epoch 2, step 11)" in line
+    assert "optimizer.lr=0.003, try 0.0015" in line
+    assert "vae evaluate ckpt=run/checkpoints/best-epoch=1-step=7.ckpt" in line
     # Large ELBOs (a Gaussian likelihood): the margin is a tenth of the best's size.
     big = DivergenceMonitor()
-    assert not any(big.validation(e, v, lr=1e-3) for e, v in enumerate([3000.0, 2750.0, 2980.0]))
-    assert big.validation(3, 2650.0, lr=1e-3)
+    assert not any(big.validation(e, e, v) for e, v in enumerate([3000.0, 2750.0, 2980.0]))
+    assert big.validation(3, 3, 2650.0) and "a smaller optimizer.lr" in caplog.records[-1].getMessage()
     caplog.clear()
     resumed = DivergenceMonitor()
     resumed.load_state_dict(diverged.state_dict())
-    assert (resumed.best, resumed.best_epoch, resumed.diverged_epoch) == (-106.25, 1, 2)
-    assert not resumed.validation(5, -5e8, lr=3e-3) and not caplog.records   # warned before the resume
+    assert (resumed.best, resumed.best_epoch, resumed.diverged_epoch, resumed.last) == (-106.25, 1, 2, -4e8)
+    assert not resumed.validation(5, 23, -5e8, lr=3e-3) and not caplog.records   # warned before the resume
+    quiet = DivergenceMonitor()
+    assert quiet.validation(0, 0, -100.0, say=False) is False and quiet.validation(1, 1, -500.0, say=False)
+    assert quiet.diverged_epoch == 1 and not caplog.records                        # the other processes
+
+
+def test_a_checkpoint_is_called_diverged_only_while_its_model_is_far_below_the_best(caplog, tmp_path):
+    watch = DivergenceMonitor()
+    for e, v in enumerate([-120.0, -100.0, -900.0]):
+        watch.validation(e, e, v, best_checkpoint=f"best-epoch={e - 1}.ckpt" if e else None, say=False)
+    checkpoint = {"vae_cli": {"divergence": watch.state_dict()}}
+    with caplog.at_level(logging.WARNING, logger="vae_cli"):
+        warn_if_diverged(checkpoint, tmp_path / "last.ckpt")
+        assert len(caplog.records) == 1
+        line = caplog.records[0].getMessage()
+        assert "val ELBO -900" in line and "-100.00 at epoch 1" in line and "ckpt=best-epoch=1.ckpt" in line
+        caplog.clear()
+        watch.validation(3, 3, -101.0, say=False)  # back within 10 nats of its best: not called diverged
+        warn_if_diverged({"vae_cli": {"divergence": watch.state_dict()}}, tmp_path / "last.ckpt")
+        warn_if_diverged({"vae_cli": {"config": {}}}, tmp_path / "old.ckpt")     # saved before the monitor
+        odd = {**watch.state_dict(), "last": "-900", "best_checkpoint": "x\ny"}     # not written by vae train
+        warn_if_diverged({"vae_cli": {"divergence": odd}}, tmp_path / "odd.ckpt")
+        assert not caplog.records
 
 
 def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best(tmp_path, data_dir, capsys,
@@ -225,22 +249,51 @@ def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best
 
     monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up, raising=False)
     run = tmp_path / "diverged"
-    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=4", "eval.k=0",
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=4", "eval.k=0", "scheduler=cosine",
                     f"hydra.run.dir={run}") == 0
     out, err = capsys.readouterr()
     said = [line for line in err.splitlines() if "training diverged" in line]
-    assert len(said) == 1 and "(epoch 1)" in said[0] and "(epoch 2)" in said[0], err
+    assert len(said) == 1 and "(epoch 1, step 8)" in said[0] and "(epoch 2, step 12)" in said[0], err
+    assert "optimizer.lr=0.001," in said[0]        # the configured lr, not the cosine's decayed one
     s = {t: [e.value for e in _tb(run).Scalars(t)] for t in _tb(run).Tags()["scalars"]}
     assert all(math.isfinite(v) for v in s["val/elbo"]) and s["val/elbo"][2] < s["val/elbo"][1] - 10
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["best_val_elbo"] == pytest.approx(s["val/elbo"][1]) and metrics["best_epoch"] == 1
+    assert metrics["best_val_elbo"] == pytest.approx(s["val/elbo"][1])
+    assert (metrics["best_epoch"], metrics["diverged_epoch"]) == (1, 2)
     best = metrics["best_checkpoint"]
-    assert "best-epoch=1-" in best and (run / "checkpoints" / best.split("/")[-1]).is_file()
+    assert Path(best).name == "best-epoch=1-step=8.ckpt" and Path(best).is_file()
     assert f"vae evaluate ckpt={best}" in said[0]
     summary = [line for line in out.splitlines() if line.startswith("best val ELBO:")]
     assert len(summary) == 1 and "(epoch 1; diverged at epoch 2)" in summary[0] and f"ckpt={best}" in summary[0]
+    load_model(run=str(run))                      # reading it says so, and names the best
+    said = [line for line in capsys.readouterr().err.splitlines() if "diverged to" in line]
+    assert len(said) == 1 and "fell at epoch 2" in said[0] and f"ckpt={best}" in said[0], said
+    load_model(ckpt=best)
+    assert "diverged" not in capsys.readouterr().err
+    # Resumed for one more epoch, it keeps its best from before the resume: no second warning.
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["vae_cli"]["config"]["trainer"]["max_epochs"] = 5
+    torch.save(ckpt, last)
+    monkeypatch.chdir(tmp_path)                    # Hydra's own folder for the resuming command
+    assert run_main("train", f"resume={run}") == 0
+    out, err = capsys.readouterr()
+    assert "training diverged" not in err and "(epoch 1; diverged at epoch 2)" in out
+    state = torch.load(last, weights_only=True)["vae_cli"]["divergence"]
+    assert (state["best_epoch"], state["diverged_epoch"], torch.load(last, weights_only=True)["epoch"]) == (1, 2, 4)
+
+
+def test_a_kl_warm_up_to_a_large_beta_is_not_called_diverged(tmp_path, data_dir, capsys, monkeypatch):
+    # The val ELBO (KL weight 1) may fall while the weight climbs: the check waits for the warm-up's end.
+    monkeypatch.setattr(VAEModule, "on_train_epoch_start",
+                        lambda m: [p.data.mul_(30.0) for p in m.model.decoder.parameters()] if m.current_epoch == 2 else None,
+                        raising=False)
+    run = tmp_path / "warm"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=4", "eval.k=0", "beta=4",
+                    "kl_warmup_steps=100", f"hydra.run.dir={run}") == 0
+    assert "training diverged" not in capsys.readouterr().err
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["vae_cli"]["divergence"]
-    assert (state["best_epoch"], state["diverged_epoch"]) == (1, 2)   # a resumed run keeps its best
+    assert state["best"] == -math.inf and state["diverged_epoch"] is None
 
 
 def _tb(run):

@@ -127,35 +127,53 @@ class CollapseMonitor:
 
 class DivergenceMonitor:
     """Prints one warning the first time the validation ELBO falls far below its best; silent otherwise.
-    Its state goes into checkpoints, so a resumed run compares with the best before the resume."""
+    Its state goes into checkpoints: a resumed run compares with the best before the resume, and a
+    command that reads a checkpoint saved after the fall can say so (vae_cli.runs)."""
 
     def __init__(self, drop_nats: float = DROP_NATS, drop_fraction: float = DROP_FRACTION) -> None:
         self.drop_nats, self.drop_fraction = drop_nats, drop_fraction
-        self.best, self.best_epoch = -math.inf, -1
-        self.diverged_epoch: int | None = None   # the epoch of the warning; None: no warning
+        self.best, self.best_epoch, self.best_step = -math.inf, -1, -1
+        self.best_checkpoint: str | None = None   # where the best model so far is saved, if known
+        self.last = -math.inf                     # the latest val ELBO
+        self.diverged_epoch: int | None = None    # the epoch of the warning; None: no warning
+        self.diverged_elbo: float | None = None
 
-    def validation(self, epoch: int, elbo: float, lr: float, best_checkpoint: str | None = None) -> bool:
-        """The end of a validation epoch: its mean ELBO; lr: the optimizer's (peak) learning rate;
-        best_checkpoint: where the best model so far is saved. True when it warned just now."""
+    def fallen(self, elbo: float) -> bool:
+        """Is elbo far below the best so far?"""
+        return elbo < self.best - max(self.drop_nats, self.drop_fraction * abs(self.best))
+
+    def validation(self, epoch: int, step: int, elbo: float, lr: float | None = None,
+                   best_checkpoint: str | None = None, say: bool = True) -> bool:
+        """The end of a validation epoch: its mean ELBO; lr: the configured (peak) learning rate;
+        best_checkpoint: where the best model before this epoch is saved; say: print the warning
+        (every process keeps the state, one prints). True when it diverged just now."""
+        self.last = elbo
+        if best_checkpoint:
+            self.best_checkpoint = best_checkpoint
         if elbo > self.best:
-            self.best, self.best_epoch = elbo, epoch
+            self.best, self.best_epoch, self.best_step = elbo, epoch, step
             return False
-        margin = max(self.drop_nats, self.drop_fraction * abs(self.best))
-        if self.diverged_epoch is not None or elbo >= self.best - margin:
+        if self.diverged_epoch is not None or not self.fallen(elbo):
             return False
-        self.diverged_epoch = epoch
-        keep = f"; the best model so far: vae evaluate ckpt={best_checkpoint}" if best_checkpoint else ""
-        log.warning(f"training diverged: the validation ELBO fell from {self.best:.2f} (epoch {self.best_epoch}) "
-                    f"to {elbo:.4g} (epoch {epoch}); lower the learning rate (optimizer.lr={lr:g} now, "
-                    f"try {lr / 2:g}){keep}")
+        self.diverged_epoch, self.diverged_elbo = epoch, elbo
+        if say:
+            known = lr is not None and math.isfinite(lr)
+            lower = f"optimizer.lr={lr:g}, try {lr / 2:g}" if known else "a smaller optimizer.lr"
+            keep = f"; the best model so far: vae evaluate ckpt={self.best_checkpoint}" if self.best_checkpoint else ""
+            log.warning(f"training diverged: the validation ELBO fell from {self.best:.2f} (epoch {self.best_epoch}, "
+                        f"step {self.best_step}) to {elbo:.4g} (epoch {epoch}, step {step}); training goes on; "
+                        f"lower the learning rate ({lower}){keep}")
         return True
 
-    def state_dict(self) -> dict[str, float | int | None]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "diverged_epoch": self.diverged_epoch}
+    KEYS = ("best", "best_epoch", "best_step", "best_checkpoint", "last", "diverged_epoch", "diverged_elbo")
 
-    def load_state_dict(self, state: dict[str, float | int | None]) -> None:
-        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
-        self.diverged_epoch = state["diverged_epoch"]
+    def state_dict(self) -> dict[str, float | int | str | None]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    def load_state_dict(self, state: dict[str, float | int | str | None]) -> None:
+        for k in self.KEYS:
+            if k in state:
+                setattr(self, k, state[k])
 
 
 @torch.no_grad()

@@ -153,18 +153,24 @@ class VAEModule(pl.LightningModule):
         if kl_dims is not None and logger is not None and self.trainer.is_global_zero and \
                 hasattr(logger.experiment, "add_histogram"):
             logger.experiment.add_histogram(f"{split}/kl_per_dim", kl_dims, self.global_step)
-        if split == "val" and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            self.collapse.validation(self.global_step, kl, active, units.dims)
+        if split == "val" and not self.trainer.sanity_checking:
+            if self.trainer.is_global_zero:
+                self.collapse.validation(self.global_step, kl, active, units.dims)
             self._check_divergence(elbo)
 
     def _check_divergence(self, elbo: float) -> None:
-        """One warning if the val ELBO fell far below its best, naming the best checkpoint so far: the
-        monitoring ModelCheckpoint has not yet seen this epoch, so its best is from an earlier one."""
-        group = self.trainer.optimizers[0].param_groups[0] if self.trainer.optimizers else {}
-        lr = group.get("initial_lr", group.get("lr", float("nan")))  # initial_lr: a scheduler's peak
-        best = self.trainer.checkpoint_callback
-        path = getattr(best, "best_model_path", "") if getattr(best, "monitor", None) == "val/elbo" else ""
-        self.divergence.validation(self.current_epoch, elbo, lr, path or None)
+        """One warning if the val ELBO fell far below its best, naming the best checkpoint so far (the
+        monitoring ModelCheckpoint has not seen this epoch yet, so its best is an earlier one). Not
+        during a KL warm-up: the val ELBO (weight 1) may fall as the weight climbs to a beta > 1."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit" or self.global_step < self.kl_warmup_steps:
+            return
+        group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+        lr = group.get("initial_lr", group.get("lr"))  # initial_lr: the configured peak under a scheduler
+        best = next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/elbo" and c.mode == "max"), None)
+        # Every process holds the same reduced ELBO and keeps the state; one prints.
+        self.divergence.validation(self.current_epoch, self.global_step, elbo, lr,
+                                   best.best_model_path if best is not None else None, say=trainer.is_global_zero)
 
     def check_finite(self) -> None:
         """Stop if any training loss since the last check was NaN or infinite.

@@ -19,6 +19,7 @@ import torch
 from pydantic import AfterValidator, BaseModel
 
 from vae_cli.errors import UserError, first_line
+from vae_cli.logs import log
 from vae_cli.run_config import TrainSettings
 from vae_cli.settings import TARGETS, check_untrusted, register_resolvers
 from vae_cli.typed import STRICT, MatmulPrecision, Seed, Text
@@ -154,7 +155,29 @@ def load_model(run: str | None = None, ckpt: str | None = None, device: str = "c
         model = build_model(config, checkpoint["state_dict"])
     except Exception as e:
         raise UserError(f"ckpt={str(path)!r} could not be rebuilt into a model ({first_line(e.__cause__ or e)[:160]})") from None
+    warn_if_diverged(checkpoint, path)
     return model.to(device), config, path
+
+
+def warn_if_diverged(checkpoint: dict[str, Any], path: Path) -> None:
+    """One warning when the checkpoint's model is one its run diverged to (vae_cli.collapse.DivergenceMonitor):
+    its val ELBO far below the run's best. Name the best checkpoint."""
+    from vae_cli.collapse import DivergenceMonitor
+
+    state = checkpoint["vae_cli"].get("divergence")
+    if not isinstance(state, dict):  # saved before the monitor existed
+        return
+    watch = DivergenceMonitor()
+    watch.load_state_dict(state)
+    numbers = (watch.best, watch.last, watch.best_epoch, watch.diverged_epoch)
+    if not all(isinstance(v, (int, float)) for v in numbers):  # never fell (None), or not ours: nothing to say
+        return
+    if not watch.fallen(watch.last):  # recovered
+        return
+    best = watch.best_checkpoint
+    keep = f"; the best model: ckpt={best}" if isinstance(best, str) and best.isprintable() else ""
+    log.warning(f"ckpt={str(path)!r} holds a model its run diverged to: val ELBO {watch.last:.4g}, against "
+                f"{watch.best:.2f} at epoch {watch.best_epoch} (it fell at epoch {watch.diverged_epoch}){keep}")
 
 
 def pick_device(device: str) -> torch.device:

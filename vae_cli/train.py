@@ -154,9 +154,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if metrics["val_elbo"] is None and (run / "metrics.json").is_file():  # a finished run resumed: no new epoch
         metrics["val_elbo"] = json.loads((run / "metrics.json").read_text()).get("val_elbo")
     watch = module.divergence
-    if watch.diverged_epoch is not None:  # the last model is not the one to measure: say where the best is
+    if watch.diverged_epoch is not None:  # the last model may not be the one to measure: say where the best is
         metrics.update(best_val_elbo=watch.best, best_epoch=watch.best_epoch, diverged_epoch=watch.diverged_epoch,
-                       best_checkpoint=best.best_model_path or None)
+                       best_checkpoint=best.best_model_path or watch.best_checkpoint)
     if trainer.is_global_zero:
         metrics.update(test_metrics(module.model, data, config, trainer,
                                     progress=trainer.progress_bar_callback is not None))
