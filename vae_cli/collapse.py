@@ -136,7 +136,6 @@ class DivergenceMonitor:
         self.best_checkpoint: str | None = None   # where the best model so far is saved, if known
         self.last = -math.inf                     # the latest val ELBO
         self.diverged_epoch: int | None = None    # the epoch of the warning; None: no warning
-        self.diverged_elbo: float | None = None
 
     def fallen(self, elbo: float) -> bool:
         """Is elbo far below the best so far?"""
@@ -155,7 +154,7 @@ class DivergenceMonitor:
             return False
         if self.diverged_epoch is not None or not self.fallen(elbo):
             return False
-        self.diverged_epoch, self.diverged_elbo = epoch, elbo
+        self.diverged_epoch = epoch
         if say:
             known = lr is not None and math.isfinite(lr)
             lower = f"optimizer.lr={lr:g}, try {lr / 2:g}" if known else "a smaller optimizer.lr"
@@ -165,7 +164,7 @@ class DivergenceMonitor:
                         f"lower the learning rate ({lower}){keep}")
         return True
 
-    KEYS = ("best", "best_epoch", "best_step", "best_checkpoint", "last", "diverged_epoch", "diverged_elbo")
+    KEYS = ("best", "best_epoch", "best_step", "best_checkpoint", "last", "diverged_epoch")
 
     def state_dict(self) -> dict[str, float | int | str | None]:
         return {k: getattr(self, k) for k in self.KEYS}
