@@ -205,6 +205,69 @@ def test_ctrl_c_during_training_then_resume(tmp_path, data_dir, sig):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == epochs * 4
 
 
+# A command whose shutdown never ends (an interrupt that lands while a lock is held can do that):
+# the process still ends, with the one line and 130, after cli.GRACE_S or at a second signal.
+_HANGS = """
+import sys, threading, time
+from vae_cli import cli
+cli.GRACE_S = float(sys.argv[1])
+where = sys.argv[2]
+if where == "exit":              # the report is made, then the interpreter waits for this thread
+    threading.Thread(target=threading.Event().wait).start()
+with cli.stop_on_signals():
+    try:
+        try:
+            print("ready", file=sys.stderr, flush=True)
+            time.sleep(120)
+        finally:
+            if where == "cleanup":
+                threading.Event().wait()   # a clean-up that never finishes
+    except KeyboardInterrupt:
+        cli.interrupted()
+"""
+
+
+def _hanging(grace: float, where: str, signals: list[int]) -> tuple[int, str, float]:
+    proc = subprocess.Popen([sys.executable, "-c", _HANGS, str(grace), where], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stderr.readline().strip() == "ready"
+    start = time.time()
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(0.5)
+        proc.send_signal(sig)
+    err = proc.communicate(timeout=60)[1]
+    return proc.returncode, err, time.time() - start
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_shutdown_that_hangs_ends_after_the_grace_period(sig):
+    code, err, took = _hanging(1.0, "cleanup", [sig])
+    assert code == 130 and took < 30
+    assert_one_line(err, "vae: interrupted")
+
+
+def test_a_second_ctrl_c_ends_a_hanging_shutdown_at_once():
+    code, err, took = _hanging(120.0, "cleanup", [signal.SIGINT, signal.SIGINT])
+    assert code == 130 and took < 30                  # not the 120 s of the grace period
+    assert_one_line(err, "vae: interrupted")
+
+
+def test_an_exit_that_hangs_after_the_report_is_not_reported_twice():
+    code, err, took = _hanging(1.0, "exit", [signal.SIGINT])
+    assert code == 130 and took < 30
+    assert_one_line(err, "vae: interrupted")
+
+
+def test_signals_are_given_back_after_a_command():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    from vae_cli import cli
+
+    with cli.stop_on_signals():
+        assert signal.getsignal(signal.SIGTERM) is not before[1]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_ctrl_c_during_the_final_test_evaluation(tmp_path, data_dir):
     run = tmp_path / "run"
     args = ["train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=50000", f"hydra.run.dir={run}"]

@@ -17,8 +17,11 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from vae_cli.errors import UserError, first_line
 
@@ -60,7 +63,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     """Print one line and exit 2: the end of every user mistake."""
     print(f"vae: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -88,6 +91,7 @@ def _task(command: str):
         from vae_cli.logs import attach_run_log, file_only
 
         attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
+        _stop["message"] = _stop_message(_resume_hint(command, cfg))  # for a shutdown cut short
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
             if cfg.get("matmul_precision"):  # train and every command that reads a model
@@ -131,7 +135,11 @@ def _resume_hint(command: str, cfg) -> str | None:
         return None
 
 
-def interrupted(resume: str | None = None) -> "NoReturn":  # noqa: F821
+def _stop_message(resume: str | None) -> str:
+    return f"interrupted; continue the run with: {resume}" if resume else "interrupted"
+
+
+def interrupted(resume: str | None = None) -> NoReturn:
     """Ctrl-C: one line on stderr (and in the run's log), exit code 130 as a shell reports SIGINT, no traceback."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while shutting down must not print a traceback
@@ -143,18 +151,22 @@ def interrupted(resume: str | None = None) -> "NoReturn":  # noqa: F821
             bar.close()
         except Exception:
             pass
-    message = f"interrupted; continue the run with: {resume}" if resume else "interrupted"
-    # Ctrl-C reaches every process of the terminal's group: the processes Lightning started for
-    # the other devices (LOCAL_RANK >= 1) stop quietly, so the line is printed once.
-    quiet = os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+    message = _stop_message(resume)
     try:
         from vae_cli.logs import FILE_ONLY, log
 
-        log.warning(message, extra=FILE_ONLY if quiet else None)
+        log.warning(message, extra=FILE_ONLY if _quiet_rank() else None)
     except Exception:  # interrupted while importing: print it plainly
-        if not quiet:
+        if not _quiet_rank():
             print(f"vae: {message}", file=sys.stderr, flush=True)
+    _stop["reported"] = True
     sys.exit(130)
+
+
+def _quiet_rank() -> bool:
+    # Ctrl-C reaches every process of the terminal's group: the processes Lightning started for
+    # the other devices (LOCAL_RANK >= 1) stop quietly, so the line is printed once.
+    return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
 def _in_sweep() -> bool:
@@ -164,25 +176,68 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM (kill, a batch scheduler's pre-emption) stops a command as Ctrl-C does, so that
-    half-made outputs are removed and a run can be resumed; the default action leaves them behind."""
+# Ctrl-C and SIGTERM: the first raises KeyboardInterrupt, so that the command removes what it had
+# half made and reports (interrupted()). A shutdown that cannot finish (an interrupt that landed
+# while a lock was held, say) must not keep the process for ever: a second signal, or a shutdown
+# still under way GRACE_S seconds after the first, ends the process at once with the same line.
+GRACE_S = 30.0
+_stop: dict = {"message": "interrupted", "signalled": False, "reported": False, "generation": 0}
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM (kill, a batch scheduler's pre-emption) stop a command as Ctrl-C does: half-made
+    outputs are removed and a run can be resumed (SIGTERM's default action would leave them behind)."""
+    if _stop["signalled"]:
+        _exit_now()
+    _stop["signalled"] = True
+    threading.Thread(target=_watchdog, args=(_stop["generation"],), name="vae-stop-watchdog", daemon=True).start()
     raise KeyboardInterrupt
+
+
+def _watchdog(generation: int) -> None:
+    threading.Event().wait(GRACE_S)
+    if _stop["generation"] == generation:  # not a later command of the same process (tests call main in-process)
+        _exit_now()
+
+
+def _exit_now() -> NoReturn:
+    """End the process without the rest of its shutdown, with interrupted()'s line unless it was printed."""
+    if os.environ.get("VAE_DEBUG"):  # where the shutdown was stuck
+        import faulthandler
+
+        faulthandler.dump_traceback(all_threads=True)
+    if not _stop["reported"] and not _quiet_rank():
+        os.write(2, f"\nvae: {_stop['message']}\n".encode())
+    os._exit(130)
+
+
+@contextmanager
+def stop_on_signals():
+    """Within: SIGINT and SIGTERM raise KeyboardInterrupt once, then force the exit (above)."""
+    _stop.update(message="interrupted", signalled=False, reported=False, generation=_stop["generation"] + 1)
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # An ignored SIGINT (a background job) stays ignored, as Python leaves it.
+            if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler:
+                previous[sig] = signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if sig != signal.SIGINT or not _stop["reported"]:  # after the report, Ctrl-C stays ignored
+                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vae`` console script. Ctrl-C or SIGTERM anywhere ends in one line and exit code 130."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        _main(argv)
-    except KeyboardInterrupt:  # outside a command's task: while starting, composing or importing
-        interrupted()
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with stop_on_signals():
+        try:
+            _main(argv)
+        except KeyboardInterrupt:  # outside a command's task: while starting, composing or importing
+            interrupted()
 
 
 def _main(argv: list[str] | None) -> None:
