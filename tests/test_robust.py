@@ -230,14 +230,17 @@ with cli.stop_on_signals():
 def _hanging(grace: float, where: str, signals: list[int]) -> tuple[int, str, float]:
     proc = subprocess.Popen([sys.executable, "-c", _HANGS, str(grace), where], stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert proc.stderr.readline().strip() == "ready"
-    start = time.time()
-    for i, sig in enumerate(signals):
-        if i:
-            time.sleep(0.5)
-        proc.send_signal(sig)
-    err = proc.communicate(timeout=60)[1]
-    return proc.returncode, err, time.time() - start
+    try:
+        assert proc.stderr.readline().strip() == "ready"
+        start = time.time()
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(0.5)
+            proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+        return proc.returncode, err, time.time() - start
+    finally:
+        proc.kill()  # a broken watchdog must not leave the child behind
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -259,12 +262,49 @@ def test_an_exit_that_hangs_after_the_report_is_not_reported_twice():
     assert_one_line(err, "vae: interrupted")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_after_the_report_ends_a_hanging_exit_at_once(sig):
+    code, err, took = _hanging(120.0, "exit", [signal.SIGINT, sig])
+    assert code == 130 and took < 30                  # not SIGTERM's default 143, nor the grace period
+    assert_one_line(err, "vae: interrupted")
+
+
+def test_a_signal_during_fit_is_raised_at_the_next_batch_boundary(monkeypatch):
+    from vae_cli import callbacks, cli
+
+    monkeypatch.setattr(cli, "GRACE_S", 3600.0)        # the watchdog this arms must outlive the suite
+    hook = callbacks.SafeInterrupt()
+    with cli.stop_on_signals():
+        hook.on_fit_start(None, None)
+        os.kill(os.getpid(), signal.SIGINT)            # not raised here, inside whatever runs
+        time.sleep(0.05)
+        assert cli._stop["pending"]
+        with pytest.raises(KeyboardInterrupt):
+            hook.on_train_batch_end(None, None, None, None, 0)
+        hook.on_exception(None, None, KeyboardInterrupt())
+        assert not cli._stop["deferred"] and not cli._stop["pending"]
+        cli._stop.update(signalled=False, stopping=False)  # the handlers go back to pytest's on leaving
+
+
+def test_ctrl_c_is_given_back_after_lightning_ignores_it_in_its_shutdown():
+    from vae_cli import callbacks, cli
+
+    with cli.stop_on_signals():
+        assert signal.getsignal(signal.SIGINT) is cli._on_signal
+        cli._stop["signalled"] = True                  # as after a first Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # what Lightning does before its graceful shutdown
+        callbacks.SafeInterrupt().on_exception(None, None, KeyboardInterrupt())
+        assert signal.getsignal(signal.SIGINT) is cli._on_signal
+        cli._stop["signalled"] = False                 # the handlers go back to pytest's on leaving
+
+
 def test_signals_are_given_back_after_a_command():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     from vae_cli import cli
 
     with cli.stop_on_signals():
-        assert signal.getsignal(signal.SIGTERM) is not before[1]
+        assert signal.getsignal(signal.SIGTERM) is cli._on_signal
+        assert signal.getsignal(signal.SIGINT) is (cli._on_signal if before[0] is signal.default_int_handler else before[0])
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 

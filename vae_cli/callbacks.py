@@ -1,5 +1,5 @@
 """Lightning plug-ins: pictures logged to TensorBoard each validation epoch, atomic checkpoint writes,
-a progress bar that shows the ELBO as a number one can read."""
+a progress bar that shows the ELBO as a number one can read, Ctrl-C during the shutdown after one."""
 
 from __future__ import annotations
 
@@ -12,7 +12,39 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from vae_cli import pictures
+from vae_cli import cli, pictures
+
+
+class SafeInterrupt(pl.Callback):
+    """Ctrl-C and SIGTERM during fit stop training at the next batch boundary, not at whatever
+    instruction they land on (vae_cli.cli.defer); and Ctrl-C goes back to the CLI's handler after
+    Lightning ignores it for its shutdown, so that a second one ends a shutdown that hangs."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cli.defer(True)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        cli.raise_pending()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        cli.raise_pending()
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        cli.raise_pending()
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        cli.raise_pending()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cli.defer(False)
+        cli.raise_pending()  # a signal during the last epoch's end still stops what follows
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        cli.defer(False)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        cli.defer(False)
+        cli.rearm()
 
 
 class TrainingPictures(pl.Callback):

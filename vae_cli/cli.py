@@ -117,6 +117,8 @@ def _task(command: str):
 
             log.error(f"error: {first_line(e)}", exc_info=True, extra=FILE_ONLY)  # Hydra prints it on the terminal
             raise
+        finally:
+            _stop["message"] = "interrupted"  # a sweep's next job sets its own
 
     return task
 
@@ -141,8 +143,10 @@ def _stop_message(resume: str | None) -> str:
 
 def interrupted(resume: str | None = None) -> NoReturn:
     """Ctrl-C: one line on stderr (and in the run's log), exit code 130 as a shell reports SIGINT, no traceback."""
+    _stop["stopping"] = True  # from here a signal ends the process at once (_on_signal), never with a traceback
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while shutting down must not print a traceback
+        if signal.getsignal(signal.SIGINT) is not _on_signal:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside main(): a second Ctrl-C must not print a traceback
     except ValueError:  # not the main thread
         pass
     tqdm = sys.modules.get("tqdm")
@@ -152,14 +156,15 @@ def interrupted(resume: str | None = None) -> NoReturn:
         except Exception:
             pass
     message = _stop_message(resume)
-    try:
-        from vae_cli.logs import FILE_ONLY, log
+    with _report_lock:  # the watchdog (below) prints the line only if this has not
+        try:
+            from vae_cli.logs import FILE_ONLY, log
 
-        log.warning(message, extra=FILE_ONLY if _quiet_rank() else None)
-    except Exception:  # interrupted while importing: print it plainly
-        if not _quiet_rank():
-            print(f"vae: {message}", file=sys.stderr, flush=True)
-    _stop["reported"] = True
+            log.warning(message, extra=FILE_ONLY if _quiet_rank() else None)
+        except Exception:  # interrupted while importing: print it plainly
+            if not _quiet_rank():
+                print(f"vae: {message}", file=sys.stderr, flush=True)
+        _stop["reported"] = True
     sys.exit(130)
 
 
@@ -181,17 +186,37 @@ def _in_sweep() -> bool:
 # while a lock was held, say) must not keep the process for ever: a second signal, or a shutdown
 # still under way GRACE_S seconds after the first, ends the process at once with the same line.
 GRACE_S = 30.0
-_stop: dict = {"message": "interrupted", "signalled": False, "reported": False, "generation": 0}
+_stop: dict = {"message": "interrupted", "signalled": False, "stopping": False, "reported": False, "sigint": False,
+              "deferred": False, "pending": False, "generation": 0}
+_report_lock = threading.Lock()
 
 
 def _on_signal(signum: int, frame: object) -> None:
     """SIGINT and SIGTERM (kill, a batch scheduler's pre-emption) stop a command as Ctrl-C does: half-made
     outputs are removed and a run can be resumed (SIGTERM's default action would leave them behind)."""
-    if _stop["signalled"]:
+    if _stop["signalled"] or _stop["stopping"]:
         _exit_now()
-    _stop["signalled"] = True
+    _stop["signalled"] = _stop["stopping"] = True
     threading.Thread(target=_watchdog, args=(_stop["generation"],), name="vae-stop-watchdog", daemon=True).start()
+    if _stop["deferred"]:
+        _stop["pending"] = True  # raised at the next batch boundary (raise_pending)
+        return
     raise KeyboardInterrupt
+
+
+def defer(on: bool) -> None:
+    """While on (Lightning's fit loop, vae_cli.callbacks.SafeInterrupt), a first signal is raised at
+    the next batch boundary, not at whatever instruction it lands on: a KeyboardInterrupt raised
+    inside queue.put (TensorBoard's event writer), say, leaves that queue's lock taken, and the
+    shutdown then waits for it for ever."""
+    _stop["deferred"] = on
+
+
+def raise_pending() -> None:
+    """Raise the KeyboardInterrupt of a signal that arrived while deferred."""
+    if _stop["pending"]:
+        _stop["pending"] = False
+        raise KeyboardInterrupt
 
 
 def _watchdog(generation: int) -> None:
@@ -206,28 +231,44 @@ def _exit_now() -> NoReturn:
         import faulthandler
 
         faulthandler.dump_traceback(all_threads=True)
+    held = _report_lock.acquire(timeout=2.0)  # not while interrupted() prints; nor for ever, if that is what hangs
     if not _stop["reported"] and not _quiet_rank():
         os.write(2, f"\nvae: {_stop['message']}\n".encode())
+    if held:
+        _report_lock.release()
     os._exit(130)
+
+
+def rearm() -> None:
+    """Give Ctrl-C back to the handler above after a signal stopped the command: Lightning ignores
+    SIGINT while it shuts down after one (pytorch_lightning/trainer/call.py), and a shutdown that
+    hangs there should still end at a second Ctrl-C."""
+    if _stop["signalled"] and _stop["sigint"] and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_signal)
 
 
 @contextmanager
 def stop_on_signals():
     """Within: SIGINT and SIGTERM raise KeyboardInterrupt once, then force the exit (above)."""
-    _stop.update(message="interrupted", signalled=False, reported=False, generation=_stop["generation"] + 1)
+    _stop.update(message="interrupted", signalled=False, stopping=False, reported=False, sigint=False,
+                 deferred=False, pending=False, generation=_stop["generation"] + 1)
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             # An ignored SIGINT (a background job) stays ignored, as Python leaves it.
             if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler:
                 previous[sig] = signal.signal(sig, _on_signal)
+        _stop["sigint"] = signal.SIGINT in previous
     except ValueError:  # not the main thread: leave signals alone
         pass
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            if sig != signal.SIGINT or not _stop["reported"]:  # after the report, Ctrl-C stays ignored
+        # After a signal the process is on its way out: the handlers stay, so that another signal
+        # during the interpreter's exit ends it at once (130) too. Otherwise they go back (tests and
+        # notebooks call main in-process).
+        if not _stop["signalled"]:
+            for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
 

@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from vae_cli.callbacks import AtomicCheckpointIO, ProgressBar, TrainingPictures
+    from vae_cli.callbacks import AtomicCheckpointIO, ProgressBar, SafeInterrupt, TrainingPictures
     from vae_cli.logs import lightning_verbose
     from vae_cli.module import NO_END, VAEModule
     from vae_cli.runs import resume_source, set_matmul_precision
@@ -126,7 +126,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # trainer.enable_model_summary=true.
     trainer_kwargs.setdefault("enable_model_summary", verbose)
     try:
-        callbacks = [best, last, TrainingPictures()]
+        callbacks = [best, last, TrainingPictures(), SafeInterrupt()]
         if trainer_kwargs.get("enable_progress_bar", True):
             # Redrawn every 10 steps, not every step: the bar costs 0.3 ms a draw, a step 5 ms.
             callbacks.append(ProgressBar(refresh_rate=10))
