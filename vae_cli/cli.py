@@ -181,8 +181,8 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-# Ctrl-C and SIGTERM: the first raises KeyboardInterrupt, so that the command removes what it had
-# half made and reports (interrupted()). A shutdown that cannot finish (an interrupt that landed
+# Ctrl-C and SIGTERM: the first raises KeyboardInterrupt (during fit, at the next batch boundary:
+# defer), so that the command removes what it had half made and reports (interrupted()). A shutdown that cannot finish (an interrupt that landed
 # while a lock was held, say) must not keep the process for ever: a second signal, or a shutdown
 # still under way GRACE_S seconds after the first, ends the process at once with the same line.
 GRACE_S = 30.0
