@@ -1,5 +1,5 @@
 """Lightning plug-ins: pictures logged to TensorBoard each validation epoch, atomic checkpoint writes,
-a progress bar that shows the ELBO as a number one can read, Ctrl-C during the shutdown after one."""
+a progress bar that shows the ELBO as a number one can read, Ctrl-C and SIGTERM taken at a batch boundary."""
 
 from __future__ import annotations
 
