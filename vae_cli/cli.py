@@ -91,7 +91,8 @@ def _task(command: str):
         from vae_cli.logs import attach_run_log, file_only
 
         attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
-        _stop["message"] = _stop_message(_resume_hint(command, cfg))  # for a shutdown cut short
+        resume = _resume_hint(command, cfg)
+        _stop["message"] = _stop_message(resume)  # for a shutdown cut short (_exit_now)
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
             if cfg.get("matmul_precision"):  # train and every command that reads a model
@@ -111,7 +112,7 @@ def _task(command: str):
                 return
             fail(str(e))
         except KeyboardInterrupt:
-            interrupted(_resume_hint(command, cfg))
+            interrupted(resume)
         except Exception as e:
             from vae_cli.logs import FILE_ONLY, log
 
@@ -182,9 +183,10 @@ def _in_sweep() -> bool:
 
 
 # Ctrl-C and SIGTERM: the first raises KeyboardInterrupt (during fit, at the next batch boundary:
-# defer), so that the command removes what it had half made and reports (interrupted()). A shutdown that cannot finish (an interrupt that landed
-# while a lock was held, say) must not keep the process for ever: a second signal, or a shutdown
-# still under way GRACE_S seconds after the first, ends the process at once with the same line.
+# defer), so that the command removes what it had half made and reports (interrupted()). A
+# shutdown that cannot finish (an interrupt that landed while a lock was held, say) must not keep
+# the process for ever: a second signal, or a shutdown still under way GRACE_S seconds after the
+# first, ends the process at once with the same line.
 GRACE_S = 30.0
 _stop: dict = {"message": "interrupted", "signalled": False, "stopping": False, "reported": False, "sigint": False,
               "deferred": False, "pending": False, "generation": 0}
