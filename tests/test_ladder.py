@@ -212,7 +212,8 @@ def test_objectives_train_a_real_ladder(inference):
         model.zero_grad()
 
 
-@pytest.fixture(scope="module", params=["model.inference=top_down model.activation=elu", "model.inference=bottom_up"])
+@pytest.fixture(scope="module", params=["model.inference=top_down model.activation=elu", "model.inference=bottom_up",
+                                        "prior=vamp prior.components=3"])
 def ladder_run(request, tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("ladder")
     tiny = [o for o in TINY if not o.startswith(("model.", "trainer.max_epochs"))]
@@ -242,10 +243,11 @@ def test_train_evaluate_and_sample_a_ladder(ladder_run, tmp_path, capsys):
     assert run_main("sample", f"run={ladder_run}", "temperature=0.5", f"out={tmp_path / 't.png'}") == 2
 
 
-def test_a_ladder_refuses_another_prior_in_one_line(tmp_path, capsys):
-    assert run_main("train", "model=ladder", "prior=vamp", f"hydra.run.dir={tmp_path / 'run'}") == 2
+def test_a_ladder_refuses_another_posterior_in_one_line(tmp_path, capsys):
+    assert run_main("train", "model=ladder", "posterior=iaf", f"hydra.run.dir={tmp_path / 'run'}") == 2
     err = capsys.readouterr().err.strip()
-    assert "prior=VampPrior is not allowed" in err and len(err.splitlines()) == 1, err
+    assert "posterior=IAFPosterior is not allowed" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("setting, allowed", [("inference=sideways", "top_down, bottom_up"),

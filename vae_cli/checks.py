@@ -17,7 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_cli.errors import UserError, first_line
-from vae_cli.settings import dotted_keys, known_argument, load, register_resolvers, suggest, validate
+from vae_cli.settings import (TARGETS, description, dotted_keys, known_argument, load, register_resolvers, suggest,
+                              validate)
 
 # command -> its settings class (the top level of conf/<command>.yaml)
 SCHEMAS = {
@@ -137,7 +138,26 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
+        _class_rules_unresolved(OmegaConf.to_container(cfg, resolve=False))
         raise UserError(first_line(e)) from None
+
+
+def _class_rules_unresolved(raw: dict[str, Any]) -> None:
+    """A class's own rule can explain a config that does not resolve: posterior=iaf under model=ladder
+    asks for ${model.latent_dim}, which a ladder does not have. Run the rules (``check_settings``) of
+    the top-level nodes on their unresolved values, each ${name} of a top-level node replaced by it;
+    UserError with the rule's line if one fails."""
+    for key, node in raw.items():
+        if not isinstance(node, dict) or node.get("_target_") not in TARGETS:
+            continue
+        check = getattr(description(node["_target_"]), "check_settings", None)
+        args = {k: raw.get(v[2:-1], v) if isinstance(v, str) and v.startswith("${") and v.endswith("}") else v
+                for k, v in node.items() if not k.startswith("_")}
+        try:
+            if check is not None:
+                check(args)
+        except ValueError as e:
+            raise UserError(f"{key}.{e}") from None
 
 
 def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False) -> None:

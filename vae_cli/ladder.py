@@ -36,7 +36,7 @@ from torch.distributions import Distribution, Independent, Normal, constraints
 from vae_cli.model import LatentModel
 from vae_cli.networks import ELU, bounded_logvar
 from vae_cli.posteriors import Posterior
-from vae_cli.priors import Prior
+from vae_cli.priors import Prior, StandardNormal
 from vae_cli.typed import ImageShape, PosInt, PosInts
 
 LatentDims = Annotated[list[PosInt], Field(min_length=2)]
@@ -93,7 +93,8 @@ class Chain(Distribution):
     def rsample_and_log_prob(self, sample_shape: torch.Size = torch.Size()) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparameterised draw z (*sample_shape, *batch, D) and its log_prob, from the same layer densities."""
         blocks: list[torch.Tensor | None] = [None] * len(self.dims)
-        z = self.first.rsample(sample_shape)
+        # a VampPrior at the top has no rsample: it is only ever sampled, never differentiated through
+        z = self.first.rsample(sample_shape) if self.first.has_rsample else self.first.sample(sample_shape)
         log_p = self.first.log_prob(z)
         blocks[self.order[0]] = z
         for layer, i in zip(self.layers, self.order[1:]):
@@ -201,8 +202,10 @@ class LadderVAE(LatentModel):
     decoder's output (C, H, W), ``inference`` the inference model (the module docstring):
     ``top_down`` (Sonderby et al. 2016) or ``bottom_up`` (Burda et al. 2016).
 
-    ``prior`` and ``posterior`` are the configured families (conf/prior, conf/posterior): only the
-    defaults (N(0, I) at the top, diagonal Gaussians) are allowed, and nothing of them is kept.
+    ``prior`` is p(z_L), the top of the hierarchy (conf/prior): N(0, I) by default, or the VampPrior
+    (Tomczak and Welling 2018, section 3.2, as their two-layer HVAE: on the top layer only), a mixture
+    of ``top_posterior`` at its pseudo-inputs. ``posterior`` (conf/posterior) must be the default:
+    the hierarchy is q's family.
     """
 
     def __init__(self, image_shape: ImageShape, latent_dims: LatentDims, hidden: PosInts, likelihood: nn.Module,
@@ -211,6 +214,8 @@ class LadderVAE(LatentModel):
                  logvar_floor: LogvarFloor | None = None) -> None:
         super().__init__()
         self.check_settings({"prior": prior, "posterior": posterior})
+        # p(z_L)'s weights are saved as prior_module.* (none for N(0, I): old checkpoints load as before)
+        self.prior_module = prior if prior is not None else StandardNormal()
         self.image_shape, self.latent_dims = tuple(image_shape), list(latent_dims)
         self.latent_dim = sum(latent_dims)
         self.inference = inference
@@ -237,13 +242,14 @@ class LadderVAE(LatentModel):
 
     @staticmethod
     def check_settings(args: dict) -> None:
-        """Only the default prior and posterior families: the hierarchy is the prior and the posterior."""
-        for key, allowed in (("prior", "StandardNormal"), ("posterior", "GaussianPosterior")):
+        """The default posterior family only (the hierarchy is q's family); p(z_L) standard or vamp."""
+        for key, allowed in (("prior", ("StandardNormal", "VampPrior")), ("posterior", ("GaussianPosterior",))):
             value = args.get(key)
             name = value.get("_target_", "") if isinstance(value, dict) else type(value).__name__ if value is not None else ""
-            if value is not None and name.rsplit(".", 1)[-1] != allowed:
-                raise ValueError(f"{key}={name.rsplit('.', 1)[-1]} is not allowed: model=ladder has its own "
-                                 f"hierarchical {key}; use the default {key}")
+            if value is not None and name.rsplit(".", 1)[-1] not in allowed:
+                hint = ("model=ladder has its own hierarchical posterior; use the default posterior" if key == "posterior"
+                        else "model=ladder's top layer takes prior=standard or prior=vamp")
+                raise ValueError(f"{key}={name.rsplit('.', 1)[-1]} is not allowed: {hint}")
 
     @property
     def device(self) -> torch.device:
@@ -258,10 +264,29 @@ class LadderVAE(LatentModel):
 
     @property
     def prior(self) -> Chain:
-        """p(z) over [z_1, ..., z_L], batch (), event (D,): ancestral sampling from z_L down."""
-        top = diagonal(self.prior_loc, torch.zeros_like(self.prior_loc))
+        """p(z) over [z_1, ..., z_L], batch (), event (D,): ancestral sampling from z_L down, p(z_L)
+        the configured prior (N(0, I), or the VampPrior over ``top_posterior``)."""
+        if isinstance(self.prior_module, StandardNormal):
+            top = diagonal(self.prior_loc, torch.zeros_like(self.prior_loc))
+        else:
+            top = self.prior_module.distribution(self)                # batch (), event (D_L,)
         n = len(self.latent_dims)
         return Chain(self.latent_dims, list(range(n - 1, -1, -1)), top, list(self.top_down))
+
+    def top_posterior(self, x: torch.Tensor) -> Distribution:
+        """A diagonal Gaussian over the top latent z_L given x, batch (B,), event (D_L,): what the
+        VampPrior mixes at its pseudo-inputs. top_down: q(z_L|x) itself. bottom_up: q(z_L|z_{L-1})
+        along q's mean path from x (the marginal q(z_L|x) has no closed form; this is deterministic,
+        so the prior stays an exact, normalised mixture of Gaussians)."""
+        if self.inference == "top_down":
+            d = x
+            for layer in self.encoder:
+                d, mu, logvar = layer(d)                             # (B, hidden[-1]), (B, D_l) each
+            return diagonal(mu, logvar)
+        mu, logvar = self.encoder[0](x)                              # (B, D_1) each
+        for layer in self.encoder[1:]:
+            mu, logvar = layer(mu)                                   # (B, D_l) each
+        return diagonal(mu, logvar)
 
     def posterior(self, x: torch.Tensor) -> Chain:
         """q(z|x), batch (B,), event (D,): top_down q(z_L|x) q(z_{L-1}|z_L, x) ... q(z_1|z_2, x);
