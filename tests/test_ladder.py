@@ -324,3 +324,39 @@ def test_logvar_floor_out_of_range_is_one_line(tmp_path, capsys):
     assert run_main("train", "model=ladder", "model.logvar_floor=-20", f"hydra.run.dir={tmp_path / 'run'}") == 2
     err = capsys.readouterr().err.strip()
     assert "model.logvar_floor=-20" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("inference", ["bottom_up", "top_down"])
+def test_vamp_prior_on_the_top_layer(inference):
+    """prior=vamp: p(z) = (1/K) sum_k N(z_2; top_posterior(u_k)) p(z_1|z_2), a normalised density."""
+    from vae_cli.priors import VampPrior
+    from vae_cli.quadrature import log_px_quadrature
+
+    torch.manual_seed(0)
+    model = LadderVAE([1, 4, 4], [3, 2], [8], FixedGaussian(0.5), prior=VampPrior([1, 4, 4], 4),
+                      inference=inference, activation="elu").double()
+    with torch.no_grad():
+        model.prior_module.pseudo_raw.uniform_(0, 1)                  # distinct pseudo-inputs
+    u = model.prior_module.pseudo_inputs()                            # (K, 1, 4, 4)
+    top = model.top_posterior(u)                                      # batch (K,), event (D2,)
+    if inference == "top_down":
+        expected = model.posterior(u).first
+    else:
+        expected = model.encoder[1](model.encoder[0](u)[0])           # q(z2|z1) at z1 = the mean of q(z1|x)
+        expected = torch.distributions.Independent(Normal(expected[0], (0.5 * expected[1]).exp()), 1)
+    assert torch.allclose(top.mean, expected.mean) and torch.allclose(top.stddev, expected.stddev)
+    z = torch.randn(5, 7, D1 + D2, dtype=torch.float64)
+    z1, z2 = z.split([D1, D2], -1)
+    mu, logvar = model.top_down[0](z2)
+    log_top = torch.logsumexp(top.log_prob(z2[..., None, :]), -1) - math.log(4)          # (5, 7)
+    by_hand = log_top + Normal(mu, (0.5 * logvar).exp()).log_prob(z1).sum(-1)
+    assert torch.allclose(model.prior.log_prob(z), by_hand)
+    with torch.no_grad():
+        log_z, _ = log_px_quadrature(lambda v: model.prior.first.log_prob(v), 1, 2, tol=1e-4)
+    assert abs(log_z.item()) < 1e-3                                   # p(z_2) integrates to 1
+    draws = model.prior.sample((6,))
+    assert draws.shape == (6, D1 + D2) and torch.isfinite(model.prior.log_prob(draws)).all()
+    # weights: the pseudo-inputs only with the VampPrior (a standard ladder's checkpoints are unchanged)
+    assert [k for k in model.state_dict() if k.startswith("prior")] == ["prior_module.pseudo_raw"]
+    plain = LadderVAE([1, 4, 4], [3, 2], [8], FixedGaussian(0.5), inference=inference)
+    assert not [k for k in plain.state_dict() if k.startswith("prior")]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.distributions import Independent, Normal
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -162,3 +163,26 @@ def test_a_checkpoint_of_0_1_0_without_prior_or_posterior_still_loads(trained_ru
     x = torch.rand(3, 1, 28, 28)
     assert torch.equal(model.encode(x), new.encode(x))
     assert run_main("sample", f"ckpt={old}", "n=4", f"out={tmp_path / 's.png'}") == 0
+
+
+def test_mixture_density_by_matmuls_matches_torch_with_narrow_components():
+    """EqualMixture's two float64 matmuls give torch's (N, K, D) density in float32 too, where the
+    expansion of (z - mu)^2 / sigma^2 cancels terms of size 1e6, and the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    scale = torch.exp(torch.empty(50, 8, dtype=torch.float64).uniform_(-7, 0, generator=g))   # sigma in [1e-3, 1]
+    z = loc[torch.randint(50, (40,), generator=g)] + scale[:1] * torch.randn(40, 8, generator=g, dtype=torch.float64)
+    exact = torch.logsumexp(diagonal_gaussian(loc, 2 * scale.log()).log_prob(z[:, None]), -1) - math.log(50)
+    f32 = EqualMixture(diagonal_gaussian(loc.float(), 2 * scale.log().float())).log_prob(z.float())
+    # float32 inputs are rounded first: compare with the exact density of the rounded inputs
+    exact32 = torch.logsumexp(diagonal_gaussian(loc.float().double(), 2 * scale.log().float().double())
+                              .log_prob(z.float().double()[:, None]), -1) - math.log(50)
+    assert f32.dtype == torch.float32 and torch.allclose(f32.double(), exact32, rtol=1e-6, atol=1e-4)
+    assert exact.abs().max() > 1e3                                    # the narrow components matter here
+    params = [p.clone().requires_grad_() for p in (z, loc, scale)]
+    ours = EqualMixture(Independent(Normal(params[1], params[2]), 1)).log_prob(params[0]).sum()
+    grads = torch.autograd.grad(ours, params)
+    params2 = [p.clone().requires_grad_() for p in (z, loc, scale)]
+    theirs = torch.logsumexp(Independent(Normal(params2[1], params2[2]), 1).log_prob(params2[0][:, None]), -1).sum()
+    for a, b in zip(grads, torch.autograd.grad(theirs, params2)):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-8)
