@@ -2,6 +2,8 @@
 
     generative:  p(z_L) = N(0, I),  p(z_l | z_{l+1}) = N(mu, diag sigma^2) (l < L),  p(x | z_1)
 
+(``prior=vamp``: p(z_L) the VampPrior, a mixture of ``top_posterior`` at learned pseudo-inputs)
+
 and one of two inference models (``inference``), each layer a diagonal Gaussian:
 
 * ``top_down``: the Ladder VAE of Sonderby, Raiko, Maaloe, Sonderby and Winther
