@@ -15,7 +15,7 @@ from vae_cli.ais import ais
 from vae_cli.checks import compose
 from vae_cli.estimators import estimate, refine
 from vae_cli.posteriors import IAFPosterior, diagonal_gaussian
-from vae_cli.priors import EqualMixture, VampPrior
+from vae_cli.priors import EqualMixture
 from vae_cli.quadrature import log_px_quadrature
 from vae_cli.runs import check_config, load_model
 

@@ -249,8 +249,8 @@ class LadderVAE(LatentModel):
             value = args.get(key)
             name = value.get("_target_", "") if isinstance(value, dict) else type(value).__name__ if value is not None else ""
             if value is not None and name.rsplit(".", 1)[-1] not in allowed:
-                hint = ("model=ladder has its own hierarchical posterior; use the default posterior" if key == "posterior"
-                        else "model=ladder's top layer takes prior=standard or prior=vamp")
+                hint = ("model=ladder has its own hierarchical posterior; use the default posterior"
+                        if key == "posterior" else "model=ladder's top layer takes prior=standard or prior=vamp")
                 raise ValueError(f"{key}={name.rsplit('.', 1)[-1]} is not allowed: {hint}")
 
     @property
