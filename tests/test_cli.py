@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from conftest import run_main, vae
@@ -41,6 +42,21 @@ def test_user_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path):
     r = vae("train", "dataset=imagenet", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "mnist" in r.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=ladder", "posterior=iaf"], "vae: error: model.posterior=IAFPosterior is not allowed: model=ladder has "
+                                        "its own hierarchical posterior; use the default posterior"),
+    # rules that cannot read an unresolved value leave the resolution error as it was
+    (["dataset.shape=${nope}"], "vae: error: Interpolation key 'nope' not found"),
+    (["likelihood=gaussian", "likelihood.sigma=${nope}"], "vae: error: Interpolation key 'nope' not found"),
+])
+def test_a_config_that_does_not_resolve_is_one_line(tmp_path, capsys, overrides, expected):
+    """A class's own rule explains what broke the resolution where it can (posterior=iaf asks the
+    model for a key a ladder lacks); otherwise the resolution error stands."""
+    assert run_main("train", *overrides, f"hydra.run.dir={tmp_path / 'run'}") == 2
+    assert capsys.readouterr().err.strip() == expected
+    assert not (tmp_path / "run").exists()
 
 
 def test_debug_switch_shows_the_traceback(tmp_path):

@@ -144,20 +144,33 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
 
 def _class_rules_unresolved(raw: dict[str, Any]) -> None:
     """A class's own rule can explain a config that does not resolve: posterior=iaf under model=ladder
-    asks for ${model.latent_dim}, which a ladder does not have. Run the rules (``check_settings``) of
-    the top-level nodes on their unresolved values, each ${name} of a top-level node replaced by it;
-    UserError with the rule's line if one fails."""
+    refers to a key of the model that a ladder does not have. Run the rules (``check_settings``) of
+    the top-level nodes on their values, each plain reference ${a.b} replaced by what it names; raise
+    UserError with a rule's line if one fails. A rule that trips on a value still unresolved says
+    nothing here (the resolution error then stands)."""
+    def lookup(value: Any) -> Any:
+        if not (isinstance(value, str) and re.fullmatch(r"\$\{[\w.]+\}", value)):
+            return value
+        node: Any = raw
+        for part in value[2:-1].split("."):
+            if not isinstance(node, dict) or part not in node:
+                return value
+            node = node[part]
+        return node
+
     for key, node in raw.items():
         if not isinstance(node, dict) or node.get("_target_") not in TARGETS:
             continue
         check = getattr(description(node["_target_"]), "check_settings", None)
-        args = {k: raw.get(v[2:-1], v) if isinstance(v, str) and v.startswith("${") and v.endswith("}") else v
-                for k, v in node.items() if not k.startswith("_")}
+        args = {k: lookup(v) for k, v in node.items() if not k.startswith("_")}
         try:
             if check is not None:
                 check(args)
         except ValueError as e:
-            raise UserError(f"{key}.{e}") from None
+            if "${" not in str(e):
+                raise UserError(f"{key}.{e}") from None
+        except Exception:  # noqa: BLE001 - the rule could not read an unresolved value
+            pass
 
 
 def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False) -> None:

@@ -46,9 +46,10 @@ def diagonal_log_densities(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tens
 
     The squared distance sum_d (z_d - loc_kd)^2 / scale_kd^2 expands into two matmuls,
     (z^2) P^T - 2 z (loc P)^T + sum_d loc^2 P with P = 1 / scale^2, so no (N, K, D) tensor is
-    built: on 2 CPU cores that tensor's elementwise passes cost 5x the ladder's whole training step
-    at K=500. The expansion cancels large terms when scale is small (P up to ~1e6), so it runs in
-    float64, where the cancellation is harmless, and returns z's dtype.
+    built: on one CPU thread, torch's density over that tensor took 34 ms forward and backward for
+    128 draws at K=500, D=50, this one 3 ms (bench/kernels.py), against about 13 ms for the ladder's
+    whole training step without a VampPrior. The expansion cancels large terms when scale is small
+    (P up to ~1e6), so it runs in float64, where the cancellation is harmless, and returns z's dtype.
     """
     z64, loc, prec = z.double(), loc.double(), scale.double().pow(-2)          # (N, D), (K, D), (K, D)
     sq = (z64 * z64) @ prec.T - 2 * z64 @ (loc * prec).T + (loc * loc * prec).sum(-1)   # (N, K)
