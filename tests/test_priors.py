@@ -178,6 +178,8 @@ def test_mixture_density_by_matmuls_matches_torch_with_narrow_components():
     exact32 = torch.logsumexp(diagonal_gaussian(loc.float().double(), 2 * scale.log().float().double())
                               .log_prob(z.float().double()[:, None]), -1) - math.log(50)
     assert f32.dtype == torch.float32 and torch.allclose(f32.double(), exact32, rtol=1e-6, atol=1e-4)
+    half = EqualMixture(diagonal_gaussian(loc.float(), 2 * scale.log().float())).log_prob(z.half())
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()   # mixed precision: never a float16 density
     assert exact.abs().max() > 1e3                                    # the narrow components matter here
     params = [p.clone().requires_grad_() for p in (z, loc, scale)]
     ours = EqualMixture(Independent(Normal(params[1], params[2]), 1)).log_prob(params[0]).sum()

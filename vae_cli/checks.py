@@ -163,6 +163,8 @@ def _class_rules_unresolved(raw: dict[str, Any]) -> None:
             continue
         check = getattr(description(node["_target_"]), "check_settings", None)
         args = {k: lookup(v) for k, v in node.items() if not k.startswith("_")}
+        if any(isinstance(v, str) and "${" in v for v in args.values()):
+            continue  # a reference this cannot follow: the rule would judge the text, not the value
         try:
             if check is not None:
                 check(args)

@@ -78,22 +78,29 @@ class Chain(Distribution):
 
     arg_constraints: dict = {}
     support = constraints.independent(constraints.real, 1)
-    has_rsample = True
 
     def __init__(self, dims: Sequence[int], order: Sequence[int], first: Distribution, layers: Sequence[Layer]) -> None:
         assert len(order) == len(dims) == len(layers) + 1
         self.dims, self.order, self.first, self.layers = list(dims), list(order), first, list(layers)
         super().__init__(first.batch_shape, torch.Size([sum(dims)]), validate_args=False)
 
+    @property
+    def has_rsample(self) -> bool:
+        """Reparameterised draws need every block's: a VampPrior at the top has none."""
+        return self.first.has_rsample
+
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        if not self.has_rsample:
+            raise NotImplementedError(f"{type(self.first).__name__} at the top has no reparameterised draw")
         return self.rsample_and_log_prob(sample_shape)[0]
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         with torch.no_grad():
-            return self.rsample(sample_shape)
+            return self.rsample_and_log_prob(sample_shape)[0]
 
     def rsample_and_log_prob(self, sample_shape: torch.Size = torch.Size()) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised draw z (*sample_shape, *batch, D) and its log_prob, from the same layer densities."""
+        """A draw z (*sample_shape, *batch, D), reparameterised where ``has_rsample``, and its log_prob,
+        from the same layer densities."""
         blocks: list[torch.Tensor | None] = [None] * len(self.dims)
         # a VampPrior at the top has no rsample: it is only ever sampled, never differentiated through
         z = self.first.rsample(sample_shape) if self.first.has_rsample else self.first.sample(sample_shape)
@@ -247,6 +254,8 @@ class LadderVAE(LatentModel):
         """The default posterior family only (the hierarchy is q's family); p(z_L) standard or vamp."""
         for key, allowed in (("prior", ("StandardNormal", "VampPrior")), ("posterior", ("GaussianPosterior",))):
             value = args.get(key)
+            if isinstance(value, str):  # an interpolation not yet resolved: not judged here
+                continue
             name = value.get("_target_", "") if isinstance(value, dict) else type(value).__name__ if value is not None else ""
             if value is not None and name.rsplit(".", 1)[-1] not in allowed:
                 hint = ("model=ladder has its own hierarchical posterior; use the default posterior"
