@@ -247,15 +247,15 @@ class LadderVAE(LatentModel):
             layers += [nn.Linear(a, b), ACTIVATIONS[act]()]
         self.decoder = nn.Sequential(*layers, nn.Linear(sizes[-1], pixels), nn.Unflatten(-1, self.image_shape))
         self.likelihood = likelihood
+        # N(0, I)'s parameters over z_L (not saved), as StandardNormal reads them; also the model's device
         self.register_buffer("prior_loc", torch.zeros(dims[-1]), persistent=False)
+        self.register_buffer("prior_scale", torch.ones(dims[-1]), persistent=False)
 
     @staticmethod
     def check_settings(args: dict) -> None:
         """The default posterior family only (the hierarchy is q's family); p(z_L) standard or vamp."""
         for key, allowed in (("prior", ("StandardNormal", "VampPrior")), ("posterior", ("GaussianPosterior",))):
             value = args.get(key)
-            if isinstance(value, str):  # an interpolation not yet resolved: not judged here
-                continue
             name = value.get("_target_", "") if isinstance(value, dict) else type(value).__name__ if value is not None else ""
             if value is not None and name.rsplit(".", 1)[-1] not in allowed:
                 hint = ("model=ladder has its own hierarchical posterior; use the default posterior"
@@ -277,10 +277,7 @@ class LadderVAE(LatentModel):
     def prior(self) -> Chain:
         """p(z) over [z_1, ..., z_L], batch (), event (D,): ancestral sampling from z_L down, p(z_L)
         the configured prior (N(0, I), or the VampPrior over ``top_posterior``)."""
-        if isinstance(self.prior_module, StandardNormal):
-            top = diagonal(self.prior_loc, torch.zeros_like(self.prior_loc))
-        else:
-            top = self.prior_module.distribution(self)                # batch (), event (D_L,)
+        top = self.prior_module.distribution(self)                    # batch (), event (D_L,)
         n = len(self.latent_dims)
         return Chain(self.latent_dims, list(range(n - 1, -1, -1)), top, list(self.top_down))
 
@@ -290,10 +287,7 @@ class LadderVAE(LatentModel):
         along q's mean path from x (the marginal q(z_L|x) has no closed form; this is deterministic,
         so the prior stays an exact, normalised mixture of Gaussians)."""
         if self.inference == "top_down":
-            d = x
-            for layer in self.encoder:
-                d, mu, logvar = layer(d)                             # (B, hidden[-1]), (B, D_l) each
-            return diagonal(mu, logvar)
+            return self.posterior(x).first                           # the bottom-up pass; no layer of q drawn
         mu, logvar = self.encoder[0](x)                              # (B, D_1) each
         for layer in self.encoder[1:]:
             mu, logvar = layer(mu)                                   # (B, D_l) each
