@@ -163,6 +163,17 @@ def test_every_option_trains_as_a_cuda_graph(tmp_path, data_dir, option):
     assert math.isfinite(val)
 
 
+def test_the_graph_is_captured_again_when_objective_start_passes(tmp_path, data_dir):
+    """objective.start=0.5 over 2 epochs of 4 steps: the ELBO's step captured at step 2, the bound's at 5."""
+    args = [a for a in GPU if not a.startswith(("model.", "dataset.batch_size"))]
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *args, "objective=iwae", "objective.k=4", "objective.start=0.5",
+                    "dataset.batch_size=32", "eval.k=0", f"hydra.run.dir={run}") == 0
+    log = (run / "train.log").read_text()
+    assert "captured as one CUDA graph at step 2 (batches of 32), objective elbo" in log, log[-2000:]
+    assert "captured as one CUDA graph at step 5 (batches of 32), objective iwae" in log, log[-2000:]
+
+
 def test_a_graphed_run_learns_as_the_plain_one_does(tmp_path, data_dir):
     """The same run with and without the graph (different random draws: the warm-up draws too)."""
     vals = {}

@@ -338,9 +338,35 @@ def test_every_objective_option_trains_through_vae_train(tmp_path, data_dir, arg
         assert s["train/objective"][0] != pytest.approx(s["train/elbo"][0])
 
 
+def test_iwae_start_trains_on_the_elbo_until_then(tmp_path, data_dir):
+    """objective.start=0.5 over 2 epochs of 4 steps: epoch 0 on the ELBO (its objective is the logged
+    ELBO itself), epoch 1 on the 20-sample bound (above the ELBO by Jensen's inequality)."""
+    run = tmp_path / "start"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "objective=iwae", "objective.k=20", "objective.start=0.5",
+                    "eval.k=0", f"hydra.run.dir={run}") == 0
+    s = {t: [e.value for e in _tb(run).Scalars(t)] for t in _tb(run).Tags()["scalars"]}
+    (o0, o1), (e0, e1) = s["train/objective"], s["train/elbo"]
+    assert o0 == pytest.approx(e0, rel=1e-5), (o0, e0)
+    assert o1 > e1 + 1.0, (o1, e1)
+
+
+def test_the_training_objective_is_the_elbo_before_start():
+    from test_scheduler import module_at
+
+    for step, want in ((0, "elbo"), (74, "elbo"), (75, "iwae"), (100, "iwae")):
+        m = module_at(step, 100)
+        m.objective, m._elbo = IWAE(k=3, start=0.75), ELBO()   # replaces module_at's ELBO
+        assert m.training_objective().name == want, step
+    m = module_at(0, 100)
+    m.objective, m._elbo = IWAE(k=3), ELBO()     # start=0: the bound from the first step
+    assert m.training_objective() is m.objective
+
+
 @pytest.mark.parametrize("args,message", [
     (["objective=iwae", "free_bits=0.5"], "free_bits=0.5 is not allowed with objective=iwae"),
     (["objective=iwae", "objective.k=0"], "objective.k=0 is not allowed"),
+    (["objective=iwae", "objective.start=1"], "objective.start=1 is not allowed"),
+    (["objective=iwae", "objective.start=0.5", "trainer.max_epochs=-1"], "objective.start=0.5 needs the run's end"),
     (["free_bits=-1"], "free_bits=-1"),
     (["objective.k=3"], "unknown setting 'objective.k'"),
 ])

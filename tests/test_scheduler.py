@@ -13,6 +13,7 @@ from conftest import TINY, run_main, vae
 from test_train import scalars
 from vae_cli.errors import UserError
 from vae_cli.module import VAEModule
+from vae_cli.objectives import ELBO
 from vae_cli.optim import cosine
 
 
@@ -38,6 +39,7 @@ def module_at(step: int, planned: float, elapsed: float | None = None, duration:
         timer.time_elapsed = lambda stage="train": elapsed
     object.__setattr__(m, "_trainer", SimpleNamespace(global_step=step))
     m._planned_steps, m._timer = planned, timer
+    m.scheduler, m.objective = cosine, ELBO()   # a cosine run on the ELBO
     return m
 
 

@@ -26,8 +26,8 @@ from vae_cli.model import VAE
 from vae_cli.objectives import ELBO, Objective, Terms
 
 
-NO_END = ("scheduler needs the run's end to decay over: set trainer.max_epochs, trainer.max_steps or "
-          "trainer.max_time (now the run has no limit)")
+NO_END = ("{what} needs the run's end: set trainer.max_epochs, trainer.max_steps or trainer.max_time "
+          "(now the run has no limit)")
 
 
 class NonFiniteLoss(UserError):
@@ -76,6 +76,8 @@ class VAEModule(pl.LightningModule):
         self._replayed = False                    # this step ran as the graph: no backward or update left to do
         self._planned_steps = math.inf            # the optimizer steps that max_steps / max_epochs allow
         self._timer = None                        # Lightning's Timer callback, where trainer.max_time is set
+        self._elbo = ELBO()                       # trained on until objective.start (objective=iwae)
+        self._graph_objective: Objective | None = None  # the objective the captured graph runs
 
     def progress(self) -> float:
         """The fraction of the run done, in [0, 1]: the larger of the steps done over the steps that
@@ -95,9 +97,15 @@ class VAEModule(pl.LightningModule):
             return self.beta
         return self.beta * min(1.0, self.global_step / self.kl_warmup_steps)
 
+    def training_objective(self) -> Objective:
+        """The objective of this training step: the ELBO until objective.start of the run, then the objective."""
+        start = self.objective.start
+        return self._elbo if start > 0 and self.progress() < start else self.objective
+
     def terms(self, x: torch.Tensor, train: bool) -> tuple[Terms, torch.Tensor]:
         """The objective's terms on a batch, and the batch's sums (elbo, recon, kl, objective), (4,)."""
-        t = self.objective.terms(self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
+        objective = self.training_objective() if train else self.objective
+        t = objective.terms(self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
         recon, kl = t.recon.sum(), t.kl.sum()
         return t, torch.stack([recon - kl, recon, kl, t.objective * len(x)])
 
@@ -225,7 +233,7 @@ class VAEModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._graph = None
-        if self.scheduler is not None:
+        if self.scheduler is not None or self.objective.start > 0:
             self._plan_schedule()
         if not self.cuda_graph:
             return
@@ -241,15 +249,16 @@ class VAEModule(pl.LightningModule):
         from pytorch_lightning.callbacks import Timer
 
         trainer = self._trainer
+        what = "scheduler" if self.scheduler is not None else f"objective.start={self.objective.start}"
         planned = float(trainer.estimated_stepping_batches)  # inf with no step or epoch limit
         self._planned_steps = planned if planned > 0 else math.inf  # -1: max_steps=-1 over an endless loader
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration), None)
         if math.isinf(self._planned_steps) and self._timer is None:
-            raise UserError(NO_END)
+            raise UserError(NO_END.format(what=what))
         if self._timer is not None and trainer.world_size > 1:
-            # Each process's clock differs a little, and so would its lr: the replicas would drift apart.
-            raise UserError("scheduler with trainer.max_time is not allowed on several processes (each would decay "
-                            "on its own clock): bound the run by trainer.max_steps or trainer.max_epochs instead")
+            # Each process's clock differs a little, and so would its lr or objective: the replicas would drift apart.
+            raise UserError(f"{what} with trainer.max_time is not allowed on several processes (each would follow "
+                            "its own clock): bound the run by trainer.max_steps or trainer.max_epochs instead")
 
     def on_train_end(self) -> None:
         self._graph = None  # its memory pool can go back before the test evaluation
@@ -259,6 +268,9 @@ class VAEModule(pl.LightningModule):
         graph = self._graph
         if graph is None or not graph.fits(x):  # e.g. a smaller last batch
             return None
+        objective = self.training_objective()
+        if graph.graph is not None and objective is not self._graph_objective:  # objective.start passed
+            graph = self._graph = StepGraph(self._graph_forward, graph.optimizer)
         if graph.graph is None:
             if not self._graph_ready(batch_idx):
                 return None
@@ -270,8 +282,9 @@ class VAEModule(pl.LightningModule):
                             f"({first_line(e.__context__ or e)[:200]}); it runs op by op "
                             "(set cuda_graph=false to skip the attempt)")
                 return None
+            self._graph_objective = objective
             log.info(f"the training step is captured as one CUDA graph at step {self.global_step + 1} "
-                     f"(batches of {len(x)})", extra=FILE_ONLY)
+                     f"(batches of {len(x)}), objective {objective.name}", extra=FILE_ONLY)
         return graph(x)
 
     def _graph_ready(self, batch_idx: int) -> bool:

@@ -11,6 +11,9 @@ training logs as ``split/elbo``; its own value is logged beside it as ``split/ob
   and Salakhutdinov 2016, eq. 8; w = 1 is their bound, w < 1 a tempered one for beta and the
   warm-up; k = 1 is the one-sample ELBO). ``dreg``: the doubly-reparameterised gradient for the
   encoder (Tucker, Lawson, Gu and Maddison 2019), whose variance does not grow with k.
+  ``start``: the fraction of the run trained on the ELBO before the bound takes over (Burda et al.
+  2016, section 5.2: a VAE trained on further with the IWAE bound gains log-likelihood and active units);
+  the k-sample step costs about k decodes, so the cheap ELBO steps do most of the learning first.
 
 ``free_bits`` (Kingma et al. 2016, the IAF paper): the KL term becomes sum_d max(free_bits, KL_d),
 KL_d averaged over the batch, so the encoder is not pushed to use less than ``free_bits`` nats per
@@ -22,13 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vae_cli.model import closed_form_kl
 from vae_cli.typed import PosInt
+
+# A point of the run, as the fraction done (VAEModule.progress: steps, or trainer.max_time's clock).
+RunFraction = Annotated[float, Field(ge=0, lt=1)]
 
 
 @dataclass
@@ -77,9 +85,11 @@ def kl_penalty(kl: torch.Tensor, kl_dims: torch.Tensor | None, free_bits: float,
 
 
 class Objective(nn.Module):
-    """The interface: ``terms(model, x, kl_weight, free_bits)`` -> Terms. No parameters of its own."""
+    """The interface: ``terms(model, x, kl_weight, free_bits)`` -> Terms. No parameters of its own.
+    ``start`` > 0: training uses the ELBO until that fraction of the run is done (VAEModule)."""
 
     name = "objective"
+    start = 0.0
 
     def terms(self, model, x: torch.Tensor, kl_weight: float = 1.0, free_bits: float = 0.0) -> Terms:
         raise NotImplementedError
@@ -111,13 +121,14 @@ class ELBO(Objective):
 
 
 class IWAE(Objective):
-    """The importance-weighted bound with k samples; dreg: the DReG estimator for the encoder's gradient."""
+    """The importance-weighted bound with k samples; dreg: the DReG estimator for the encoder's gradient;
+    start: the fraction of the run trained on the ELBO first (0: the bound from the first step)."""
 
     name = "iwae"
 
-    def __init__(self, k: PosInt = 5, dreg: bool = False) -> None:
+    def __init__(self, k: PosInt = 5, dreg: bool = False, start: RunFraction = 0.0) -> None:
         super().__init__()
-        self.k, self.dreg = k, dreg
+        self.k, self.dreg, self.start = k, dreg, start
 
     def check(self, beta: float, kl_warmup_steps: int, free_bits: float) -> None:
         if free_bits > 0:
