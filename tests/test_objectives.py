@@ -362,6 +362,22 @@ def test_the_training_objective_is_the_elbo_before_start():
     assert m.training_objective() is m.objective
 
 
+def test_objective_start_on_max_time_with_several_processes_is_refused():
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import Timer
+    from test_scheduler import module_at
+    from vae_cli.errors import UserError
+
+    m = module_at(0, math.inf)
+    m.scheduler, m.objective = None, IWAE(k=3, start=0.5)
+    assert m.follows_progress() == "objective.start=0.5"
+    object.__setattr__(m, "_trainer", SimpleNamespace(estimated_stepping_batches=100, world_size=2, global_step=0,
+                                                      callbacks=[Timer(duration={"seconds": 100})]))
+    with pytest.raises(UserError, match=r"objective.start=0.5 with trainer.max_time is not allowed on several"):
+        m._plan_schedule()
+
+
 @pytest.mark.parametrize("args,message", [
     (["objective=iwae", "free_bits=0.5"], "free_bits=0.5 is not allowed with objective=iwae"),
     (["objective=iwae", "objective.k=0"], "objective.k=0 is not allowed"),

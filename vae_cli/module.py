@@ -97,6 +97,12 @@ class VAEModule(pl.LightningModule):
             return self.beta
         return self.beta * min(1.0, self.global_step / self.kl_warmup_steps)
 
+    def follows_progress(self) -> str | None:
+        """What reads progress() and so needs the run's end: "scheduler", "objective.start=F", or None."""
+        if self.scheduler is not None:
+            return "scheduler"
+        return f"objective.start={self.objective.start}" if self.objective.start > 0 else None
+
     def training_objective(self) -> Objective:
         """The objective of this training step: the ELBO until objective.start of the run, then the objective."""
         start = self.objective.start
@@ -233,7 +239,7 @@ class VAEModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._graph = None
-        if self.scheduler is not None or self.objective.start > 0:
+        if self.follows_progress():
             self._plan_schedule()
         if not self.cuda_graph:
             return
@@ -249,7 +255,7 @@ class VAEModule(pl.LightningModule):
         from pytorch_lightning.callbacks import Timer
 
         trainer = self._trainer
-        what = "scheduler" if self.scheduler is not None else f"objective.start={self.objective.start}"
+        what = self.follows_progress()
         planned = float(trainer.estimated_stepping_batches)  # inf with no step or epoch limit
         self._planned_steps = planned if planned > 0 else math.inf  # -1: max_steps=-1 over an endless loader
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration), None)

@@ -104,9 +104,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                            cuda_graph=config.get("cuda_graph", True),
                            scheduler=instantiate(config["scheduler"]) if config.get("scheduler") else None)
         module.configure_optimizers()  # a bad optimizer setting fails here, in one line, not inside fit
-        if endless(trainer_cfg) and (module.scheduler is not None or objective.start > 0):
-            raise UserError(NO_END.format(what="scheduler" if module.scheduler is not None
-                                          else f"objective.start={objective.start}"))
+        if endless(trainer_cfg) and module.follows_progress():
+            raise UserError(NO_END.format(what=module.follows_progress()))
     except UserError:
         raise
     except Exception as e:  # Hydra's InstantiationException, TypeError, ValueError: a bad setting
