@@ -1,15 +1,17 @@
-"""What Lightning's training loop costs per step: vae's own model and objective, three ways, in one process.
+"""What Lightning's training loop costs per step: vae's own model and objective, four ways, in one process.
 
     python bench/loop_overhead.py --threads 1 --repeats 3        # 2-core CPU
     python bench/loop_overhead.py --steps 20 --repeats 1 --data-dir /tmp/benchdata   # smoke test
 
 bench/train_speed.py compares whole `vae train` runs with a plain loop, run after run; on a machine
 whose speed wanders by 20% from minute to minute, a difference of a few percent drowns there. Here
-the three sides train the same model (`experiment=pytorch_example`: MLP 784-400-20, Bernoulli, fused
-Adam, batch 128) on the same batches, interleaved in one process, so a slow minute slows all three:
+the four sides train the same model (`experiment=pytorch_example`: MLP 784-400-20, Bernoulli, fused
+Adam, batch 128) on the same batches, interleaved in one process, so a slow minute slows them all:
 
 - manual: ``objective.terms``, ``zero_grad``, ``backward``, ``step`` in a for loop over vae's loader;
-- lightning: ``Trainer.fit`` of vae's ``VAEModule`` with no callbacks, logger or progress bar;
+- lightning: ``Trainer.fit`` of vae's ``VAEModule`` with no callbacks, logger or progress bar. Its
+  step also does VAEModule's own bookkeeping (the epoch's sums, the finiteness flag, the collapse
+  monitor's running KL), so the difference to manual is Lightning's loop plus that bookkeeping;
 - lightning + callbacks: the same with the callbacks `vae train` adds (two ModelCheckpoints, the
   training pictures, the safe interrupt, the progress bar redrawn every 10 steps);
 - lightning, manual optimization: no callbacks, ``automatic_optimization = False`` and a training

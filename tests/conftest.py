@@ -23,8 +23,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # The longest modules first (pytest --durations=0, 2026-11-27: 107, 92, 79, 78, 50 and 49 s of the
 # suite's 576), the rest after them in their own order. With --dist loadscope each module runs whole
-# on one worker, and xdist hands them out in collection order (--no-loadscope-reorder in pyproject:
-# its own reorder counts tests, not seconds); starting with the long ones keeps a long module from
+# on one worker, and xdist hands them out in collection order (with --no-loadscope-reorder, as the
+# README's test command runs it: xdist's own reorder counts tests, not seconds); starting with the long ones keeps a long module from
 # running alone at the end while the other worker idles.
 LONGEST_FIRST = ["test_train.py", "test_scale.py", "test_settings.py", "test_robust.py", "test_config.py", "test_cli.py"]
 

@@ -231,7 +231,7 @@ def test_no_import_circle():
 # imports that module alone: no vae_cli module is loaded before it, so an import cycle or a missing
 # import inside the package still fails.
 IMPORT_EACH_ALONE = """
-import importlib, os, sys, traceback
+import importlib, os, signal, sys, traceback
 for package in sys.argv[1].split(","):  # third-party packages to load first
     importlib.import_module(package)
 assert not [m for m in sys.modules if m.split(".")[0] == "vae_cli"]
@@ -241,6 +241,7 @@ for name in sys.argv[2:]:
     pid = os.fork()
     if pid == 0:
         os.close(read)
+        signal.alarm(120)  # a child that hangs dies (SIGALRM: a non-zero status), not orphaned by the timeout
         try:
             importlib.import_module("vae_cli." + name)
             os._exit(0)

@@ -108,9 +108,11 @@ class VAEModule(pl.LightningModule):
         start = self.objective.start
         return self._elbo if start > 0 and self.progress() < start else self.objective
 
-    def terms(self, x: torch.Tensor, train: bool) -> tuple[Terms, torch.Tensor]:
-        """The objective's terms on a batch, and the batch's sums (elbo, recon, kl, objective), (4,)."""
-        objective = self.training_objective() if train else self.objective
+    def terms(self, x: torch.Tensor, train: bool, objective: Objective | None = None) -> tuple[Terms, torch.Tensor]:
+        """The objective's terms on a batch (by default this step's), and the batch's sums (elbo,
+        recon, kl, objective), (4,)."""
+        if objective is None:
+            objective = self.training_objective() if train else self.objective
         t = objective.terms(self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
         recon, kl = t.recon.sum(), t.kl.sum()
         return t, torch.stack([recon - kl, recon, kl, t.objective * len(x)])
@@ -280,6 +282,7 @@ class VAEModule(pl.LightningModule):
         if graph.graph is None:
             if not self._graph_ready(batch_idx):
                 return None
+            self._graph_objective = objective  # what _graph_forward records, even if max_time's clock passes start meanwhile
             try:
                 graph.capture(x)
             except RuntimeError as e:  # something in the step reads the GPU from the host: op by op
@@ -288,7 +291,6 @@ class VAEModule(pl.LightningModule):
                             f"({first_line(e.__context__ or e)[:200]}); it runs op by op "
                             "(set cuda_graph=false to skip the attempt)")
                 return None
-            self._graph_objective = objective
             log.info(f"the training step is captured as one CUDA graph at step {self.global_step + 1} "
                      f"(batches of {len(x)}), objective {objective.name}", extra=FILE_ONLY)
         return graph(x)
@@ -301,7 +303,7 @@ class VAEModule(pl.LightningModule):
 
     def _graph_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the graph records besides backward and the update: loss, sums (4,), kl (B,), finite."""
-        t, sums = self.terms(x, train=True)
+        t, sums = self.terms(x, train=True, objective=self._graph_objective)
         return t.loss, sums, t.kl, torch.isfinite(t.loss.detach())
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
