@@ -67,7 +67,7 @@ def test_pytorch_example_experiment(conf):
     assert cfg.optimizer.lr == 1e-3 and cfg.dataset.batch_size == 128 and cfg.trainer.max_epochs == 10
 
 
-EXPERIMENTS = ["conv_iwae", "conv_iwae_vamp", "ladder_cpu", "ladder_iwae", "ladder_vamp_cpu", "pytorch_example"]
+EXPERIMENTS = ["conv_iwae", "conv_iwae_vamp", "conv_vamp_cpu", "ladder_cpu", "ladder_iwae", "ladder_vamp_cpu", "pytorch_example"]
 
 
 def test_experiments_are_listed(conf):
