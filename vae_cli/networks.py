@@ -49,8 +49,9 @@ class _ELUFunction(torch.autograd.Function):
 class ELU(nn.Module):
     """The ELU (Clevert et al. 2016, alpha 1), as nn.ELU computes it, from exp rather than expm1.
 
-    Why: on a CPU torch's ELU runs on expm1, which this build does not vectorise: 227 us against
-    80 for this on a (128, 200) tensor (python bench/kernels.py, 2 threads); exp(x) - 1 differs
+    Why: on a CPU torch's ELU runs on expm1, which this build did not vectorise on an AMD EPYC:
+    227 us against 80 for this on a (128, 200) tensor (python bench/kernels.py, 2 threads; on an
+    Intel Xeon with AVX-512 the two are within 20% either way); exp(x) - 1 differs
     from expm1(x) by at most one float32 rounding near 0 (6e-8). The maximum that picks x or
     exp(x) - 1 is vectorised too, where torch.where was not (README, Speed).
     No parameters: checkpoints are the same as with nn.ELU.
