@@ -121,6 +121,17 @@ def test_pixel_modes():
     assert torch.equal(s1, s2) and set(s1.unique().tolist()) <= {0, 255}
 
 
+def test_pixel_modes_are_the_written_formulas_exactly():
+    """The one-pass forms give, bit for bit, x / 255, (x + u) / 256 and 1[u < x / 255] with the same u."""
+    x = torch.arange(256, dtype=torch.uint8).repeat(8).view(8, 1, 16, 16)   # every byte value
+    assert torch.equal(data.to_pixels(x, "none"), x.float() / 255.0)
+    for mode, formula in (("dequantize", lambda u: (x.float() + u) / 256.0),
+                          ("dynamic", lambda u: (u < x.float() / 255.0).float())):
+        u = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+        got = data.to_pixels(x, mode, torch.Generator().manual_seed(1))
+        assert got.dtype == torch.float32 and torch.equal(got, formula(u)), mode
+
+
 def test_batches_cover_the_data_and_shard_across_ranks():
     x = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
     one = data.Batches(x, 16, "none", shuffle=True, seed=3)

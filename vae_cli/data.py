@@ -58,15 +58,17 @@ def to_pixels(x: torch.Tensor, mode: str, generator: torch.Generator | None = No
 
     With a ``generator`` (fixed noise for val/test) the noise is drawn on the generator's device
     (a CPU one: the same images whatever device evaluates them); without, on the batch's device."""
+    # One elementwise pass each, the uint8 bytes promoted to float inside it (the same values as
+    # x.float() / 255, without the float copy): the batch is made at every training step.
     if mode not in ("dequantize", "dynamic"):
-        return x.float() / 255.0  # "none", or "static" (already 0/255)
+        return torch.div(x, 255.0)  # "none", or "static" (already 0/255)
     if generator is None:
         u = torch.rand(x.shape, device=x.device)
     else:
         u = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device)
     if mode == "dequantize":
-        return (x.float() + u) / 256.0
-    return (u < x.float() / 255.0).float()  # dynamic: a fresh Bernoulli(b/255) draw
+        return u.add_(x).div_(256.0)
+    return u.lt_(torch.div(x, 255.0))  # dynamic: a fresh Bernoulli(b/255) draw, 1.0 where u < b / 255
 
 
 class Batches:
