@@ -100,6 +100,54 @@ def test_bernoulli_log_prob_equals_torch_and_its_gradient(dtype):
     assert torch.autograd.gradcheck(lambda l, v: Bernoulli()(l).log_prob(v), small)
 
 
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_image_log_prob_sums_the_pixels_as_independent_does(likelihood):
+    """ImageDistribution's one reduction over (C, H, W) against torch's Independent: values and
+    gradients, for a batch and for k draws of a batch (as IWAE evaluates it)."""
+    from torch.distributions import Independent
+
+    from vae_cli.likelihoods import Bernoulli, ImageDistribution
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 2, 1, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)  # (k, B, C, H, W)
+    x = torch.rand(2, 1, 4, 5, generator=g, dtype=torch.float64)
+    px = Bernoulli()(out) if likelihood == "bernoulli" else Gaussian([1, 4, 5])(out)
+    assert isinstance(px, ImageDistribution) and px.event_shape == (1, 4, 5) and px.batch_shape == (3, 2)
+    ref = Independent(px.base_dist, 3, validate_args=False)
+    ours, want = px.log_prob(x), ref.log_prob(x)
+    assert ours.shape == (3, 2) and torch.allclose(ours, want, rtol=0, atol=1e-12)
+    (a,) = torch.autograd.grad(ours.sum(), out, retain_graph=True)  # the graph up to px's parameters is shared
+    (b,) = torch.autograd.grad(want.sum(), out)
+    assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_kl_to_the_standard_normal_prior_is_torchs_closed_form():
+    """model.prior dispatches KL(q || N(0, I)) to the registered short form: the values and
+    gradients of torch's Normal-Normal KL, from tiny to huge scales."""
+    from torch.distributions import Independent, Normal, kl_divergence
+
+    from vae_cli.priors import StandardNormal, UnitNormal
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.cat([torch.tensor([0.0, 1e-6, -3.0, 40.0]), torch.randn(12, generator=g)]).view(4, 4)
+    logvar = torch.cat([torch.tensor([-27.0, 27.0, 0.0, -1e-6]), 4 * torch.randn(12, generator=g)]).view(4, 4)
+    mu, logvar = mu.double().requires_grad_(), logvar.double().requires_grad_()
+    q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    model = type("M", (), {"prior_loc": torch.zeros(4, dtype=torch.float64),
+                           "prior_scale": torch.ones(4, dtype=torch.float64)})()
+    prior = StandardNormal().distribution(model)
+    assert isinstance(prior.base_dist, UnitNormal)
+    ours = kl_divergence(q, prior)                                                        # (4,)
+    want = kl_divergence(q, Independent(Normal(torch.zeros(4, dtype=torch.float64),
+                                               torch.ones(4, dtype=torch.float64)), 1))
+    assert torch.allclose(ours, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(ours, 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1), rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(ours.sum(), (mu, logvar), retain_graph=True)  # q's scale is shared
+    ref = torch.autograd.grad(want.sum(), (mu, logvar))
+    for a, b in zip(got, ref):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_bernoulli_log_prob_of_half_precision_logits_is_computed_in_float32():
     """Under autocast (trainer.precision=bf16-mixed) the decoder gives bf16 logits: the value and
     gradient must match float32's, as torch's BCE (on autocast's float32 list) does."""

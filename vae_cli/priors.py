@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal, constraints
+from torch.distributions import Distribution, Independent, Normal, constraints, register_kl
 
 from vae_cli.typed import ImageShape, PosInt
 
@@ -34,11 +34,26 @@ class Prior(nn.Module):
         raise NotImplementedError
 
 
+class UnitNormal(Normal):
+    """N(0, 1) in each dimension: a Normal built from a loc of zeros and a scale of ones (the VAE's
+    ``prior_loc`` and ``prior_scale`` buffers), so that KL(q || p) takes the short form below."""
+
+
+@register_kl(Normal, UnitNormal)
+def _kl_normal_unit(q: Normal, p: UnitNormal) -> torch.Tensor:
+    """KL(N(m, s^2) || N(0, 1)) = (m^2 + s^2 - 1) / 2 - log s per dimension (Kingma and Welling 2014,
+    appendix B). torch's Normal-Normal form gives the same value with p's loc and scale as
+    tensors, in about twice the elementwise ops and autograd nodes: at a (128, 20) batch each op
+    costs its dispatch, not its arithmetic, and this one runs at every training step."""
+    m, s = q.loc, q.scale
+    return (m * m + s * s).sub_(1).mul_(0.5).sub_(s.log())
+
+
 class StandardNormal(Prior):
     """p(z) = N(0, I), the default."""
 
     def distribution(self, vae: nn.Module) -> Distribution:
-        return Independent(Normal(vae.prior_loc, vae.prior_scale, validate_args=False), 1, validate_args=False)
+        return Independent(UnitNormal(vae.prior_loc, vae.prior_scale, validate_args=False), 1, validate_args=False)
 
 
 def diagonal_log_densities(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
