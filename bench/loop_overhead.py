@@ -1,27 +1,32 @@
-"""What Lightning's training loop costs per step: vae's own model and objective, four ways, in one process.
+"""What Lightning's training loop costs per step: a plain loop and vae's own model and objective, five ways, in one process.
 
-    python bench/loop_overhead.py --threads 1 --repeats 3        # 2-core CPU
-    python bench/loop_overhead.py --steps 20 --repeats 1 --data-dir /tmp/benchdata   # smoke test
+    python bench/loop_overhead.py --threads 2 --repeats 5        # 2-core CPU
+    python bench/loop_overhead.py --steps 40 --repeats 1 --data-dir /tmp/benchdata   # smoke test
 
 bench/train_speed.py compares whole `vae train` runs with a plain loop, run after run; on a machine
 whose speed wanders by 20% from minute to minute, a difference of a few percent drowns there. Here
-the four sides train the same model (`experiment=pytorch_example`: MLP 784-400-20, Bernoulli, fused
+the sides train the same model (`experiment=pytorch_example`: MLP 784-400-20, Bernoulli, fused
 Adam, batch 128) on the same batches, interleaved in one process, so a slow minute slows them all:
 
-- manual: ``objective.terms``, ``zero_grad``, ``backward``, ``step`` in a for loop over vae's loader;
-- lightning: ``Trainer.fit`` of vae's ``VAEModule`` with no callbacks, logger or progress bar. Its
-  step also does VAEModule's own bookkeeping (the epoch's sums, the finiteness flag, the collapse
-  monitor's running KL), so the difference to manual is Lightning's loop plus that bookkeeping;
-- lightning + callbacks: the same with the callbacks `vae train` adds (two ModelCheckpoints, the
-  training pictures, the safe interrupt, the progress bar redrawn every 10 steps);
+- plain: bench/train_speed.py's plain model (pytorch/examples vae/main.py's, summed BCE with
+  logits and the closed-form KL written out), ``zero_grad``, ``backward``, ``step`` in a for loop;
+- manual: vae's ``objective.terms`` (the distributions, the KL per dimension, the bounded
+  log-variance), ``zero_grad``, ``backward``, ``step`` in a for loop over vae's loader;
+- lightning: ``Trainer.fit`` of vae's ``VAEModule`` with no callbacks, logger or progress bar and
+  Lightning's defaults otherwise. Its step also does VAEModule's own bookkeeping (the epoch's sums,
+  the finiteness flag, the collapse monitor's running KL), so the difference to manual is
+  Lightning's loop plus that bookkeeping;
+- vae train's Trainer: the Trainer `vae train` builds (vae_cli.train.build_trainer: its two
+  checkpoints, the training pictures, the safe interrupt, the progress bar redrawn every 10 steps,
+  its profiler), without a logger;
 - lightning, manual optimization: no callbacks, ``automatic_optimization = False`` and a training
   step that calls ``zero_grad``, ``manual_backward`` and ``step`` itself (Lightning's documented
   alternative to its closure-based loop), to see how much of the loop's cost that would save.
 
 Each side times its steps from batch 20 to the last (no validation, no checkpoint is written: the
-epoch never ends inside the window); the fastest of --repeats is printed, with every repeat.
+epoch never ends inside the window); the fastest of --repeats is printed, with every repeat, and
+its ratio to the plain loop.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -35,7 +40,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from train_speed import device_name  # bench/ is the script's folder, on sys.path
+from train_speed import VAE, device_name  # bench/ is the script's folder, on sys.path
 
 WARMUP = 20  # steps before the clock starts: first-step allocations and Adam's state
 
@@ -78,6 +83,23 @@ def module(cfg: dict, manual_optimization: bool = False):
     return cls(instantiate(cfg["model"]), instantiate(cfg["optimizer"]), config=cfg)
 
 
+def plain(loader, steps: int) -> float:
+    """ms per step of bench/train_speed.py's plain model on the same batches."""
+    torch.manual_seed(0)
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    for i, x in enumerate(loader):
+        if i == WARMUP:
+            t0 = time.perf_counter()
+        x = x.flatten(1)  # (B, 784): a view
+        opt.zero_grad()
+        model.loss(x).backward()
+        opt.step()
+        if i == steps - 1:
+            return (time.perf_counter() - t0) / (steps - WARMUP) * 1e3
+    raise ValueError(f"--steps {steps} is more than an epoch's batches")
+
+
 def manual(cfg: dict, loader, steps: int) -> float:
     """ms per step of the bare loop."""
     m = module(cfg)
@@ -110,19 +132,20 @@ class Clock(pl.Callback):
             self.ms = (time.perf_counter() - self.t0) / (self.steps - WARMUP) * 1e3
 
 
-def lightning(cfg: dict, data, steps: int, callbacks: bool, tmp: str, manual_optimization: bool = False) -> float:
-    """ms per step under Trainer.fit, with or without vae train's callbacks."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
+def lightning(cfg: dict, data, steps: int, vae_trainer: bool, tmp: str, manual_optimization: bool = False) -> float:
+    """ms per step under Trainer.fit: Lightning's defaults, or the Trainer vae train builds."""
+    from pathlib import Path
 
-    from vae_cli.callbacks import ProgressBar, SafeInterrupt, TrainingPictures
+    from vae_cli.train import build_trainer
 
     clock = Clock(steps)
-    extra = [ModelCheckpoint(dirpath=tmp, monitor="val/elbo", mode="max", save_top_k=1),
-             ModelCheckpoint(dirpath=tmp, filename="last", monitor=None, save_top_k=1),
-             TrainingPictures(), SafeInterrupt(), ProgressBar(refresh_rate=10)] if callbacks else []
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, logger=False,
-                         callbacks=[clock, *extra], enable_checkpointing=callbacks, enable_progress_bar=callbacks,
-                         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=tmp)
+    kwargs = dict(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, accelerator="cpu", devices=1)
+    if vae_trainer:
+        trainer, _ = build_trainer(kwargs, Path(tmp) / f"run-{time.time_ns()}", logger=False)
+        trainer.callbacks.append(clock)
+    else:
+        trainer = pl.Trainer(**kwargs, logger=False, callbacks=[clock], enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # the bar
         trainer.fit(module(cfg, manual_optimization), datamodule=data)
     return clock.ms
@@ -150,14 +173,15 @@ def main() -> None:
     loader = data.train_dataloader()
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {device_name('cpu')}  torch {torch.__version__}  "
           f"pytorch_lightning {pl.__version__}  threads {torch.get_num_threads()}  steps {a.steps}", flush=True)
-    sides = {"manual": [], "lightning": [], "lightning + callbacks": [], "lightning, manual optim.": []}
+    sides = {"plain": [], "manual": [], "lightning": [], "vae train's Trainer": [], "lightning, manual optim.": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.repeats):
+            sides["plain"].append(plain(loader, a.steps))
             sides["manual"].append(manual(cfg, loader, a.steps))
             sides["lightning"].append(lightning(cfg, data, a.steps, False, tmp))
-            sides["lightning + callbacks"].append(lightning(cfg, data, a.steps, True, tmp))
+            sides["vae train's Trainer"].append(lightning(cfg, data, a.steps, True, tmp))
             sides["lightning, manual optim."].append(lightning(cfg, data, a.steps, False, tmp, manual_optimization=True))
-    base = min(sides["manual"])
+    base = min(sides["plain"])
     for name, ms in sides.items():
         print(f"{name:24} {min(ms):7.2f} ms/step  x{min(ms) / base:.2f}   (repeats: {' '.join(f'{m:.2f}' for m in ms)})")
 

@@ -70,6 +70,7 @@ def test_verbose_shows_lightning_and_the_bar_shows_one_decimal(tmp_path, data_di
     shown = r.stdout + r.stderr
     assert "GPU available" in shown and "Total params" in shown        # the summary table, asked for
     assert re.search(r"val/elbo=-\d+\.\d[,\]]", r.stdout), r.stdout[-1000:]  # -542.5, not -542.
+    assert re.search(r"train/elbo_step=-\d+\.\d[,\]]", r.stdout), r.stdout[-1000:]  # VAEModule.bar, one decimal
     assert "test evaluation: IWAE k=8 on 32 examples" in r.stdout
     assert "iwae k=8" in r.stderr and "32/32" in r.stderr               # the test evaluation's own bar
     # a finished run resumed: the same block, the same numbers, and quiet again without verbose
@@ -91,6 +92,35 @@ def test_the_summary_says_when_the_test_evaluation_was_skipped(tmp_path, capsys)
     assert out[2] == "val ELBO:    -100.04 nats/example (last epoch)"
     assert out[3] == f"test:        skipped (eval.k=0); measure it with: vae evaluate run={tmp_path}"
     assert out[-1].startswith("TensorBoard: tensorboard --logdir")
+
+
+def test_the_trainer_keeps_lightnings_hooks_and_checkpoint_keys_at_less_cost(tmp_path):
+    """vae train's Trainer: no profiler at the cost of a shared context (a configured one is kept);
+    its ModelCheckpoints store their state under Lightning's own keys, so older runs resume."""
+    from pytorch_lightning.callbacks import ModelCheckpoint as LightningCheckpoint
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    from vae_cli.callbacks import ModelCheckpoint, NoProfiler
+    from vae_cli.module import VAEModule
+    from vae_cli.train import build_trainer
+
+    args = dict(max_epochs=1, accelerator="cpu", devices=1, enable_progress_bar=False)
+    trainer, best = build_trainer(args, tmp_path, logger=False)
+    assert isinstance(trainer.profiler, NoProfiler) and isinstance(best, ModelCheckpoint)
+    with trainer.profiler.profile("a"), trainer.profiler.profile("b"):  # nested and reused
+        pass
+    assert isinstance(build_trainer({**args, "profiler": "simple"}, tmp_path, logger=False)[0].profiler, SimpleProfiler)
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, LightningCheckpoint)]
+    assert len(checkpoints) == 2
+    for c in checkpoints:
+        ref = LightningCheckpoint(dirpath=c.dirpath, monitor=c.monitor, mode=c.mode)
+        assert c.state_key == c.state_key == ref.state_key and c.state_key.startswith("ModelCheckpoint{")
+    # VAEModule sets Lightning's hook name as a plain attribute; modules and parameters still register
+    module = VAEModule.__new__(VAEModule)
+    torch.nn.Module.__init__(module)
+    module._current_fx_name = "training_step"
+    module.extra = torch.nn.Linear(2, 2)
+    assert module._current_fx_name == "training_step" and "extra" in module._modules
 
 
 def test_progress_bar_numbers():
