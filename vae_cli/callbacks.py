@@ -114,14 +114,14 @@ def short_number(value: float) -> str:
 
 class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar with the metrics written by ``short_number``, and the module's per-step
-    values (VAEModule.bar: the training ELBO, which never goes through self.log).
+    values (VAEModule.bar_metrics: the training ELBO, which never goes through self.log).
 
     Strings go into tqdm's postfix as they are (it reformats only numbers), so they show unpadded.
     """
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        items.update(getattr(pl_module, "bar", {}))  # VAEModule.log_train_step's, kept out of self.log
+        items.update(getattr(pl_module, "bar_metrics", {}))  # VAEModule.log_train_step's, kept out of self.log
         return {k: short_number(v) if isinstance(v, float) else v for k, v in items.items()}
 
 

@@ -69,7 +69,7 @@ class VAEModule(pl.LightningModule):
         self._sums: dict[str, torch.Tensor] = {}  # split -> (elbo, recon, kl, objective) summed this epoch, on the device
         self._counts: dict[str, int] = {}         # split -> examples this epoch (a host int: no copy to the device)
         self._checked_step = 0                    # the optimizer step of the last finiteness check
-        self.bar: dict[str, float] = {}           # the latest per-step values the progress bar shows (log_train_step)
+        self.bar_metrics: dict[str, float] = {}   # the latest per-step values the progress bar shows (log_train_step)
         self._units: dict[str, UnitStats] = {}    # split -> E_q[z] moments and KL per dimension this epoch
         self.collapse = CollapseMonitor()
         self.divergence = DivergenceMonitor()      # a val ELBO far below its best: one warning
@@ -152,7 +152,7 @@ class VAEModule(pl.LightningModule):
 
     def log_train_step(self, elbo: float) -> None:
         """train/elbo_step, and train/kl_weight and train/lr where they change, to the loggers at
-        this step; the ELBO also to the progress bar (``bar``). Called every log_every_n_steps steps.
+        this step; the ELBO also to the progress bar (``bar_metrics``). Called every log_every_n_steps steps.
 
         Written to the loggers directly, not through self.log: Lightning turns a value given to
         self.log into a tensor on the model's device, and at the end of every batch walks its
@@ -164,7 +164,7 @@ class VAEModule(pl.LightningModule):
             scalars["train/kl_weight"] = self.kl_weight()
         if self.scheduler is not None:
             scalars["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.bar["train/elbo_step"] = elbo
+        self.bar_metrics["train/elbo_step"] = elbo
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(scalars, step=self.global_step)
