@@ -47,14 +47,11 @@ WARMUP = 20  # steps before the clock starts: first-step allocations and Adam's 
 
 def config(data_dir: str | None) -> dict:
     """`vae train experiment=pytorch_example`'s resolved config."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
+    from vae_cli.checks import compose, resolved
     from vae_cli.cli import config_dir
 
-    with initialize_config_dir(config_dir(), version_base=None):
-        cfg = compose("train", ["experiment=pytorch_example"] + ([f"data_dir={data_dir}"] if data_dir else []))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return resolved(compose(str(config_dir()), "train",
+                            ["experiment=pytorch_example"] + ([f"data_dir={data_dir}"] if data_dir else [])))
 
 
 def module(cfg: dict, manual_optimization: bool = False):

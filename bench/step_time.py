@@ -26,14 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package of t
 
 def build(overrides: list[str], batch: int):
     """A step function for the composed config: (step(), parameter count)."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
+    from vae_cli.checks import compose, resolved
     from vae_cli.cli import config_dir
 
-    with initialize_config_dir(str(config_dir()), version_base=None):
-        cfg = OmegaConf.to_container(compose("train", overrides=overrides), resolve=True)
+    cfg = resolved(compose(str(config_dir()), "train", overrides))
     torch.manual_seed(0)
     model = instantiate(cfg["model"])
     objective = instantiate(cfg.get("objective") or {"_target_": "vae_cli.objectives.ELBO"})
