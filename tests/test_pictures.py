@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -200,3 +201,37 @@ def test_gif_and_png_never_overwrite(trained_run, tmp_path):
     assert run_cmd("interpolate", f"run={trained_run}", "pairs=1", "steps=4", "gif=true") == 0
     assert first.read_bytes() == gif_bytes
     assert run_cmd("interpolate", f"run={trained_run}", "gif=true", f"out={tmp_path / 'a.gif'}") == 2
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_tensorboard_image_keeps_its_channels_and_pixels(tmp_path, channels):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from vae_cli.callbacks import add_image
+
+    image = torch.rand(channels, 10, 14, generator=torch.Generator().manual_seed(0))  # (C, H, W) in [0, 1]
+    writer = SummaryWriter(str(tmp_path))
+    add_image(writer, "val/samples", image, step=7)
+    writer.add_image("torch", image, 7)  # what SummaryWriter writes for the same image
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    ours, theirs = acc.Images("val/samples")[0], acc.Images("torch")[0]
+    assert (ours.step, ours.width, ours.height) == (theirs.step, theirs.width, theirs.height) == (7, 14, 10)
+    got = np.array(Image.open(io.BytesIO(ours.encoded_image_string)))
+    assert got.shape == ((10, 14) if channels == 1 else (10, 14, 3))  # grey stays one channel
+    want = (image * 255).round().to(torch.uint8).permute(1, 2, 0).squeeze(-1).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_tensorboard_image_through_another_writer_uses_its_add_image():
+    from vae_cli.callbacks import add_image
+
+    class Writer:  # e.g. another logger's experiment: no torch file writer
+        def add_image(self, tag, image, step):
+            self.got = (tag, image.shape, step)
+
+    w = Writer()
+    add_image(w, "val/samples", torch.zeros(1, 4, 4), 3)
+    assert w.got == ("val/samples", (1, 4, 4), 3)
