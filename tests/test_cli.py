@@ -95,3 +95,37 @@ def test_evaluate_is_repeatable_with_a_seed(trained_run, tmp_path):
 def test_an_unknown_flag_is_one_line(tmp_path):
     r = vae("train", "--frobnicate", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--frobnicate" in r.stderr
+
+
+def test_the_console_script_pauses_the_collector_for_the_start_up_only(trained_run, tmp_path, monkeypatch):
+    """console() (the `vae` script) runs main with Python's collector paused; the command's task
+    resumes it, the start-up's objects frozen; what is left at the end is frozen too (a fast exit)."""
+    import gc
+    import sys
+
+    from vae_cli import cli, pictures
+
+    seen = []
+    real = pictures.sample
+
+    def sample(cfg):
+        seen.append(gc.isenabled())
+        return real(cfg)
+
+    monkeypatch.setattr(pictures, "sample", sample)
+    monkeypatch.setattr(sys, "argv", ["vae", "sample", f"run={trained_run}", f"out={tmp_path / 's.png'}"])
+    before = gc.get_freeze_count()
+    try:
+        cli.console()
+        frozen, enabled = gc.get_freeze_count(), gc.isenabled()
+    finally:
+        gc.unfreeze()  # this test process goes on: its objects are collected as before
+        gc.enable()
+    assert seen == [True] and enabled and frozen > before and (tmp_path / "s.png").is_file()
+
+
+def test_main_in_process_leaves_the_collector_alone(trained_run, tmp_path):
+    import gc
+
+    assert run_main("sample", f"run={trained_run}", f"out={tmp_path / 's.png'}") == 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
