@@ -108,6 +108,7 @@ def test_vae_evaluate_writes_json_and_curve_plot(trained_run_2d, tmp_path, capsy
     (["refined.lr=inf"], "refined.lr=inf is not allowed"),
     (["exact.tol=0"], "exact.tol=0 is not allowed"),
     (["refined.stepz=3"], "unknown setting 'refined.stepz'"),
+    (["chunk=0"], "chunk=0 is not allowed: expected one of auto or an integer > 0"),
 ])
 def test_estimator_mistakes_are_one_line_and_write_nothing(trained_run, args, message, capsys):
     before = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
@@ -142,3 +143,25 @@ def test_ais_leaves_a_poor_q_star_and_an_unconverged_estimate_is_warned_about(mo
     assert r["log_px_estimator"] != "refined"
     assert any(w.startswith("refined") and "below IWAE" in w for w in r["warnings"]), r["warnings"]
     assert not any(w.startswith("AIS") for w in r["warnings"])
+
+
+def test_chunk_auto_decodes_512_pairs_at_once_on_a_cpu(monkeypatch):
+    """chunk=auto (the default): 512 (example, sample) pairs a chunk on a CPU, 8192 on a GPU; a
+    chunk that is set is used as it is."""
+    import vae_cli.evaluate as ev
+
+    assert ev.default_rows(torch.device("cpu")) == 512 and ev.default_rows(torch.device("cuda", 0)) == 8192
+    seen = []
+    real = ev.estimate
+    monkeypatch.setattr(ev, "estimate", lambda model, x, k, rows: seen.append(rows) or real(model, x, k, rows))
+    from vae_cli.likelihoods import Bernoulli
+    from vae_cli.model import VAE
+    from vae_cli.networks import MLPDecoder, MLPEncoder
+
+    torch.manual_seed(0)
+    model = VAE(2, MLPEncoder([1, 4, 4], 2, [8]), MLPDecoder([1, 4, 4], 2, [8]), Bernoulli())  # on the CPU
+    images = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)
+    plan = ev.Plan(k=4, estimators=("iwae",))
+    ev.evaluate_split(model, images, "dynamic", plan, batch_size=3)
+    ev.evaluate_split(model, images, "dynamic", plan, batch_size=3, rows=12)
+    assert seen == [512, 512, 12, 12]

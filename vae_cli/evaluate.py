@@ -86,7 +86,7 @@ class EvaluateSettings(FromRunSettings):
     k: PosInt = 5000                # importance samples of IWAE and of the refined proposal
     limit: PosInt | None = None     # only the first N examples
     batch_size: PosInt = 100        # examples per batch
-    chunk: PosInt = 8192            # (example, sample) pairs decoded at once
+    chunk: Literal["auto"] | PosInt = "auto"  # (example, sample) pairs decoded at once; auto: default_rows
     estimators: Literal["auto"] | Estimator | Annotated[list[Estimator], Field(min_length=1)] = "auto"
     refined: Refined = Refined()
     ais: AIS = AIS()
@@ -181,17 +181,30 @@ def _head(q, m: int):
                              Independent(Normal(comp.loc[:m], comp.scale[:m]), 1))
 
 
+def default_rows(device: torch.device) -> int:
+    """The (example, sample) pairs decoded at once where ``chunk=auto``: 512 on a CPU, 8192 on a GPU.
+
+    Why: on a CPU a chunk whose activations stay in the caches is faster. IWAE on 100 MNIST test
+    images, 2-core Intel Xeon: the default conv at k=500 took 8.6 to 10.8 s with 8192 pairs a chunk
+    against 4.9 to 5.8 with 512 (its first feature map for 8192 decodes is 200 MB), the default mlp
+    at k=1000 1.15 against 0.89 s (README, Speed). On a GPU fewer, larger kernels win.
+    """
+    return 512 if device.type == "cpu" else 8192
+
+
 def evaluate_split(
     model: VAE, images: torch.Tensor, pixels: str, plan: Plan | None = None, batch_size: int = 100,
-    rows: int = 8192, seed: int = 0, progress: bool = False,
+    rows: int | None = None, seed: int = 0, progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate uint8 images (N, C, H, W) with the plan's estimators; means and standard errors in nats.
 
     ``pixels`` is the mode the model was trained with (see vae_cli.data); dynamic binarization
     and dequantization use one fixed draw seeded by ``seed``, so figures compare across runs.
+    ``rows``: the (example, sample) pairs decoded at once; None: default_rows of the model's device.
     """
     plan = plan or Plan()
     device = next(model.parameters()).device
+    rows = rows or default_rows(device)
     torch.manual_seed(seed + 1)  # the draws z; the pixel noise below has its own stream (seed)
     batches = Batches(images.to(device), batch_size, pixels, shuffle=False, seed=seed, fixed_noise=True)
     n, ks, parts, start = len(images), curve_ks(plan.k), {}, 0
@@ -430,9 +443,10 @@ def evaluate(cfg) -> dict[str, Any]:
             if name != "bdmc" and plan.covers(name, len(images)) < len(images):
                 say(f"vae evaluate: {name} on the first {plan.covers(name, len(images))} examples "
                     f"(set {name}.limit to change)")
-        r = evaluate_split(model, images, pixels, plan, cfg.batch_size, cfg.chunk, cfg.seed, progress=True)
+        rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
+        r = evaluate_split(model, images, pixels, plan, cfg.batch_size, rows, cfg.seed, progress=True)
         if "bdmc" in plan.estimators:
-            r["bdmc"] = run_bdmc(model, plan, cfg.chunk, cfg.seed)
+            r["bdmc"] = run_bdmc(model, plan, rows, cfg.seed)
         r["collapse"] = collapse_report(model, images, pixels, cfg.batch_size, cfg.seed)  # active units, KL per dim
         r.update(split=cfg.split, checkpoint=str(ckpt), seed=cfg.seed, likelihood=config["likelihood"]["_target_"])
         paths[0].write_text(json.dumps(r, indent=2) + "\n")
