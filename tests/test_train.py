@@ -123,6 +123,55 @@ def test_the_trainer_keeps_lightnings_hooks_and_checkpoint_keys_at_less_cost(tmp
     assert module._current_fx_name == "training_step" and "extra" in module._modules
 
 
+def test_gradient_clipping_and_step_checkpoints_still_work_where_they_are_set(tmp_path, data_dir, monkeypatch):
+    """VAEModule skips Lightning's clipping call and the checkpoints their batch-end check where
+    nothing is set; trainer.gradient_clip_val and every_n_train_steps still do what Lightning does."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint as LightningCheckpoint
+
+    clipped, checked = [], []
+    real_clip, real_end = pl.LightningModule.clip_gradients, LightningCheckpoint.on_train_batch_end
+    monkeypatch.setattr(pl.LightningModule, "clip_gradients", lambda self, opt, gradient_clip_val=None, gradient_clip_algorithm=None:
+                        clipped.append(gradient_clip_val) or real_clip(self, opt, gradient_clip_val, gradient_clip_algorithm))
+    monkeypatch.setattr(LightningCheckpoint, "on_train_batch_end", lambda self, *a: checked.append(1) or real_end(self, *a))
+    args = [f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1"]
+    assert run_main("train", *args, "eval.k=0", f"hydra.run.dir={tmp_path / 'plain'}") == 0
+    assert clipped == [] and checked == []                      # 4 steps: nothing to clip, nothing to save
+    assert run_main("train", *args, "eval.k=0", "trainer.gradient_clip_val=0.5",
+                    f"hydra.run.dir={tmp_path / 'clipped'}") == 0
+    assert clipped == [0.5] * 4
+
+    from vae_cli.callbacks import ModelCheckpoint
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def training_step(self, x, i):
+            return (self.w * x).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    every = ModelCheckpoint(dirpath=tmp_path / "every", filename="{step}", every_n_train_steps=2, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, callbacks=[every], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.ones(4, 3), batch_size=1))
+    assert sorted(p.name for p in (tmp_path / "every").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]
+
+
+def test_batches_already_on_the_device_are_not_walked_again():
+    from vae_cli.module import VAEModule
+
+    module = VAEModule.__new__(VAEModule)
+    torch.nn.Module.__init__(module)
+    x = torch.zeros(2, 1, 4, 4)
+    assert module.transfer_batch_to_device(x, torch.device("cpu"), 0) is x
+    got = module.transfer_batch_to_device([x, {"y": x}], torch.device("cpu"), 0)  # anything else: Lightning's
+    assert torch.equal(got[0], x) and torch.equal(got[1]["y"], x)
+
+
 def test_progress_bar_numbers():
     from vae_cli.callbacks import short_number
 

@@ -166,7 +166,8 @@ class NoProfiler(PassThroughProfiler):
 
 
 class ModelCheckpoint(_ModelCheckpoint):
-    """Lightning's ModelCheckpoint with its ``state_key`` computed once.
+    """Lightning's ModelCheckpoint with its ``state_key`` computed once, and no batch-end check
+    where nothing is saved at a batch's end.
 
     Lightning reads ``state_key`` for every callback at every hook call (to name the profiler's
     action), and ModelCheckpoint builds it each time from the repr of a dict of its settings,
@@ -182,3 +183,10 @@ class ModelCheckpoint(_ModelCheckpoint):
         if key is None:
             key = self.__dict__["_vae_state_key"] = super().state_key
         return key
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # vae train's checkpoints are saved at the end of an epoch or validation: with no
+        # every_n_train_steps and no train_time_interval, Lightning's batch-end check (the trainer's
+        # state, the step, the clock) always ends in "nothing to save"; it is skipped.
+        if self._every_n_train_steps >= 1 or self._train_time_interval is not None:
+            super().on_train_batch_end(trainer, pl_module, *args)
