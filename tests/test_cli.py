@@ -124,8 +124,14 @@ def test_the_console_script_pauses_the_collector_for_the_start_up_only(trained_r
     assert seen == [True] and enabled and frozen > before and (tmp_path / "s.png").is_file()
 
 
-def test_main_in_process_leaves_the_collector_alone(trained_run, tmp_path):
+@pytest.mark.parametrize("enabled", [True, False])
+def test_main_in_process_leaves_the_collector_alone(trained_run, tmp_path, enabled):
     import gc
 
-    assert run_main("sample", f"run={trained_run}", f"out={tmp_path / 's.png'}") == 0
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+    if not enabled:  # e.g. a benchmark harness that turned it off
+        gc.disable()
+    try:
+        assert run_main("sample", f"run={trained_run}", f"out={tmp_path / 's.png'}") == 0
+        assert gc.isenabled() == enabled and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()

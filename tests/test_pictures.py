@@ -235,3 +235,11 @@ def test_tensorboard_image_through_another_writer_uses_its_add_image():
     w = Writer()
     add_image(w, "val/samples", torch.zeros(1, 4, 4), 3)
     assert w.got == ("val/samples", (1, 4, 4), 3)
+
+    class TorchWriter(Writer):  # a uint8 image (0-255) goes to the writer's own add_image, which scales it so
+        def _get_file_writer(self):
+            raise AssertionError("a uint8 image was written as if in [0, 1]")
+
+    w = TorchWriter()
+    add_image(w, "val/samples", torch.full((1, 4, 4), 200, dtype=torch.uint8), 5)
+    assert w.got == ("val/samples", (1, 4, 4), 5)

@@ -162,14 +162,24 @@ def test_gradient_clipping_and_step_checkpoints_still_work_where_they_are_set(tm
 
 
 def test_batches_already_on_the_device_are_not_walked_again():
-    from vae_cli.module import VAEModule
+    import pytorch_lightning as pl
 
-    module = VAEModule.__new__(VAEModule)
-    torch.nn.Module.__init__(module)
+    from vae_cli.datamodule import ImageData
+
+    data = ImageData.__new__(ImageData)
+    pl.LightningDataModule.__init__(data)
     x = torch.zeros(2, 1, 4, 4)
-    assert module.transfer_batch_to_device(x, torch.device("cpu"), 0) is x
-    got = module.transfer_batch_to_device([x, {"y": x}], torch.device("cpu"), 0)  # anything else: Lightning's
+    assert data.transfer_batch_to_device(x, torch.device("cpu"), 0) is x
+    got = data.transfer_batch_to_device([x, {"y": x}], torch.device("cpu"), 0)  # anything else: Lightning's
     assert torch.equal(got[0], x) and torch.equal(got[1]["y"], x)
+
+
+def test_a_run_prints_no_warnings(tmp_path, data_dir):
+    """Python's default warning filters, as a user has them (the other tests run with PYTHONWARNINGS=ignore):
+    nothing on stderr, e.g. not Lightning's warning about a batch hook on both the module and the datamodule."""
+    r = vae("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}",
+            cwd=tmp_path, env={"PYTHONWARNINGS": ""})
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
 
 
 def test_progress_bar_numbers():

@@ -86,10 +86,11 @@ def add_image(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:
 
     Why: add_image repeats a grey image into three channels and compresses at PIL's default
     level, which took 44 ms for vae train's 242x242 grid of samples, every validation epoch
-    (README, Speed). A writer that is not torch's SummaryWriter gets its own add_image.
+    (README, Speed). A writer that is not torch's SummaryWriter, or an image that is not floating
+    point (uint8 in 0-255), goes through the writer's own add_image.
     """
     file_writer = getattr(writer, "_get_file_writer", None)
-    if file_writer is None:
+    if file_writer is None or not image.is_floating_point():
         writer.add_image(tag, image, step)
         return
     import io

@@ -94,9 +94,6 @@ def _task(command: str):
         attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
         resume = _resume_hint(command, cfg)
         _stop["message"] = _stop_message(resume)  # for a shutdown cut short (_exit_now)
-        if not gc.isenabled():  # paused by console() for the start-up: what exists now stays for the run
-            gc.freeze()
-            gc.enable()
         try:
             fn = getattr(importlib.import_module(module_name), fn_name)
             if cfg.get("matmul_precision"):  # train and every command that reads a model
@@ -278,22 +275,31 @@ def stop_on_signals():
                 signal.signal(sig, handler)
 
 
+_collector = {"paused": False}  # console() paused Python's garbage collector for the start-up
+
+
 def console() -> None:
     """The ``vae`` console script: main() in a process of its own, without the garbage collector's
     start-up and exit costs.
 
-    The start-up (Hydra, pydantic, torch and, in a command, Lightning) makes some 500k objects that
+    The start-up (Hydra, pydantic, torch and, for train, Lightning) makes some 500k objects that
     live until the process ends. Python's collector traverses every one of them in each full
     collection: 7 of them took 0.55 s of `vae train`'s start-up, and the one at the interpreter's
-    exit about 1 s. So the collector pauses until the config is composed (the command's task
-    freezes what exists and resumes it, _task), and whatever is left at the end is frozen, so the
-    exit skips it: `vae train` of 2 batches went from 7.2 to 5.2 s (README, Speed). Only here, not in
-    main(): tests and notebooks call main() in their own process, which goes on afterwards.
+    exit about 1 s. So the collector pauses until the command line is checked; then what exists
+    is frozen (never traversed again) and the collector resumes, before Hydra runs the command or
+    a sweep's jobs. Whatever is left at the end is frozen too, so the exit skips it. `vae train` of
+    2 batches went from 7.2 to 5.2 s (README, Speed). The price: the start-up's cyclic garbage,
+    some 30k objects (about 10 MB), is never freed. Only here, not in main(): tests and notebooks
+    call main() in their own process, which goes on afterwards, with its collector as it was.
     """
     gc.disable()
+    _collector["paused"] = True
     try:
         main()
     finally:
+        if _collector["paused"]:  # main() ended before the command ran: the collector as it was
+            _collector["paused"] = False
+            gc.enable()
         gc.freeze()
 
 
@@ -343,6 +349,10 @@ def _main(argv: list[str] | None) -> None:
     parser = get_args_parser()
     parser.error = lambda message: fail(f"{message} (see `vae {command} --help`)")  # argparse's usage block, as one line
     args = parser.parse_args(rest)
+    if _collector["paused"]:  # by console(), for the start-up: what exists now stays for the run
+        _collector["paused"] = False
+        gc.freeze()
+        gc.enable()
     _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
                config_name=command)
 

@@ -62,6 +62,15 @@ class ImageData(DatasetSettings, pl.LightningDataModule):
             world_size=trainer.world_size if trainer is not None else 1,
         )
 
+    def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
+        # The batches are made on the training device already (Batches); Lightning's transfer walks
+        # a batch as a collection to call .to(device) on it: a few us a step, for nothing. Here on
+        # the datamodule, not the LightningModule: Lightning warns when the module overrides this
+        # hook and a datamodule is given.
+        if isinstance(batch, torch.Tensor) and batch.device == device:
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self) -> Batches:
         return self.loader("train", train=True)
 

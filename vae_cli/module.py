@@ -268,13 +268,6 @@ class VAEModule(pl.LightningModule):
     # function's __signature__ (PEP 362) is what inspect returns for it, so it is computed once here.
     training_step.__signature__ = inspect.signature(training_step)
 
-    def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
-        # The batches (vae_cli.data.Batches) are made on the training device already; Lightning's
-        # transfer walks the batch as a collection to call .to(device) on it: a few us a step.
-        if isinstance(batch, torch.Tensor) and batch.device == device:
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning calls this at every step and, with no trainer.gradient_clip_val, checks the
         # settings before its precision plugin returns without clipping: skip that. With a value,
