@@ -34,7 +34,9 @@ the plain loop, OMP_NUM_THREADS=T and MKL_NUM_THREADS=T in the vae child's envir
 
 Prints a header (date, CPU or GPU model, torch version, threads), then one line per side (t_1, t_N,
 s/epoch, and the final -ELBO in nats/example: vae's val loss on the test set, plain's test loss),
-then the ratio of each vae side to plain. A side that fails is reported and left out.
+then the ratio of each vae side to plain (fastest against fastest), and the in-run ratio of each
+repeat's pair of N-epoch runs, which ran one right after the other, with their median. A side that
+fails is reported and left out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -222,6 +225,11 @@ def main() -> None:
             both = inside[name] and inside["plain"]
             ratio_in = f", in-run {min(inside[name]) / min(inside['plain']):.2f}" if both else ""
             print(f"ratio {name}/plain: {per_epoch[name] / per_epoch['plain']:.2f}{ratio_in}")
+            if both and len(inside[name]) == len(inside["plain"]):
+                # Each repeat's two N-epoch runs ran one after the other: their ratio is paired in time.
+                pairs = [v / p for v, p in zip(inside[name], inside["plain"])]
+                print(f"  in-run ratio of each repeat: {' '.join(f'{r:.2f}' for r in pairs)}; "
+                      f"median {statistics.median(pairs):.2f}")
 
 
 if __name__ == "__main__":
