@@ -121,6 +121,77 @@ def test_image_log_prob_sums_the_pixels_as_independent_does(likelihood):
     assert torch.allclose(a, b, rtol=0, atol=1e-12)
 
 
+def test_diagonal_gaussian_is_torchs_normal_draws_and_gradients_included():
+    """q(z|x)'s light Normal (no broadcast, rsample by addcmul) against torch's Normal: the same
+    draws from the same seed, log-densities, mean, entropy, KL and reparameterised gradients; expand
+    and a loc and scale of different shapes still work."""
+    from torch.distributions import Independent, Normal, kl_divergence
+
+    from vae_cli.posteriors import DiagonalNormal, diagonal_gaussian
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    logvar = (4 * torch.randn(3, 4, generator=g, dtype=torch.float64)).requires_grad_()
+    q = diagonal_gaussian(mu, logvar)
+    ref = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    assert isinstance(q.base_dist, DiagonalNormal) and q.batch_shape == (3,) and q.event_shape == (4,)
+    torch.manual_seed(1)
+    z = q.rsample((5,))                                                       # (5, 3, 4)
+    torch.manual_seed(1)
+    z_ref = ref.rsample((5,))
+    assert z.shape == (5, 3, 4) and torch.allclose(z, z_ref, rtol=0, atol=1e-12)
+    w = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((z * w).sum(), (mu, logvar))
+    want = torch.autograd.grad((z_ref * w).sum(), (mu, logvar))
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
+    z = z.detach()
+    assert torch.allclose(q.log_prob(z), ref.log_prob(z), rtol=0, atol=1e-12)
+    assert torch.equal(q.mean, ref.mean) and torch.allclose(q.entropy(), ref.entropy())
+    p = Independent(Normal(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)), 1)
+    assert torch.allclose(kl_divergence(q, p), kl_divergence(ref, p))
+    e = q.expand((2, 3))
+    assert isinstance(e.base_dist, DiagonalNormal) and e.rsample().shape == (2, 3, 4)
+    b = DiagonalNormal(torch.zeros(4), torch.ones(2, 1))                      # broadcast as torch's Normal does
+    assert b.batch_shape == (2, 4) and b.rsample().shape == (2, 4)
+
+
+def test_the_standard_prior_is_built_once_per_pair_of_buffers():
+    """model.prior hands out one object while the buffers stay; a move (.double(), .to) gives a new
+    one on the new buffers, never a stale one."""
+    from vae_cli.model import VAE
+    from vae_cli.networks import MLPDecoder, MLPEncoder
+    from vae_cli.likelihoods import Bernoulli
+
+    vae = VAE(3, MLPEncoder([1, 2, 2], 3, [5]), MLPDecoder([1, 2, 2], 3, [5]), Bernoulli())
+    p = vae.prior
+    assert vae.prior is p and p.base_dist.loc is vae.prior_loc and p.base_dist.scale is vae.prior_scale
+    vae.double()
+    q = vae.prior
+    assert q is not p and q.base_dist.loc is vae.prior_loc and q.mean.dtype == torch.float64
+    assert torch.allclose(q.log_prob(torch.zeros(3, dtype=torch.float64)),
+                          torch.tensor(-1.5 * math.log(2 * math.pi), dtype=torch.float64))
+
+
+def test_bernoulli_distribution_keeps_torchs_interface():
+    """p(x|z) built without torch's checks still is torch's Bernoulli: probs, mean, sample, expand,
+    entropy, and log_prob broadcast against x of another shape."""
+    from torch.distributions import Bernoulli as TorchBernoulli
+
+    from vae_cli.likelihoods import Bernoulli, BernoulliLogits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 2, 3, generator=g)
+    px, ref = Bernoulli()(logits), TorchBernoulli(logits=logits, validate_args=False)
+    assert isinstance(px.base_dist, BernoulliLogits) and px.batch_shape == (2,) and px.event_shape == (1, 2, 3)
+    assert torch.allclose(px.base_dist.probs, ref.probs) and torch.allclose(px.mean, ref.mean)
+    assert torch.allclose(px.base_dist.entropy(), ref.entropy())
+    assert px.sample((4,)).shape == (4, 2, 1, 2, 3)
+    e = px.expand((5, 2))
+    assert isinstance(e.base_dist, BernoulliLogits) and e.batch_shape == (5, 2)
+    x = torch.rand(1, 2, 3, generator=g)                                       # one image against two logits
+    assert torch.allclose(px.log_prob(x), ref.log_prob(x).sum((-3, -2, -1)), atol=1e-5)
+
+
 def test_kl_to_the_standard_normal_prior_is_torchs_closed_form():
     """model.prior dispatches KL(q || N(0, I)) to the registered short form: the values and
     gradients of torch's Normal-Normal KL, from tiny to huge scales."""

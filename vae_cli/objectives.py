@@ -69,9 +69,10 @@ def kl_per_dim(q: Distribution, prior: Distribution) -> torch.Tensor | None:
 def posterior_mean(q: Distribution, z: torch.Tensor) -> torch.Tensor:
     """E_q[z] per example, (B, D): the mean where the distribution has one, else the mean of the draws z (..., B, D)."""
     try:
-        return q.mean.expand(z.shape[-2:])
+        mean = q.mean
     except NotImplementedError:
         return z.reshape(-1, *z.shape[-2:]).mean(0)
+    return mean if mean.shape == z.shape[-2:] else mean.expand(z.shape[-2:])
 
 
 def kl_penalty(kl: torch.Tensor, kl_dims: torch.Tensor | None, free_bits: float, latent_dim: int) -> torch.Tensor:

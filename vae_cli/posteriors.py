@@ -27,6 +27,7 @@ import math
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal
+from torch.distributions.utils import broadcast_all
 
 from vae_cli.typed import ImageShape, PosInt, PosInts
 
@@ -42,8 +43,34 @@ class Posterior(nn.Module):
         return q.mean
 
 
+class DiagonalNormal(Normal):
+    """torch's Normal, built for the training loop: no broadcast of loc and scale where their shapes
+    already match, no argument checks, and ``rsample`` as loc + eps * scale in one op (addcmul).
+
+    Why: q(z|x) is built and drawn from at every training step, and there the Python around these
+    few ops costs more than their arithmetic on a (128, 20) batch: in place in a CPU training step
+    of the default mlp, torch's Normal and its rsample took about 75 us more than the ops alone
+    (README, Speed). The values are torch's: eps comes from the same generator call (randn is
+    empty().normal_(), as torch's rsample draws it); addcmul rounds loc + eps * scale once, not twice.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        if loc.shape != scale.shape:
+            loc, scale = broadcast_all(loc, scale)
+        self.loc, self.scale = loc, scale
+        Distribution.__init__(self, loc.shape, validate_args=False)
+
+    def expand(self, batch_shape: torch.Size | tuple, _instance: Normal | None = None) -> Normal:
+        return super().expand(batch_shape, _instance=self._get_checked_instance(DiagonalNormal, _instance))
+
+    def rsample(self, sample_shape: torch.Size | tuple = torch.Size()) -> torch.Tensor:
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=self.loc.dtype, device=self.loc.device)
+        return torch.addcmul(self.loc, eps, self.scale)
+
+
 def diagonal_gaussian(mu: torch.Tensor, logvar: torch.Tensor) -> Independent:
-    return Independent(Normal(mu, (0.5 * logvar).exp(), validate_args=False), 1, validate_args=False)
+    """N(mu, diag exp(logvar)): batch shape mu.shape[:-1], event shape (D,)."""
+    return Independent(DiagonalNormal(mu, (0.5 * logvar).exp()), 1, validate_args=False)
 
 
 class GaussianPosterior(Posterior):
