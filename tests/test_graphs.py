@@ -122,3 +122,22 @@ def test_a_step_that_cannot_be_captured_runs_op_by_op_after_one_line(tmp_path, d
     assert log.count("could not be captured as a CUDA graph (operation not permitted when stream is capturing)") == 1
     plain, graph = weights(tmp_path / "plain"), weights(tmp_path / "graph")
     assert all(torch.equal(plain[name], graph[name]) for name in plain)
+
+
+def test_the_module_zeroes_gradients_as_torchs_zero_grad_does_except_after_a_replay():
+    """VAEModule.optimizer_zero_grad (a plain loop, not torch's zero_grad with its wrappers): every
+    gradient of the optimizer's parameters is None afterwards, as with zero_grad(set_to_none=True);
+    after a replayed step (the graph already did it) nothing is touched."""
+    from vae_cli.module import VAEModule
+
+    model = torch.nn.Linear(3, 2)
+    module = VAEModule(model, torch.optim.Adam)
+    opt = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.1}])
+    model(torch.ones(4, 3)).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    module._replayed = True
+    module.optimizer_zero_grad(0, 0, opt)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    module._replayed = False
+    module.optimizer_zero_grad(0, 0, opt)
+    assert all(p.grad is None for p in model.parameters())

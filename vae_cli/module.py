@@ -352,8 +352,13 @@ class VAEModule(pl.LightningModule):
             optimizer.step()  # this step's update, op by op (the first step, a smaller last batch)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # What torch's optimizer.zero_grad() (set_to_none=True, its default) comes to, without its
+        # dynamo guard and profiler range around the loop: about 60 us a step on a 2-core CPU
+        # (1.5% of the default model's step), where setting eight attributes takes 3 us.
         if not self._replayed:
-            optimizer.zero_grad()
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if not self._replayed:
