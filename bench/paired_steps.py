@@ -58,6 +58,7 @@ class Pairs(pl.Callback):
         self.bare_opt = self.bare.configure_optimizers()
         self.ratios: dict[str, list[float]] = {"Trainer / plain": [], "bare / plain": [], "Trainer / bare": []}
         self.t0: float | None = None
+        self.bare_pass: Iterator[torch.Tensor] | None = None
         self.n = 0
         self.first = True
 
@@ -75,12 +76,26 @@ class Pairs(pl.Callback):
         trainer_s = (time.perf_counter() - self.t0) / self.window
         order = torch.randperm(len(self.images))[: self.window * BATCH].view(self.window, BATCH)
         plain_s = self.timed(self.plain_step, (self.images[i] for i in order))  # (B, 784) float
-        bare_s = self.timed(self.bare_step, iter(self.loader))  # (B, C, H, W) from the uint8 bytes
+        bare_s = self.timed(self.bare_step, self.bare_batches())  # (B, C, H, W) from the uint8 bytes
         if not self.first:  # the first window of an epoch includes the epoch's start
             self.ratios["Trainer / plain"].append(trainer_s / plain_s)
             self.ratios["bare / plain"].append(bare_s / plain_s)
             self.ratios["Trainer / bare"].append(trainer_s / bare_s)
-        self.first, self.t0 = False, None
+        # the next window starts now, so that the windows cover whole steps, from one batch's end to the next
+        self.first, self.t0, self.n = False, time.perf_counter(), 0
+
+    def bare_batches(self) -> Iterator[torch.Tensor]:
+        """The bare side's batches: one pass over the loader after another, as a run takes them. A pass
+        shuffles the whole split at its first batch: once per epoch's worth of batches, as in a run,
+        not once per window."""
+        while True:
+            if self.bare_pass is None:
+                self.bare_pass = iter(self.loader)
+            x = next(self.bare_pass, None)
+            if x is None:
+                self.bare_pass = None
+                continue
+            yield x
 
     def plain_step(self, x: torch.Tensor) -> None:
         self.plain_opt.zero_grad()
