@@ -54,6 +54,22 @@ def config(data_dir: str | None) -> dict:
                             ["experiment=pytorch_example"] + ([f"data_dir={data_dir}"] if data_dir else [])))
 
 
+def prepare(threads: int | None, data_dir: str | None) -> tuple[dict, "object"]:
+    """What the in-process benches do first: torch's threads (None: torch's default), vae train's
+    environment, Lightning's logs quiet; then the config and its datamodule, set up for fit."""
+    from vae_cli.train import build_datamodule
+
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as vae train does (vae_cli/train.py)
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    cfg = config(data_dir)
+    data = build_datamodule(cfg)
+    data.setup("fit")
+    return cfg, data
+
+
 def module(cfg: dict, manual_optimization: bool = False):
     from hydra.utils import instantiate
 
@@ -157,16 +173,7 @@ def main() -> None:
     a = p.parse_args()
     if a.steps <= WARMUP:
         p.error(f"--steps {a.steps} must be more than {WARMUP}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as vae train does (vae_cli/train.py)
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from vae_cli.train import build_datamodule
-
-    cfg = config(a.data_dir)
-    data = build_datamodule(cfg)
-    data.setup("fit")
+    cfg, data = prepare(a.threads, a.data_dir)
     loader = data.train_dataloader()
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {device_name('cpu')}  torch {torch.__version__}  "
           f"pytorch_lightning {pl.__version__}  threads {torch.get_num_threads()}  steps {a.steps}", flush=True)

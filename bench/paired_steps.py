@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import logging
-import os
 import statistics
 import tempfile
 import time
@@ -40,7 +38,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from loop_overhead import config, module  # bench/ is the script's folder, on sys.path
+from loop_overhead import module, prepare  # bench/ is the script's folder, on sys.path
 from train_speed import BATCH, VAE, device_name
 
 
@@ -123,16 +121,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--data-dir", default=None, help="vae's data_dir (default: the config's)")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # as vae train does (vae_cli/train.py)
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from vae_cli.train import build_datamodule, build_trainer
+    from vae_cli.train import build_trainer
 
-    cfg = config(a.data_dir)
-    data = build_datamodule(cfg)
-    data.setup("fit")
+    cfg, data = prepare(a.threads, a.data_dir)
     pairs = Pairs(cfg, data.train_dataloader(), a.window)
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {device_name('cpu')}  torch {torch.__version__}  "
           f"pytorch_lightning {pl.__version__}  threads {torch.get_num_threads()}  window {a.window}", flush=True)
