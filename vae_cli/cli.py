@@ -64,10 +64,51 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _close_bars() -> None:
+    """End half-drawn progress bars' lines, so that a last message starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def fail(message: str) -> NoReturn:
     """Print one line and exit 2: the end of every user mistake."""
+    _close_bars()
     print(f"vae: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+# Settings whose value is a path. A path may hold characters Hydra's override grammar does not take
+# unquoted, such as '=' in Lightning's checkpoint names (best-epoch=2-step=90.ckpt): quoted for it.
+PATH_KEYS = {"ckpt", "run", "resume", "out", "data_dir", "dataset.path", "hydra.run.dir", "hydra.sweep.dir"}
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """args with each path setting that Hydra could not read as given, and can read quoted, quoted:
+    `ckpt=RUN/checkpoints/best-epoch=2-step=90.ckpt` works as the training printed it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, out = None, []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+~") in PATH_KEYS and value and value[0] not in "'\"":
+            parser = parser or OverridesParser.create()
+            quoted = f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
+            if not _parses(parser, a) and _parses(parser, quoted):
+                a = quoted
+        out.append(a)
+    return out
+
+
+def _parses(parser, override: str) -> bool:
+    try:
+        parser.parse_overrides([override])
+        return True
+    except Exception:  # Hydra's grammar errors
+        return False
 
 
 def split_overrides(args: list[str]) -> tuple[list[str], bool]:
@@ -100,7 +141,15 @@ def _task(command: str):
                 from vae_cli.runs import set_matmul_precision
 
                 set_matmul_precision(cfg.matmul_precision)
-            fn(cfg)
+            try:
+                fn(cfg)
+            except (MemoryError, RuntimeError) as e:  # a size too large for this machine: one line
+                from vae_cli.errors import memory_message, out_of_memory
+
+                if not out_of_memory(e):
+                    raise
+                file_only(f"error: {first_line(e)}", logging.ERROR)
+                raise UserError(memory_message(e, _task_overrides())) from None
         except UserError as e:
             file_only(f"error: {e}", logging.ERROR)  # a run that stops early says why in its train.log
             if os.environ.get("VAE_DEBUG"):
@@ -123,6 +172,16 @@ def _task(command: str):
             _stop["message"] = "interrupted"  # a sweep's next job sets its own
 
     return task
+
+
+def _task_overrides() -> list[str]:
+    """The command line's key=value settings of the job that runs (a sweep's job: its own values)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # outside Hydra (tests calling a command directly)
+        return []
 
 
 def _resume_hint(command: str, cfg) -> str | None:
@@ -151,12 +210,7 @@ def interrupted(resume: str | None = None) -> NoReturn:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside main(): a second Ctrl-C must not print a traceback
     except ValueError:  # not the main thread
         pass
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):  # end half-drawn progress bars' lines
-        try:
-            bar.close()
-        except Exception:
-            pass
+    _close_bars()
     message = _stop_message(resume)
     with _report_lock:  # the watchdog (below) prints the line only if this has not
         try:
@@ -325,14 +379,20 @@ def _main(argv: list[str] | None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(usage(), file=sys.stderr)
         fail(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
+    rest = quote_paths(rest)
+    sys.argv = [sys.argv[0], command, *rest]
     overrides, info = split_overrides(rest)
+    multirun = bool({"-m", "--multirun"} & set(rest))
+    shown = sorted({"--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"} & set(rest))
+    if multirun and shown:  # Hydra would raise a ValueError with a traceback
+        fail(f"-m and {shown[0]} together: {shown[0]} shows one run's config, so drop -m (a sweep's runs "
+             f"differ only by the swept values) or {shown[0]}")
     if not info:
         from vae_cli.checks import check_command_line
 
         try:
-            check_command_line(config_dir(), command, overrides, multirun=bool({"-m", "--multirun"} & set(rest)))
+            check_command_line(config_dir(), command, overrides, multirun=multirun)
         except UserError as e:
             if os.environ.get("VAE_DEBUG"):
                 raise
