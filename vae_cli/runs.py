@@ -80,12 +80,48 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return ckpt
 
 
+@contextmanager
+def run_lock(run: Path, shown: str) -> Iterator[None]:
+    """Hold the run folder for one `vae train`: an advisory lock on RUN/train.log (the file every
+    run writes; its text is not touched), which the system drops when the process ends, however it
+    ends. A second training into the same folder, such as resume=RUN while RUN still trains, is
+    refused instead of writing the same checkpoints and events at once. Lightning's other DDP
+    processes (rank > 0) train in rank 0's folder, under its lock."""
+    if os.environ.get("LOCAL_RANK", "0") not in ("", "0") or os.environ.get("NODE_RANK", "0") not in ("", "0"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "train.log", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"{shown}: that run is being trained now by another `vae train`: wait for it to end, "
+                            "or stop it first") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_not_training(run: Path, shown: str) -> None:
+    """UserError now if another `vae train` holds the run folder (run_lock): said before any work."""
+    if (run / "train.log").is_file():
+        with run_lock(run, shown):
+            pass
+
+
 def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     """(config, last checkpoint) to resume a run; a run killed before its first checkpoint
     restarts from step 0 with the config Hydra saved in RUN/.hydra/config.yaml."""
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise UserError(f"resume={str(run_dir)!r} is not a folder: give a run folder under outputs/")
+    check_not_training(run, f"resume={str(run_dir)}")
     ckpt = run / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
         return load_checkpoint(ckpt)["vae_cli"]["config"], ckpt
@@ -117,8 +153,12 @@ def find_checkpoint(run: str | None, ckpt: str | None) -> Path:
         raise UserError(f"run={run!r} and ckpt={ckpt!r}: give one of them")
     if ckpt is not None:
         path = Path(ckpt).expanduser()
+        if path.is_dir():
+            raise UserError(f"ckpt={ckpt!r} is a folder: give a .ckpt file written by `vae train` "
+                            "(or run=FOLDER for a run)")
         if not path.is_file():
-            raise UserError(f"ckpt={ckpt!r} does not exist: give a .ckpt file written by `vae train`")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise UserError(f"ckpt={ckpt!r} {what}: give a .ckpt file written by `vae train`")
         return path
     return last_checkpoint(run) if run is not None else last_checkpoint(newest_run())
 
@@ -132,6 +172,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and isinstance(ckpt.get("state_dict"), dict)):
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (it holds no vae-cli config)")
     check_config(ckpt["vae_cli"].get("config"), f"ckpt={str(path)!r}")
+    bad = [k for k, v in ckpt["state_dict"].items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # vae train stops before it saves a model whose loss went non-finite: a damaged or foreign file
+        raise UserError(f"ckpt={str(path)!r} holds non-finite weights (NaN or infinity in {len(bad)} tensor(s), "
+                        f"first {bad[0]}): nothing can be computed from it; use another checkpoint")
     return ckpt
 
 
@@ -214,6 +259,8 @@ def check_out(out: str | None, gif: bool = False) -> None:
     if out is None:
         return
     path = Path(out).expanduser()
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        raise UserError(f"out={out!r} names a folder: give a file name in it")
     if gif and path.suffix.lower() == ".gif":
         raise UserError(f"out={out!r}: name the PNG; the GIF is written beside it with the suffix .gif")
     for p in [path, path.with_suffix(".gif")] if gif else [path]:
@@ -245,6 +292,7 @@ def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple
     """
     if out is not None:
         base = Path(out).expanduser()
+        _check_out_name(out, base, suffixes)
         paths = [base] + [base.with_suffix(s) for s in suffixes[1:]]
     else:
         try:
@@ -265,10 +313,12 @@ def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple
                 os.close(fd)
                 claimed.append(p)
             return paths
-        except FileExistsError:
+        except FileExistsError as e:
             release_outputs(claimed)
             if out is not None:
-                raise UserError(f"out={out!r} exists already: choose a new name (nothing was overwritten)") from None
+                what = "exists already" if e.filename in (None, str(base)) else \
+                    f"would write {e.filename!r} beside it, which exists already"
+                raise UserError(f"out={out!r} {what}: choose a new name (nothing was overwritten)") from None
             i += 1
         except OSError as e:
             release_outputs(claimed)
@@ -283,6 +333,19 @@ def release_outputs(paths: list[Path]) -> None:
             p.unlink()
         except OSError:
             pass
+
+
+def _check_out_name(out: str, base: Path, suffixes: tuple[str, ...]) -> None:
+    """out= names the first of the outputs (the others go beside it with their own suffixes): not a
+    folder, not another output's suffix, and a picture's file ends in .png (it is written as PNG)."""
+    suffix = base.suffix.lower()
+    if out.endswith(("/", os.sep)) or base.is_dir():
+        raise UserError(f"out={out!r} names a folder: give a file name in it, such as "
+                        f"{str(base / ('output' + suffixes[0]))!r}")
+    if suffix in suffixes[1:]:
+        raise UserError(f"out={out!r}: name the {suffixes[0]} file; the {suffix} is written beside it")
+    if suffixes[0] == ".png" and suffix not in ("", ".png"):
+        raise UserError(f"out={out!r}: name a .png file (the picture is written as PNG)")
 
 
 @contextmanager

@@ -355,7 +355,9 @@ def load_folder(
     """
     root = Path(os.path.expanduser(path))
     if not root.is_dir():
-        raise UserError(f"dataset.path={path!r} is not a folder: give a folder of images")
+        where = "" if root.is_absolute() else f" (seen from {os.getcwd()!r})"
+        raise UserError(f"dataset.path={path!r} is not a folder{where}: the images are read from it again, so it "
+                        "must be where the run was trained from")
     try:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
