@@ -64,6 +64,7 @@ class TrainingPictures(pl.Callback):
             return
         model, data = module.model, trainer.datamodule
         x = next(iter(data.val_dataloader()))[: self.n]                       # (n, C, H, W) model inputs
+        x = trainer.precision_plugin.convert_input(x)  # the model's dtype (trainer.precision=64-true, bf16-true)
         was_training = model.training
         model.eval()
         recon = pictures.reconstructions(model, x)

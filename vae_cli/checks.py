@@ -183,12 +183,15 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         others = [o for o, k in zip(overrides, keys) if k not in ("resume", "verbose") and not k.startswith("hydra")]
         if others:
             raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}")
+    _check_sweep_settings(overrides, multirun)
     schema = load(SCHEMAS[command])
     folders: list[tuple[str, Path]] = []
     for variant in _variants(overrides, multirun):
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
         config = resolved(cfg)
         validate(config, schema)
+        if command != "train" and config.get("data_dir") is not None:  # where the commands that read a model cache data
+            _check_data_dir(str(config["data_dir"]))
         if command == "train":
             check_train_here(config)
             # Lightning's DDP launcher re-runs this command line per rank, into rank 0's folder
@@ -196,6 +199,24 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
                 folders.append(check_output_folder(cfg, multirun))
     for shown, folder in dict.fromkeys(folders):  # every value passed: can the folder Hydra writes be made?
         _try_to_create(shown, folder)
+
+
+def _check_sweep_settings(overrides: list[str], multirun: bool) -> None:
+    """Hydra's launcher and sweeper settings that Hydra itself would only refuse with a traceback."""
+    import shutil
+
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if multirun and key == "hydra/launcher" and value == "submitit_slurm" and shutil.which("srun") is None:
+            raise UserError(f"{o} needs Slurm, and this machine has no `srun`: run the sweep where Slurm is, or use "
+                            "hydra/launcher=submitit_local or joblib")
+        if key == "hydra.sweeper.max_batch_size" and value not in ("null", "None"):
+            try:
+                good = int(value) >= 1
+            except ValueError:
+                good = False
+            if not good:
+                raise UserError(f"{o} is not allowed: expected a positive integer (jobs launched at a time) or null")
 
 
 # --------------------------------------------------------------------------- what only this machine knows
@@ -218,18 +239,57 @@ def check_train_here(config: dict[str, Any]) -> None:
             raise UserError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     check_trainer_here(config["trainer"])
     _check_trainer(config["trainer"])
+    _check_run_plan(config)
     if config.get("resume") is not None:
         from vae_cli.runs import resume_source
 
         resume_source(str(config["resume"]))  # raises UserError when the run cannot be resumed
 
 
+def _check_run_plan(config: dict[str, Any]) -> None:
+    """Settings that are each allowed but not together; refused before Hydra makes the run's folder."""
+    import torch
+
+    from vae_cli.run_config import NO_END, endless
+
+    trainer = config["trainer"]
+    if endless(trainer):  # VAEModule.follows_progress, read from the config
+        start = (config.get("objective") or {}).get("start", 0) or 0
+        what = "scheduler" if config.get("scheduler") else f"objective.start={start}" if start > 0 else None
+        if what:
+            raise UserError(NO_END.format(what=what))
+    optimizer = config["optimizer"]
+    if str(trainer.get("precision")) == "16-true" and "eps" in _arguments(optimizer["_target_"]):
+        eps = optimizer.get("eps", _arguments(optimizer["_target_"])["eps"].default)
+        tiny = torch.finfo(torch.float16).tiny
+        if eps < tiny:  # Adam's state is float16 there: eps rounds to 0, and sqrt(v) + eps is 0 where g^2 underflows
+            raise UserError(f"trainer.precision={trainer['precision']} is not allowed with optimizer.eps={eps:g}: "
+                            "every weight and the optimizer's state are float16 there, where an eps below "
+                            f"{tiny:.2g} (its smallest normal number) is rounded away and the first steps divide "
+                            "by zero; use trainer.precision=16-mixed or bf16-true, or add +optimizer.eps=1e-4")
+
+
+def _arguments(target: str) -> dict[str, Any]:
+    """The parameters of the function or class a config's _target_ names ({} where it cannot be read)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        return dict(inspect.signature(get_object(target)).parameters)
+    except Exception:  # not importable here: the description checked it already
+        return {}
+
+
 def _check_data_dir(value: str) -> None:
     """data_dir must be a folder that exists or can be made (training makes it anyway)."""
     from vae_cli.data import data_root
 
+    root = data_root(value)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data_dir={value!r} is a file: give a folder (it is made if missing)")
     try:
-        data_root(value).mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"data_dir={value!r} cannot be created ({e.strerror or type(e).__name__}): "
                         "give a folder you can write to") from None

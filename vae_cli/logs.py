@@ -77,8 +77,8 @@ class _Quiet(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "Tensor Cores" in record.getMessage():
             return False
-        # the summary table exists only when asked for (verbose, or trainer.enable_model_summary=true)
-        asked = record.name.endswith("model_summary")
+        # the summary table when asked for (verbose, or trainer.enable_model_summary=true): show_model_summary
+        asked = _summary["show"] and record.name.endswith("model_summary")
         return self.verbose or asked or record.levelno >= logging.WARNING
 
 
@@ -138,6 +138,14 @@ def attach_run_log() -> None:
             if not _is_file(h) and not any(isinstance(f, _Drop) for f in h.filters):
                 h.addFilter(_Drop((), words=("KeyboardInterrupt",)))
     lightning_verbose(False)
+
+
+_summary = {"show": False}
+
+
+def show_model_summary(show: bool) -> None:
+    """Whether Lightning's model summary table reaches the terminal (the log file always gets it)."""
+    _summary["show"] = show
 
 
 def lightning_verbose(verbose: bool) -> None:

@@ -25,10 +25,7 @@ from vae_cli.graphs import StepGraph, graph_blocker
 from vae_cli.logs import FILE_ONLY, log
 from vae_cli.model import VAE
 from vae_cli.objectives import ELBO, Objective, Terms
-
-
-NO_END = ("{what} needs the run's end: set trainer.max_epochs, trainer.max_steps or trainer.max_time "
-          "(now the run has no limit)")
+from vae_cli.run_config import NO_END
 
 
 class NonFiniteLoss(UserError):
@@ -126,8 +123,9 @@ class VAEModule(pl.LightningModule):
         if objective is None:
             objective = self.training_objective() if train else self.objective
         t = objective.terms(self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
-        recon, kl = t.recon.sum(), t.kl.sum()
-        return t, torch.stack([recon - kl, recon, kl, t.objective * len(x)])
+        wide = torch.promote_types(t.recon.dtype, torch.float32)  # a 16-bit sum of a batch overflows (-540 x 128)
+        recon, kl = t.recon.sum(dtype=wide), t.kl.sum(dtype=wide)
+        return t, torch.stack([recon - kl, recon, kl, t.objective.to(wide) * len(x)])
 
     def step(self, x: torch.Tensor, split: str) -> torch.Tensor:
         """The one step shared by train, val and test: the objective, the ELBO terms, logs."""

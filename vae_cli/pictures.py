@@ -156,7 +156,7 @@ def prior_draws(model: VAE, n: int, seed: int = 0, temperature: float = 1.0) -> 
     for another prior (a mixture has no single scale), so anything but 1 is refused there."""
     if model.standard_prior:
         z = temperature * torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, D)
-        return z.to(model.device)
+        return z.to(model.prior_loc)  # the model's device and dtype (trainer.precision=64-true, ...)
     if temperature != 1.0:
         raise UserError(f"temperature={temperature} is not allowed: it scales N(0, I), and this model's prior is "
                         f"{getattr(model, 'prior_description', None) or type(model.prior_module).__name__}; use temperature=1")
@@ -267,19 +267,23 @@ def _load(cfg):
     return model, config, ckpt, run_dir_of(ckpt) / "samples"
 
 
-def _inputs(cfg, config: dict, model: VAE, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """count images of cfg.split from start: (model input, grey-level display), both (count, C, H, W)."""
+def _inputs(cfg, config: dict, model: VAE, start: int, count: int, asked: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """count images of cfg.split from start (asked: the setting that made count, for an error):
+    (model input, grey-level display), both (count, C, H, W)."""
     from vae_cli.data import run_split
 
-    return _take(*run_split(config, cfg.split, cfg.data_dir), cfg, model, start, count)
+    return _take(*run_split(config, cfg.split, cfg.data_dir), cfg, model, start, count, asked)
 
 
-def _take(images: torch.Tensor, pixels: str, cfg, model: VAE, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _take(images: torch.Tensor, pixels: str, cfg, model: VAE, start: int, count: int,
+          asked: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """images[start:start+count] as (model input in the run's pixel mode, grey-level display)."""
     from vae_cli.data import to_pixels
 
     if start + count > len(images):
-        raise UserError(f"index={start} with {count} image(s) runs past the {cfg.split} split ({len(images)} images)")
+        what = f"{asked} from index={start}" if asked else f"index={start}"
+        raise UserError(f"{what} runs past the {cfg.split} split ({len(images)} images): ask for fewer, "
+                        "or start earlier")
     raw = images[start : start + count].to(model.device)
     g = torch.Generator(device=raw.device).manual_seed(cfg.seed)
     return to_pixels(raw, pixels, g), raw.float() / 255
@@ -322,7 +326,7 @@ def interpolate(cfg) -> Path:
         if cfg.source == "prior":
             z, ends = prior_draws(model, 2 * cfg.pairs, cfg.seed), None
         else:
-            x, shown = _inputs(cfg, config, model, cfg.index, 2 * cfg.pairs)
+            x, shown = _inputs(cfg, config, model, cfg.index, 2 * cfg.pairs, f"pairs={cfg.pairs} (2 images each)")
             z, ends = encode_mean(model, x), shown
         rows = interpolation_rows(model, z[0::2], z[1::2], cfg.steps, cfg.method, cfg.mode, cfg.seed)  # (P, S, C, H, W)
         if ends is not None:
@@ -342,7 +346,7 @@ def reconstruct(cfg) -> Path:
     """`vae reconstruct`: rows of test inputs, each above its reconstructions."""
     model, config, _, out_dir = _load(cfg)
     with _outputs(cfg, out_dir, "reconstruct") as paths:
-        x, shown = _inputs(cfg, config, model, cfg.index, cfg.n)
+        x, shown = _inputs(cfg, config, model, cfg.index, cfg.n, f"n={cfg.n}")
         recon = reconstructions(model, x)
         per_row = min(cfg.n, 8)
         blocks = [torch.cat([shown[i : i + per_row], recon[i : i + per_row]]) for i in range(0, cfg.n, per_row)]
@@ -368,6 +372,9 @@ def traverse(cfg) -> Path:
         else:  # a flow or the VampPrior: no KL per dimension; rank by how much the code varies
             score, label = activity(model, pool), "activity (variance of the code over inputs)"
         order = score.argsort(descending=True).tolist()
+        if cfg.dims and cfg.dims > len(order):
+            raise UserError(f"dims={cfg.dims} is more than this model has: give at most its {len(order)} "
+                            "latent dimensions")
         dims = order[: cfg.dims] if cfg.dims else order
         print(f"rows, by {label}: " + ", ".join(f"z{d} {score[d]:.2f}" for d in dims), file=sys.stderr)
         return _save(paths, grid(traversal(model, x, dims, cfg.steps, cfg.range), cfg.steps))

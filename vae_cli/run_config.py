@@ -104,6 +104,17 @@ class TrainSettings(BaseModel):
     eval: EvalSettings = EvalSettings()
 
 
+def endless(trainer_cfg: dict[str, Any]) -> bool:
+    """True if nothing ends the run: no epoch limit (-1), no step limit and no trainer.max_time."""
+    return (trainer_cfg.get("max_epochs") == -1 and trainer_cfg.get("max_steps") in (None, -1)
+            and not trainer_cfg.get("max_time"))
+
+
+# What a scheduler or objective.start is told when nothing ends the run (both need its length).
+NO_END = ("{what} needs the run's end: set trainer.max_epochs, trainer.max_steps or trainer.max_time "
+          "(now the run has no limit)")
+
+
 def trainer_arguments(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     """pytorch_lightning.Trainer's keyword arguments from conf/trainer (null means Lightning's default)."""
     return {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
