@@ -1,0 +1,234 @@
+"""User mistakes found by trying the tool as a user would: each ends in one line and exit code 2,
+or works, and nothing saved before changes. (The older fault cases live in test_robust.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, run_main
+
+from vae_cli import cli
+from vae_cli.errors import memory_message, out_of_memory
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert lines and lines[-1].startswith("vae: error: ") and "Traceback" not in err, err
+    return lines[-1]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def best_checkpoint(run: Path) -> Path:
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    return best
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_a_path_with_equals_signs_works_as_the_training_printed_it(trained_run, tmp_path, capsys):
+    best = best_checkpoint(trained_run)
+    assert "=" in best.name                               # Lightning's best-epoch=E-step=S.ckpt
+    out = tmp_path / "s.png"
+    assert run_main("sample", f"ckpt={best}", "n=4", f"out={out}") == 0 and out.stat().st_size > 0
+    assert cli.quote_paths([f"ckpt={best}", "n=4"]) == [f"ckpt='{best}'", "n=4"]
+    assert cli.quote_paths(["run=a/b"]) == ["run=a/b"]                # readable as it is: left alone
+    assert cli.quote_paths(["n=1=2"]) == ["n=1=2"]                    # not a path: Hydra's error stands
+    assert cli.quote_paths(["out=it's=1.png"]) == ["out='it\\'s=1.png'"]
+
+
+def test_a_sweep_with_cfg_job_is_one_line(capsys):
+    assert run_main("train", "-m", "model.latent_dim=2,8", "--cfg", "job") == 2
+    assert "-m and --cfg" in one_line_error(capsys)
+
+
+def test_an_unknown_command_is_one_line(capsys):
+    assert run_main("trian") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vae: error: unknown command 'trian': choose one of " + ", ".join(cli.COMMANDS)]
+
+
+@pytest.mark.parametrize("args, said", [
+    (["hydra.sweeper.max_batch_size=0", "model.latent_dim=2"], "hydra.sweeper.max_batch_size=0 is not allowed"),
+    (["hydra/launcher=submitit_slurm", "model.latent_dim=2,3"], "needs Slurm"),
+])
+def test_sweep_settings_hydra_would_assert_on(args, said, tmp_path, monkeypatch, capsys):
+    if "submitit_slurm" in args[0] and shutil.which("srun"):
+        pytest.skip("this machine has Slurm")
+    monkeypatch.chdir(tmp_path)
+    assert run_main("train", "-m", *TINY, *args) == 2
+    assert said in one_line_error(capsys)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_settings_refused_together_leave_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main("train", "scheduler=cosine", "trainer.max_epochs=-1") == 2
+    assert "scheduler needs the run's end" in one_line_error(capsys)
+    assert not (tmp_path / "outputs").exists()
+
+
+# --------------------------------------------------------------------------- sizes and memory
+
+
+def test_out_of_memory_is_one_line_naming_the_numbers_given(trained_run, tmp_path, monkeypatch, capsys):
+    from vae_cli import pictures
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 80000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(pictures, "sample_images", too_big)
+    before = digest(trained_run)
+    assert run_main("sample", f"run={trained_run}", "n=1000000000", f"out={tmp_path / 's.png'}") == 2
+    line = one_line_error(capsys)
+    assert "out of memory (tried to allocate 80.0 GB) with n=1000000000" in line
+    assert not (tmp_path / "s.png").exists() and digest(trained_run) == before   # the claimed file is gone again
+
+
+def test_memory_errors_are_told_apart_from_other_runtime_errors():
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    line = memory_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), ["k=5000", "run=x"])
+    assert "tried to allocate 2 GiB" in line and "with k=5000" in line and "run=x" not in line
+
+
+# --------------------------------------------------------------------------- checkpoints and outputs
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(trained_run, tmp_path, capsys):
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    name = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][name][0, 0] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save(ckpt, bad)
+    for command in ("evaluate", "traverse", "sample"):
+        out = tmp_path / (command + (".json" if command == "evaluate" else ".png"))
+        assert run_main(command, f"ckpt={bad}", f"out={out}") == 2, command
+        assert f"non-finite weights (NaN or infinity in 1 tensor(s), first {name})" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("what", ["folder", "device"])
+def test_a_ckpt_that_is_not_a_file_says_what_it_is(trained_run, what, capsys):
+    path = trained_run / "checkpoints" if what == "folder" else Path("/dev/null")
+    assert run_main("sample", f"ckpt={path}") == 2
+    assert ("is a folder" if what == "folder" else "is not a regular file") in one_line_error(capsys)
+
+
+def test_out_names_one_file_of_the_right_kind(trained_run, tmp_path, capsys):
+    (tmp_path / "taken.png").write_bytes(b"keep")
+    cases = [
+        ("evaluate", f"out={tmp_path / 'res.png'}", "name the .json file; the .png is written beside it"),
+        ("evaluate", f"out={tmp_path / 'taken.json'}", f"would write {str(tmp_path / 'taken.png')!r} beside it"),
+        ("sample", f"out={tmp_path / 'x.jpg'}", "name a .png file"),
+        ("sample", f"out={tmp_path}/", "names a folder"),
+        ("reconstruct", f"out={tmp_path}", "names a folder"),
+    ]
+    for command, out, said in cases:
+        extra = ["k=2", "limit=4"] if command == "evaluate" else []
+        assert run_main(command, f"run={trained_run}", *extra, out) == 2, (command, out)
+        assert said in one_line_error(capsys), (command, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.png"] and (tmp_path / "taken.png").read_bytes() == b"keep"
+
+
+def test_data_dir_that_is_a_file_is_refused_by_every_command(trained_run, tmp_path, capsys):
+    afile = tmp_path / "a.png"
+    afile.write_bytes(b"x")
+    for command in ("reconstruct", "evaluate", "train"):
+        extra = [f"run={trained_run}"] if command != "train" else []
+        assert run_main(command, *extra, f"data_dir={afile}") == 2, command
+        assert f"data_dir={str(afile)!r} is a file" in one_line_error(capsys)
+    assert afile.read_bytes() == b"x"
+
+
+def test_picture_sizes_past_the_split_name_the_setting(trained_run, tmp_path, capsys):
+    assert run_main("interpolate", f"run={trained_run}", "pairs=6000", f"out={tmp_path / 'i.png'}") == 2
+    assert "pairs=6000 (2 images each) from index=0 runs past the test split" in one_line_error(capsys)
+    assert run_main("traverse", f"run={trained_run}", "dims=500", f"out={tmp_path / 't.png'}") == 2
+    assert "dims=500 is more than this model has: give at most its 4 latent dimensions" in one_line_error(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_a_run_in_training_is_not_resumed_beside_itself(trained_run, capsys):
+    from vae_cli.runs import run_lock
+
+    before = digest(trained_run)
+    with run_lock(trained_run, "the first"):          # as a `vae train` into that folder holds it
+        assert run_main("train", f"resume={trained_run}") == 2
+        assert "that run is being trained now by another `vae train`" in one_line_error(capsys)
+    assert {k: v for k, v in digest(trained_run).items() if k != "train.log"} == \
+        {k: v for k, v in before.items() if k != "train.log"}          # only the log got the error's line
+    with run_lock(trained_run, "again"):              # released: the next one may take it
+        pass
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_trainer_precisions_other_than_float32_train_and_measure(precision, tmp_path, data_dir):
+    run = tmp_path / precision
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=4", "eval.limit=8",
+                    f"trainer.precision={precision}", f"hydra.run.dir={run}") == 0
+    import json
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("val_elbo", "test_elbo", "test_log_px"))
+
+
+def test_float16_weights_with_adams_default_eps_are_refused(tmp_path, monkeypatch, data_dir, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.precision=16-true") == 2
+    assert "trainer.precision=16-true is not allowed with optimizer.eps=1e-08" in one_line_error(capsys)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_the_log_file_keeps_the_model_summary(trained_run):
+    shown = (trained_run / "stdout.txt").read_text() + (trained_run / "stderr.txt").read_text()
+    assert "Total params" in (trained_run / "train.log").read_text() and "Total params" not in shown
+
+
+def test_a_folder_run_names_its_folder_absolutely(tmp_path, monkeypatch, data_dir):
+    from PIL import Image
+
+    from vae_cli.runs import load_checkpoint
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        Image.fromarray((torch.rand(12, 12, generator=g) * 255).byte().numpy(), "L").save(images / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert run_main("train", "dataset=folder", "dataset.path=imgs", "dataset.shape=[1,12,12]",
+                    f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0", f"hydra.run.dir={run}") == 0
+    config = load_checkpoint(run / "checkpoints" / "last.ckpt")["vae_cli"]["config"]
+    assert config["dataset"]["path"] == str(images.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run_main("reconstruct", f"run={run}", "n=2", f"out={elsewhere / 'r.png'}") == 0
+
+
+def test_the_vamp_prior_over_a_flow_is_said_to_be_slow(conf, caplog):
+    from hydra.utils import instantiate
+
+    from vae_cli.checks import compose, resolved
+    from vae_cli.train import warn_if_costly
+
+    caplog.set_level(logging.WARNING, logger="vae_cli")
+    for overrides, warned in ((["prior=vamp", "posterior=iaf"], True), (["prior=vamp"], False), (["posterior=iaf"], False)):
+        caplog.clear()
+        warn_if_costly(instantiate(resolved(compose(conf, "train", overrides))["model"]))
+        assert any("p(z) is a mixture of 500 flows" in r.getMessage() for r in caplog.records) == warned, overrides
