@@ -232,3 +232,16 @@ def test_the_vamp_prior_over_a_flow_is_said_to_be_slow(conf, caplog):
         caplog.clear()
         warn_if_costly(instantiate(resolved(compose(conf, "train", overrides))["model"]))
         assert any("p(z) is a mixture of 500 flows" in r.getMessage() for r in caplog.records) == warned, overrides
+
+
+def test_a_file_that_is_no_checkpoint_says_what_it_looks_like(tmp_path, capsys):
+    import gzip
+
+    text = tmp_path / "config.ckpt"
+    text.write_text("model: mlp\n")
+    packed = tmp_path / "last.ckpt.gz"
+    packed.write_bytes(gzip.compress(b"\x00" * 100))
+    for path in (text, packed):
+        assert run_main("sample", f"ckpt={path}") == 2
+        line = one_line_error(capsys)
+        assert "not the zip archive torch.save writes" in line and "weights_only" not in line, line

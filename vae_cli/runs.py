@@ -163,12 +163,23 @@ def find_checkpoint(run: str | None, ckpt: str | None) -> Path:
     return last_checkpoint(run) if run is not None else last_checkpoint(newest_run())
 
 
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words (torch's own run to a page)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return "not the zip archive torch.save writes: a text, compressed or truncated file?"
+    if "Weights only load failed" in str(error):
+        return "it holds Python objects beyond tensors and plain values, which are not loaded (no code from a file runs)"
+    return f"refused to load it: {first_line(error)[:160]}"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a vae-cli checkpoint without running code from it; UserError if it is not one."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError for non-zip files, ...
-        raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (refused to load it: {first_line(e)[:160]})") from None
+        raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint ({_unreadable(Path(path), e)})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and isinstance(ckpt.get("state_dict"), dict)):
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (it holds no vae-cli config)")
     check_config(ckpt["vae_cli"].get("config"), f"ckpt={str(path)!r}")
