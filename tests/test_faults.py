@@ -245,3 +245,8 @@ def test_a_file_that_is_no_checkpoint_says_what_it_looks_like(tmp_path, capsys):
         assert run_main("sample", f"ckpt={path}") == 2
         line = one_line_error(capsys)
         assert "not the zip archive torch.save writes" in line and "weights_only" not in line, line
+
+
+def test_a_bad_value_for_hydras_own_settings_says_why(capsys):
+    assert run_main("train", "hydra.job.chdir=maybe") == 2
+    assert one_line_error(capsys) == "vae: error: hydra.job.chdir=maybe is not allowed: Value 'maybe' is not a valid bool (type str)"

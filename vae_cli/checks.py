@@ -89,6 +89,9 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
     if m:
         return f"+{m.group(1)}: that setting exists already; drop the +"
+    m = re.match(r"Error merging override (.+)", text)
+    if m and e.__cause__ is not None:  # OmegaConf says why: "Value 'maybe' is not a valid bool (type str)"
+        return f"{m.group(1)} is not allowed: {first_line(e.__cause__)}"
     return text.splitlines()[0]
 
 
