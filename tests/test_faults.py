@@ -250,3 +250,21 @@ def test_a_file_that_is_no_checkpoint_says_what_it_looks_like(tmp_path, capsys):
 def test_a_bad_value_for_hydras_own_settings_says_why(capsys):
     assert run_main("train", "hydra.job.chdir=maybe") == 2
     assert one_line_error(capsys) == "vae: error: hydra.job.chdir=maybe is not allowed: Value 'maybe' is not a valid bool (type str)"
+
+
+def test_damaged_files_placed_by_hand_are_called_damaged(tmp_path, monkeypatch):
+    from vae_cli import sources
+    from vae_cli.errors import UserError
+
+    def offline(name, folder):
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(sources, "from_torchvision", offline)
+    with pytest.raises(UserError, match="could not be downloaded"):        # nothing there: where to put them
+        sources.load_splits("cifar10", str(tmp_path))
+    placed = tmp_path / "torchvision" / "cifar-10-python.tar.gz"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(UserError, match="look damaged or incomplete: replace them"):
+        sources.load_splits("cifar10", str(tmp_path))
+    assert placed.read_bytes() == b"\x1f\x8b truncated"

@@ -235,6 +235,15 @@ MANUAL_FILES = {
 }
 
 
+def _placed(name: str, folder: Path) -> Path | None:
+    """Where files of the dataset lie already under torchvision's folder (MANUAL_FILES), or None."""
+    where = {"mnist": folder / "MNIST" / "raw", "fashion_mnist": folder / "FashionMNIST" / "raw",
+             "cifar10": folder / "cifar-10-python.tar.gz"}.get(name)
+    if where is None or not where.exists() or (where.is_dir() and not any(where.iterdir())):
+        return None
+    return where
+
+
 def _others(read_only: Iterable[str], data_dir: str | None) -> list[str]:
     """The read-only folders that are not data_dir itself (that one is read, and rebuilt, anyway)."""
     own = data_root(data_dir).resolve() if data_dir else None
@@ -275,10 +284,14 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
         except Exception as e:
             errors.append(f"package index: {first_line(e)}")
     if splits is None:
-        where = MANUAL_FILES[name]
+        placed = _placed(name, root / "torchvision")
+        if placed:  # torchvision found files there but could not use them (its checksums, a truncated archive)
+            raise UserError(f"dataset={name}: the files placed under {placed} could not be read "
+                            f"({'; '.join(errors)}); they look damaged or incomplete: replace them with "
+                            f"{MANUAL_FILES[name]} and run again")
         raise UserError(
             f"dataset={name} could not be downloaded ({'; '.join(errors)}); "
-            f"place the files by hand under {root / 'torchvision'}/{where} and run again"
+            f"place the files by hand under {root / 'torchvision'}/{MANUAL_FILES[name]} and run again"
         )
     save_atomic(splits, cache)
     return splits
