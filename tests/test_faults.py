@@ -268,3 +268,51 @@ def test_damaged_files_placed_by_hand_are_called_damaged(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="look damaged or incomplete: replace them"):
         sources.load_splits("cifar10", str(tmp_path))
     assert placed.read_bytes() == b"\x1f\x8b truncated"
+
+
+def test_quoting_keeps_backslashes_and_sweeps(capsys):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for value in ["a=b\\\\", "a=\\\\'b", "it's=1", "x=1\\y"]:
+        (quoted,) = cli.quote_paths([f"ckpt={value}"])
+        assert parser.parse_overrides([quoted])[0].value() == value, (value, quoted)
+    (sweep,) = cli.quote_paths(["-m", "ckpt=A/e=1.ckpt,A/e=2.ckpt"])[1:]
+    values = parser.parse_overrides([sweep])[0].value()
+    assert [v.text for v in values.list] == ["A/e=1.ckpt", "A/e=2.ckpt"]
+    assert cli.quote_paths(["ckpt=A/e=1.ckpt,A/e=2.ckpt"]) == ["ckpt='A/e=1.ckpt,A/e=2.ckpt'"]   # no -m: one path
+
+
+def test_the_run_lock_stands_aside_where_it_cannot_work(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from vae_cli.runs import run_lock
+
+    monkeypatch.setenv("SLURM_PROCID", "1")            # another process of a multi-process training
+    with run_lock(tmp_path, "a"), run_lock(tmp_path, "b"):
+        pass
+    monkeypatch.delenv("SLURM_PROCID")
+
+    def unsupported(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)   # a file system without flock: train anyway
+    with run_lock(tmp_path, "a"):
+        pass
+
+
+def test_picture_names_with_dots_of_their_own_are_kept(trained_run, tmp_path):
+    out = tmp_path / "lr0.001"
+    assert run_main("sample", f"run={trained_run}", "n=4", f"out={out}") == 0 and out.stat().st_size > 0
+
+
+def test_memory_message_names_sizes_not_seeds_or_rates():
+    line = memory_message(MemoryError(), ["n=100000000", "seed=3", "optimizer.lr=0.1", "run=x"])
+    assert "with n=100000000:" in line and "seed" not in line and "lr" not in line
+
+
+def test_deleting_a_sweeper_setting_is_not_refused():
+    from vae_cli.checks import _check_sweep_settings
+
+    _check_sweep_settings(["~hydra.sweeper.max_batch_size", "hydra.sweeper.max_batch_size='4'"], multirun=True)

@@ -209,7 +209,10 @@ def _check_sweep_settings(overrides: list[str], multirun: bool) -> None:
     import shutil
 
     for o in overrides:
-        key, _, value = o.lstrip("+~").partition("=")
+        if o.startswith("~"):  # a deletion: Hydra's default stands
+            continue
+        key, _, value = o.lstrip("+").partition("=")
+        value = value.strip("'\"")
         if multirun and key == "hydra/launcher" and value == "submitit_slurm" and shutil.which("srun") is None:
             raise UserError(f"{o} needs Slurm, and this machine has no `srun`: run the sweep where Slurm is, or use "
                             "hydra/launcher=submitit_local or joblib")
@@ -267,9 +270,9 @@ def _check_run_plan(config: dict[str, Any]) -> None:
         tiny = torch.finfo(torch.float16).tiny
         if eps < tiny:  # Adam's state is float16 there: eps rounds to 0, and sqrt(v) + eps is 0 where g^2 underflows
             raise UserError(f"trainer.precision={trainer['precision']} is not allowed with optimizer.eps={eps:g}: "
-                            "every weight and the optimizer's state are float16 there, where an eps below "
-                            f"{tiny:.2g} (its smallest normal number) is rounded away and the first steps divide "
-                            "by zero; use trainer.precision=16-mixed or bf16-true, or add +optimizer.eps=1e-4")
+                            "every weight and the optimizer's state are float16 there, which holds no eps below "
+                            f"{tiny:.2g} in full (1e-08 rounds to 0), so the first steps divide by zero or overflow; "
+                            "use trainer.precision=16-mixed or bf16-true, or add +optimizer.eps=1e-4")
 
 
 def _arguments(target: str) -> dict[str, Any]:

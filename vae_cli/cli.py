@@ -16,6 +16,7 @@ import gc
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -88,7 +89,9 @@ PATH_KEYS = {"ckpt", "run", "resume", "out", "data_dir", "dataset.path", "hydra.
 
 def quote_paths(args: list[str]) -> list[str]:
     """args with each path setting that Hydra could not read as given, and can read quoted, quoted:
-    `ckpt=RUN/checkpoints/best-epoch=2-step=90.ckpt` works as the training printed it."""
+    `ckpt=RUN/checkpoints/best-epoch=2-step=90.ckpt` works as the training printed it; with -m, a
+    comma between such paths still separates a sweep's values."""
+    sweep = bool({"-m", "--multirun"} & set(args))
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser, out = None, []
@@ -96,11 +99,22 @@ def quote_paths(args: list[str]) -> list[str]:
         key, eq, value = a.partition("=")
         if eq and key.lstrip("+~") in PATH_KEYS and value and value[0] not in "'\"":
             parser = parser or OverridesParser.create()
-            quoted = f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
-            if not _parses(parser, a) and _parses(parser, quoted):
-                a = quoted
+            if not _parses(parser, a):
+                # with -m, a sweep (ckpt=A,B) quoted path by path first; else the value is one path
+                each = [f"{key}={','.join(map(_quoted, value.split(',')))}"] if sweep and "," in value else []
+                for quoted in [*each, f"{key}={_quoted(value)}"]:
+                    if _parses(parser, quoted):
+                        a = quoted
+                        break
         out.append(a)
     return out
+
+
+def _quoted(value: str) -> str:
+    """value in Hydra's single quotes: a quote escaped, and the backslashes before a quote or the end
+    doubled (Hydra reads an escaped backslash there as one)."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 def _parses(parser, override: str) -> bool:

@@ -36,15 +36,12 @@ def memory_message(error: BaseException, settings: list[str]) -> str:
         amount, unit = float(found.group(1)), found.group(2)
         size = f" (tried to allocate {amount / 1e9:.1f} GB)" if unit == "bytes" else \
             f" (tried to allocate {amount:g} {unit})"
-    numbers = [s for s in settings if _is_number(s.partition("=")[2])]
+    numbers = [s for s in settings if _is_count(s.partition("=")[2]) and "seed" not in s.partition("=")[0]]
     where = f" with {' '.join(numbers)}" if numbers else ""
     return (f"out of memory{size}{where}: lower the sizes (n, steps, pairs, k, chunk, chains, samples, "
             f"dataset.batch_size) or the model's")
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+def _is_count(text: str) -> bool:
+    """A whole number as sizes are given (n=64, k=5000), not a rate or a flag."""
+    return text.isdigit()

@@ -430,7 +430,7 @@ def evaluate(cfg) -> dict[str, Any]:
     device = pick_device(cfg.device)
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
     plan = plan_of(cfg, model.latent_dim)
-    check_out(cfg.out)
+    check_out(cfg.out, suffixes=(".json", ".png"))
     images, pixels = run_split(config, cfg.split, cfg.data_dir)
     if cfg.limit is not None:
         images = images[: cfg.limit]

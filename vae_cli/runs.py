@@ -87,7 +87,7 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
     ends. A second training into the same folder, such as resume=RUN while RUN still trains, is
     refused instead of writing the same checkpoints and events at once. Lightning's other DDP
     processes (rank > 0) train in rank 0's folder, under its lock."""
-    if os.environ.get("LOCAL_RANK", "0") not in ("", "0") or os.environ.get("NODE_RANK", "0") not in ("", "0"):
+    if not _first_process():
         yield
         return
     try:
@@ -99,13 +99,26 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
     with open(run / "train.log", "a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             raise UserError(f"{shown}: that run is being trained now by another `vae train`: wait for it to end, "
                             "or stop it first") from None
+        except OSError as e:  # a file system without flock (some NFS, Lustre, FUSE mounts): go on unguarded
+            log.debug(f"no lock on {run / 'train.log'} ({_problem(e)}): a second training there is not refused")
+            yield
+            return
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# The process's rank, as the launchers Lightning runs under set it (torchrun, Lightning's own, Slurm, LSF).
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def _first_process() -> bool:
+    """Not one of the other processes of a multi-process training (they share rank 0's folder)."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in _RANK_VARIABLES)
 
 
 def check_not_training(run: Path, shown: str) -> None:
@@ -163,6 +176,14 @@ def find_checkpoint(run: str | None, ckpt: str | None) -> Path:
     return last_checkpoint(run) if run is not None else last_checkpoint(newest_run())
 
 
+def _finite(value: object) -> bool:
+    """No NaN or infinity in a floating tensor: its minimum and maximum are finite (one pass, no mask)."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+        return True
+    low, high = torch.aminmax(value.detach().float() if value.dtype in (torch.float16, torch.bfloat16) else value)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _unreadable(path: Path, error: Exception) -> str:
     """Why torch.load(weights_only=True) refused a file, in a few words (torch's own run to a page)."""
     import zipfile
@@ -183,8 +204,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and isinstance(ckpt.get("state_dict"), dict)):
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (it holds no vae-cli config)")
     check_config(ckpt["vae_cli"].get("config"), f"ckpt={str(path)!r}")
-    bad = [k for k, v in ckpt["state_dict"].items()
-           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in ckpt["state_dict"].items() if not _finite(v)]
     if bad:  # vae train stops before it saves a model whose loss went non-finite: a damaged or foreign file
         raise UserError(f"ckpt={str(path)!r} holds non-finite weights (NaN or infinity in {len(bad)} tensor(s), "
                         f"first {bad[0]}): nothing can be computed from it; use another checkpoint")
@@ -264,14 +284,13 @@ def _problem(error: OSError) -> str:
     return error.strerror or first_line(error)
 
 
-def check_out(out: str | None, gif: bool = False) -> None:
+def check_out(out: str | None, gif: bool = False, suffixes: tuple[str, ...] = (".png",)) -> None:
     """Refuse, before any work, an out=FILE that exists or whose folder does not exist, is a file
-    or cannot be written (a GIF goes beside the PNG)."""
+    or cannot be written (a GIF goes beside the PNG; suffixes: the outputs, out= names the first)."""
     if out is None:
         return
     path = Path(out).expanduser()
-    if out.endswith(("/", os.sep)) or path.is_dir():
-        raise UserError(f"out={out!r} names a folder: give a file name in it")
+    _check_out_name(out, path, (*suffixes, ".gif") if gif else suffixes)
     if gif and path.suffix.lower() == ".gif":
         raise UserError(f"out={out!r}: name the PNG; the GIF is written beside it with the suffix .gif")
     for p in [path, path.with_suffix(".gif")] if gif else [path]:
@@ -346,6 +365,9 @@ def release_outputs(paths: list[Path]) -> None:
             pass
 
 
+OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg", ".pdf", ".eps"}
+
+
 def _check_out_name(out: str, base: Path, suffixes: tuple[str, ...]) -> None:
     """out= names the first of the outputs (the others go beside it with their own suffixes): not a
     folder, not another output's suffix, and a picture's file ends in .png (it is written as PNG)."""
@@ -355,7 +377,7 @@ def _check_out_name(out: str, base: Path, suffixes: tuple[str, ...]) -> None:
                         f"{str(base / ('output' + suffixes[0]))!r}")
     if suffix in suffixes[1:]:
         raise UserError(f"out={out!r}: name the {suffixes[0]} file; the {suffix} is written beside it")
-    if suffixes[0] == ".png" and suffix not in ("", ".png"):
+    if suffixes[0] == ".png" and suffix in OTHER_IMAGE_SUFFIXES:  # out=figs/lr0.001 stays a name of its own
         raise UserError(f"out={out!r}: name a .png file (the picture is written as PNG)")
 
 

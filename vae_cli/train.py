@@ -127,7 +127,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run = run_folder(cfg)
         dataset = config["dataset"]
         if dataset.get("path"):  # dataset=folder: the checkpoint names the folder as seen from anywhere
-            dataset["path"] = str(Path(os.path.expanduser(dataset["path"])).resolve())
+            from hydra.utils import to_absolute_path  # from where `vae train` ran, also with hydra.job.chdir=true
+
+            dataset["path"] = str(Path(to_absolute_path(os.path.expanduser(dataset["path"]))).resolve())
     with run_lock(run, f"resume={cfg.resume}" if cfg.resume is not None else f"the run folder {str(run)!r}"):
         return train_in(run, config, resume_ckpt, verbose)
 
