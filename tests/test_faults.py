@@ -316,3 +316,32 @@ def test_deleting_a_sweeper_setting_is_not_refused():
     from vae_cli.checks import _check_sweep_settings
 
     _check_sweep_settings(["~hydra.sweeper.max_batch_size", "hydra.sweeper.max_batch_size='4'"], multirun=True)
+
+
+def test_a_k_too_large_for_this_machine_is_refused_before_the_work(trained_run, tmp_path, monkeypatch, capsys):
+    from vae_cli import evaluate
+
+    monkeypatch.setattr(evaluate, "memory_of", lambda device: 10**9)     # a machine of 1 GB
+    out = tmp_path / "e.json"
+    assert run_main("evaluate", f"run={trained_run}", "k=100000000", "limit=4", f"out={out}") == 2
+    assert "k=100000000 with batches of 4 examples keeps 9.6 GB of log weights a batch, more than the 1.0 GB" \
+        in one_line_error(capsys)
+    monkeypatch.chdir(tmp_path)
+    assert run_main("train", *TINY, "eval.k=100000000") == 2
+    assert "lower eval.k or eval.batch_size" in one_line_error(capsys) and not (tmp_path / "outputs").exists()
+
+
+def test_a_sweep_of_a_picture_command_with_a_failed_job_exits_2(trained_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"keep")
+    assert run_main("sample", "-m", f"run={trained_run}", "n=4,8", f"out={taken}") == 2
+    assert one_line_error(capsys) == "vae: error: 2 of 2 sweep jobs failed (their errors are above)"
+    assert taken.read_bytes() == b"keep"
+
+
+def test_out_that_is_only_a_suffix_is_refused(trained_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_main("sample", f"run={trained_run}", "out=.png") == 2
+    assert "out='.png' is a suffix without a name" in one_line_error(capsys)
+    assert not list(tmp_path.iterdir())

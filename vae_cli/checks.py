@@ -264,6 +264,10 @@ def _check_run_plan(config: dict[str, Any]) -> None:
         what = "scheduler" if config.get("scheduler") else f"objective.start={start}" if start > 0 else None
         if what:
             raise UserError(NO_END.format(what=what))
+    if config["eval"]["k"]:  # the test evaluation at the end: refused now, not after the training
+        from vae_cli.evaluate import check_memory
+
+        check_memory(config["eval"]["k"], config["eval"]["batch_size"], torch.device("cpu"), ("eval.k", "eval.batch_size"))
     optimizer = config["optimizer"]
     if str(trainer.get("precision")) == "16-true" and "eps" in _arguments(optimizer["_target_"]):
         eps = optimizer.get("eps", _arguments(optimizer["_target_"])["eps"].default)

@@ -146,6 +146,8 @@ def _task(command: str):
     def task(cfg) -> None:
         from vae_cli.logs import attach_run_log, file_only
 
+        _sweep["jobs"] += 1
+
         attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
         resume = _resume_hint(command, cfg)
         _stop["message"] = _stop_message(resume)  # for a shutdown cut short (_exit_now)
@@ -173,6 +175,7 @@ def _task(command: str):
 
                 print(f"vae: error: {e}", file=sys.stderr)
                 record_failure(str(e))
+                _sweep["failed"] += 1
                 return
             fail(str(e))
         except KeyboardInterrupt:
@@ -242,6 +245,10 @@ def _quiet_rank() -> bool:
     # Ctrl-C reaches every process of the terminal's group: the processes Lightning started for
     # the other devices (LOCAL_RANK >= 1) stop quietly, so the line is printed once.
     return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+
+
+# The jobs of a sweep run in this process (Hydra's basic launcher): how many ran, how many failed.
+_sweep = {"jobs": 0, "failed": 0}
 
 
 def _in_sweep() -> bool:
@@ -427,8 +434,11 @@ def _main(argv: list[str] | None) -> None:
         _collector["paused"] = False
         gc.freeze()
         gc.enable()
+    _sweep.update(jobs=0, failed=0)
     _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
                config_name=command)
+    if _sweep["failed"]:  # vae train's sweep summary says so itself (and exits 2) before this
+        fail(f"{_sweep['failed']} of {_sweep['jobs']} sweep jobs failed (their errors are above)")
 
 if __name__ == "__main__":
     console()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -192,6 +193,31 @@ def default_rows(device: torch.device) -> int:
     return 512 if device.type == "cpu" else 8192
 
 
+def check_memory(k: int, batch: int, device: torch.device, names: tuple[str, str] = ("k", "batch_size")) -> None:
+    """Refuse, before any work, a k whose log weights cannot fit. A batch keeps all of its (k, B)
+    float64 log weights (the diagnostics and the curve over k read them), and joining the chunks
+    and pareto_khat's sort copy them: about 3 x 8 k B bytes. Past the memory they would be filled
+    chunk by chunk for minutes before anything failed (k=10^9 with batch 100: 2.4 TB)."""
+    from vae_cli.errors import UserError
+
+    need = 3 * 8 * k * batch
+    have = memory_of(device)
+    if have and need > have:
+        raise UserError(f"{names[0]}={k} with batches of {batch} examples keeps {need / 1e9:.1f} GB of log weights "
+                        f"a batch, more than the {have / 1e9:.1f} GB of this {device.type.upper()}: lower {names[0]} "
+                        f"or {names[1]}")
+
+
+def memory_of(device: torch.device) -> int | None:
+    """The memory of a GPU, or the host's physical memory for the CPU; None where it cannot be read."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
 def evaluate_split(
     model: VAE, images: torch.Tensor, pixels: str, plan: Plan | None = None, batch_size: int = 100,
     rows: int | None = None, seed: int = 0, progress: bool = False,
@@ -204,6 +230,7 @@ def evaluate_split(
     """
     plan = plan or Plan()
     device = next(model.parameters()).device
+    check_memory(plan.k, min(batch_size, len(images)), device)
     rows = rows or default_rows(device)
     torch.manual_seed(seed + 1)  # the draws z; the pixel noise below has its own stream (seed)
     batches = Batches(images.to(device), batch_size, pixels, shuffle=False, seed=seed, fixed_noise=True)

@@ -375,6 +375,9 @@ def _check_out_name(out: str, base: Path, suffixes: tuple[str, ...]) -> None:
     if out.endswith(("/", os.sep)) or base.is_dir():
         raise UserError(f"out={out!r} names a folder: give a file name in it, such as "
                         f"{str(base / ('output' + suffixes[0]))!r}")
+    if base.name.lower() in suffixes or base.name.lower() in OTHER_IMAGE_SUFFIXES:
+        raise UserError(f"out={out!r} is a suffix without a name: give a name such as "
+                        f"{str(base.with_name('output' + suffixes[0]))!r}")
     if suffix in suffixes[1:]:
         raise UserError(f"out={out!r}: name the {suffixes[0]} file; the {suffix} is written beside it")
     if suffixes[0] == ".png" and suffix in OTHER_IMAGE_SUFFIXES:  # out=figs/lr0.001 stays a name of its own
