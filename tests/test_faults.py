@@ -90,9 +90,9 @@ def test_out_of_memory_is_one_line_naming_the_numbers_given(trained_run, tmp_pat
 
     monkeypatch.setattr(pictures, "sample_images", too_big)
     before = digest(trained_run)
-    assert run_main("sample", f"run={trained_run}", "n=1000000000", f"out={tmp_path / 's.png'}") == 2
+    assert run_main("sample", f"run={trained_run}", "n=64", f"out={tmp_path / 's.png'}") == 2
     line = one_line_error(capsys)
-    assert "out of memory (tried to allocate 80.0 GB) with n=1000000000" in line
+    assert "out of memory (tried to allocate 80.0 GB) with n=64" in line
     assert not (tmp_path / "s.png").exists() and digest(trained_run) == before   # the claimed file is gone again
 
 
@@ -310,6 +310,9 @@ def test_picture_names_with_dots_of_their_own_are_kept(trained_run, tmp_path):
 def test_memory_message_names_sizes_not_seeds_or_rates():
     line = memory_message(MemoryError(), ["n=100000000", "seed=3", "optimizer.lr=0.1", "run=x"])
     assert "with n=100000000:" in line and "seed" not in line and "lr" not in line
+    line = memory_message(MemoryError(), ["trainer.max_epochs=1", "model.encoder.channels=[1000000,64]"])
+    assert "with model.encoder.channels=[1000000,64]:" in line and "max_epochs" not in line
+    assert "with n=4:" in memory_message(MemoryError(), ["n=4", "seed=1"])
 
 
 def test_deleting_a_sweeper_setting_is_not_refused():
@@ -319,13 +322,22 @@ def test_deleting_a_sweeper_setting_is_not_refused():
 
 
 def test_a_k_too_large_for_this_machine_is_refused_before_the_work(trained_run, tmp_path, monkeypatch, capsys):
-    from vae_cli import evaluate
+    from vae_cli import errors
 
-    monkeypatch.setattr(evaluate, "memory_of", lambda device: 10**9)     # a machine of 1 GB
+    monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**9)     # 1 GB free
     out = tmp_path / "e.json"
-    assert run_main("evaluate", f"run={trained_run}", "k=100000000", "limit=4", f"out={out}") == 2
-    assert "k=100000000 with batches of 4 examples keeps 9.6 GB of log weights a batch, more than the 1.0 GB" \
+    assert run_main("evaluate", f"run={trained_run}", "k=10000000", "limit=4", f"out={out}") == 2
+    assert "k=10000000 with batches of 4 examples needs about 6.4 GB for its log weights, more than the 1.0 GB" \
         in one_line_error(capsys)
+    assert not out.exists()
+    for command, args, said in [("sample", ["n=100000"], "n=100000 makes a picture of 100000 images, about 5.0 GB"),
+                                ("interpolate", ["pairs=100", "steps=1000"], "pairs=100 steps=1000 makes a picture"),
+                                ("sample", ["n=4"], None)]:
+        code = run_main(command, f"run={trained_run}", *args, f"out={tmp_path / 'p.png'}")
+        if said is None:
+            assert code == 0
+        else:
+            assert code == 2 and said in one_line_error(capsys), command
     monkeypatch.chdir(tmp_path)
     assert run_main("train", *TINY, "eval.k=100000000") == 2
     assert "lower eval.k or eval.batch_size" in one_line_error(capsys) and not (tmp_path / "outputs").exists()
@@ -345,3 +357,14 @@ def test_out_that_is_only_a_suffix_is_refused(trained_run, tmp_path, monkeypatch
     assert run_main("sample", f"run={trained_run}", "out=.png") == 2
     assert "out='.png' is a suffix without a name" in one_line_error(capsys)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_model_too_large_to_train_here_is_one_line(tmp_path, monkeypatch, data_dir, capsys):
+    from vae_cli import errors
+
+    monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**6)     # 1 MB free
+    run = tmp_path / "big"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]", f"hydra.run.dir={run}") == 2
+    line = one_line_error(capsys)
+    assert "model.encoder.hidden=[64]): training them takes about" in line and "make it smaller" in line
+    assert not (run / "checkpoints").exists()

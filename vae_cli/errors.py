@@ -36,12 +36,36 @@ def memory_message(error: BaseException, settings: list[str]) -> str:
         amount, unit = float(found.group(1)), found.group(2)
         size = f" (tried to allocate {amount / 1e9:.1f} GB)" if unit == "bytes" else \
             f" (tried to allocate {amount:g} {unit})"
-    numbers = [s for s in settings if _is_count(s.partition("=")[2]) and "seed" not in s.partition("=")[0]]
-    where = f" with {' '.join(numbers)}" if numbers else ""
+    where = f" with {' '.join(sizes_given(settings))}" if sizes_given(settings) else ""
     return (f"out of memory{size}{where}: lower the sizes (n, steps, pairs, k, chunk, chains, samples, "
-            f"dataset.batch_size) or the model's")
+            "batch sizes, the model's widths)")
 
 
-def _is_count(text: str) -> bool:
-    """A whole number as sizes are given (n=64, k=5000), not a rate or a flag."""
-    return text.isdigit()
+def sizes_given(settings: list[str]) -> list[str]:
+    """The settings that hold a large whole number (10000 or more, also inside a list such as
+    model.encoder.channels=[1000000,64]); else every whole-number one (n=64), seeds left out."""
+    counts = [s for s in settings if "seed" not in s.partition("=")[0] and re.search(r"\d", s.partition("=")[2])
+              and re.fullmatch(r"[\d\s,\[\]]+", s.partition("=")[2])]
+    large = [s for s in counts if re.search(r"\d{5,}", s.partition("=")[2])]
+    return large or counts
+
+
+def available_memory(device: object = None) -> int | None:
+    """Bytes free for a new allocation: a GPU's total memory, or the host's available memory
+    (MemAvailable, else its physical memory); None where it cannot be read."""
+    import os
+
+    import torch
+
+    try:
+        if getattr(device, "type", None) == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+

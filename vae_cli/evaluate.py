@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -195,27 +194,17 @@ def default_rows(device: torch.device) -> int:
 
 def check_memory(k: int, batch: int, device: torch.device, names: tuple[str, str] = ("k", "batch_size")) -> None:
     """Refuse, before any work, a k whose log weights cannot fit. A batch keeps all of its (k, B)
-    float64 log weights (the diagnostics and the curve over k read them), and joining the chunks
-    and pareto_khat's sort copy them: about 3 x 8 k B bytes. Past the memory they would be filled
-    chunk by chunk for minutes before anything failed (k=10^9 with batch 100: 2.4 TB)."""
-    from vae_cli.errors import UserError
+    float64 log weights (the diagnostics and the curve over k read them), and joining the chunks,
+    the curve's partial sums and pareto_khat's sort copy them: up to about 20 x 8 k B bytes at the
+    peak. Past the memory they would fill it chunk by chunk for minutes before anything failed."""
+    from vae_cli.errors import UserError, available_memory
 
-    need = 3 * 8 * k * batch
-    have = memory_of(device)
+    need = 20 * 8 * k * batch
+    have = available_memory(device)
     if have and need > have:
-        raise UserError(f"{names[0]}={k} with batches of {batch} examples keeps {need / 1e9:.1f} GB of log weights "
-                        f"a batch, more than the {have / 1e9:.1f} GB of this {device.type.upper()}: lower {names[0]} "
-                        f"or {names[1]}")
-
-
-def memory_of(device: torch.device) -> int | None:
-    """The memory of a GPU, or the host's physical memory for the CPU; None where it cannot be read."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
+        raise UserError(f"{names[0]}={k} with batches of {batch} examples needs about {need / 1e9:.1f} GB for its log "
+                        f"weights, more than the {have / 1e9:.1f} GB free on this {device.type.upper()}: lower "
+                        f"{names[0]} or {names[1]}")
 
 
 def evaluate_split(

@@ -7,6 +7,7 @@ an earlier one. Nothing here imports Lightning, so the commands start fast.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -267,6 +268,19 @@ def _load(cfg):
     return model, config, ckpt, run_dir_of(ckpt) / "samples"
 
 
+def check_picture_size(count: int, asked: str, config: dict) -> None:
+    """Refuse, before any work, a picture of more images than this machine can make: each image is
+    decoded, kept as floats, copied into the grid and turned into bytes (about 16 x 4 bytes a pixel
+    at the peak, with the decoder's activations). Past the memory it would fill it for minutes."""
+    from vae_cli.errors import available_memory
+
+    need = 16 * 4 * count * math.prod(config["dataset"]["shape"])
+    have = available_memory()
+    if have and need > have:
+        raise UserError(f"{asked} makes a picture of {count} images, about {need / 1e9:.1f} GB while it is made, "
+                        f"more than the {have / 1e9:.1f} GB free here: ask for fewer")
+
+
 def _inputs(cfg, config: dict, model: VAE, start: int, count: int, asked: str) -> tuple[torch.Tensor, torch.Tensor]:
     """count images of cfg.split from start (asked: the setting that made count, for an error):
     (model input, grey-level display), both (count, C, H, W)."""
@@ -313,7 +327,8 @@ def _save(paths: list[Path], image: torch.Tensor, gif: torch.Tensor | None = Non
 
 def sample(cfg) -> Path:
     """`vae sample`: a grid of n images decoded from the prior."""
-    model, _, _, out_dir = _load(cfg)
+    model, config, _, out_dir = _load(cfg)
+    check_picture_size(cfg.n, f"n={cfg.n}", config)
     with _outputs(cfg, out_dir, "sample") as paths:
         images = sample_images(model, cfg.n, cfg.temperature, cfg.mode, cfg.seed)
         return _save(paths, grid(images, cfg.nrow))
@@ -322,6 +337,8 @@ def sample(cfg) -> Path:
 def interpolate(cfg) -> Path:
     """`vae interpolate`: rows of decoded points between two latent codes, real inputs at the ends."""
     model, config, _, out_dir = _load(cfg)
+    check_picture_size(cfg.pairs * (cfg.steps + 2) * (2 if cfg.gif else 1), f"pairs={cfg.pairs} steps={cfg.steps}",
+                       config)
     with _outputs(cfg, out_dir, "interpolate", gif=bool(cfg.gif)) as paths:
         if cfg.source == "prior":
             z, ends = prior_draws(model, 2 * cfg.pairs, cfg.seed), None
@@ -391,8 +408,9 @@ def _refuse_hierarchy(model: VAE, command: str) -> None:
 
 def manifold(cfg) -> Path:
     """`vae manifold`: the decoded 2-d latent plane."""
-    model, _, _, out_dir = _load(cfg)
+    model, config, _, out_dir = _load(cfg)
     _refuse_hierarchy(model, "manifold")
+    check_picture_size(cfg.steps**2, f"steps={cfg.steps} (a steps x steps grid)", config)
     if model.latent_dim != 2:
         raise UserError(f"vae manifold needs a 2-d latent space; this model has latent_dim={model.latent_dim} "
                         "(train one with model.latent_dim=2)")

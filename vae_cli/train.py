@@ -59,6 +59,22 @@ def compile_networks(model: "torch.nn.Module") -> None:
             net.compile()
 
 
+def check_model_size(model: Any) -> None:
+    """Refuse a model whose training state cannot fit: beside its weights, Adam keeps a gradient and two
+    moments of every parameter (12 more bytes each in float32), before any activation. Past the
+    memory, a model of a million hidden units filled 16 GB for over a minute before anything failed."""
+    from vae_cli.cli import _task_overrides
+    from vae_cli.errors import available_memory, sizes_given
+
+    n = sum(p.numel() for p in model.parameters())
+    need, have = 12 * n, available_memory(next(model.parameters()).device)
+    if have and need > have:
+        given = sizes_given([o for o in _task_overrides() if o.startswith(("model.", "prior.", "posterior."))])
+        raise UserError(f"the model has {n:,} parameters{' (' + ' '.join(given) + ')' if given else ''}: "
+                        f"training them takes about {need / 1e9:.1f} GB more, beyond the {have / 1e9:.1f} GB free "
+                        "here: make it smaller")
+
+
 def warn_if_costly(model: Any) -> None:
     """One warning for a combination that trains, but at a cost the user would not guess: the VampPrior
     over a flow posterior is a mixture of K flows, and its density at a draw inverts each of them (an
@@ -158,12 +174,17 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
                            cuda_graph=config.get("cuda_graph", True),
                            scheduler=instantiate(config["scheduler"]) if config.get("scheduler") else None)
         module.configure_optimizers()  # a bad optimizer setting fails here, in one line, not inside fit
+        check_model_size(model)
         warn_if_costly(model)
         if endless(trainer_cfg) and module.follows_progress():
             raise UserError(NO_END.format(what=module.follows_progress()))
     except UserError:
         raise
     except Exception as e:  # Hydra's InstantiationException, TypeError, ValueError: a bad setting
+        from vae_cli.errors import out_of_memory
+
+        if out_of_memory(e.__cause__ or e):  # sizes too large: the CLI's one line names them
+            raise (e.__cause__ or e) from None
         raise UserError(f"cannot build the model or optimizer from these settings: {first_line(e.__cause__ or e)}") from None
     if config.get("compile"):
         compile_networks(model)
