@@ -196,9 +196,11 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         if command != "train" and config.get("data_dir") is not None:  # where the commands that read a model cache data
             _check_data_dir(str(config["data_dir"]))
         if command == "train":
+            from vae_cli.runs import first_process
+
             check_train_here(config)
             # Lightning's DDP launcher re-runs this command line per rank, into rank 0's folder
-            if config.get("resume") is None and os.environ.get("LOCAL_RANK", "0") == "0":
+            if config.get("resume") is None and first_process():
                 folders.append(check_output_folder(cfg, multirun))
     for shown, folder in dict.fromkeys(folders):  # every value passed: can the folder Hydra writes be made?
         _try_to_create(shown, folder)

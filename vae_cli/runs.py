@@ -87,7 +87,7 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
     ends. A second training into the same folder, such as resume=RUN while RUN still trains, is
     refused instead of writing the same checkpoints and events at once. Lightning's other DDP
     processes (rank > 0) train in rank 0's folder, under its lock."""
-    if not _first_process():
+    if not first_process():
         yield
         return
     try:
@@ -116,7 +116,7 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
-def _first_process() -> bool:
+def first_process() -> bool:
     """Not one of the other processes of a multi-process training (they share rank 0's folder)."""
     return all(os.environ.get(name, "0") in ("", "0") for name in _RANK_VARIABLES)
 
@@ -290,9 +290,7 @@ def check_out(out: str | None, gif: bool = False, suffixes: tuple[str, ...] = ("
     if out is None:
         return
     path = Path(out).expanduser()
-    _check_out_name(out, path, (*suffixes, ".gif") if gif else suffixes)
-    if gif and path.suffix.lower() == ".gif":
-        raise UserError(f"out={out!r}: name the PNG; the GIF is written beside it with the suffix .gif")
+    _check_out_name(out, path, (*suffixes, ".gif") if gif else suffixes)  # out=a.gif with gif=true: name the PNG
     for p in [path, path.with_suffix(".gif")] if gif else [path]:
         if p.exists():
             raise UserError(f"out={out!r}: {str(p)!r} exists already; choose a new name (nothing was overwritten)")
