@@ -36,7 +36,8 @@ def memory_message(error: BaseException, settings: list[str]) -> str:
         amount, unit = float(found.group(1)), found.group(2)
         size = f" (tried to allocate {amount / 1e9:.1f} GB)" if unit == "bytes" else \
             f" (tried to allocate {amount:g} {unit})"
-    where = f" with {' '.join(sizes_given(settings))}" if sizes_given(settings) else ""
+    given = sizes_given(settings)
+    where = f" with {' '.join(given)}" if given else ""
     return (f"out of memory{size}{where}: lower the sizes (n, steps, pairs, k, chunk, chains, samples, "
             "batch sizes, the model's widths)")
 
