@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import pytest
 import torch
 from torch.distributions import Independent, Normal
 
 from linear_gaussian import data, exact_log_px, make
-from vae_cli.ais import ais, bdmc, reverse_ais, sigmoid_schedule
+from vae_cli.ais import ais, bdmc, reverse_ais, sigmoid_beta, sigmoid_schedule
 from vae_cli.estimators import elbo, log_mean_exp, mean_and_stderr
 from vae_cli.likelihoods import Bernoulli
 from vae_cli.model import VAE
@@ -25,6 +26,45 @@ def test_schedule_runs_from_zero_to_one_sigmoidally():
     assert b[0] == 0 and b[-1] == 1 and (b.diff() > 0).all()
     assert b.diff()[0] < b.diff()[5] and b.diff()[-1] < b.diff()[5]   # finer at both ends
     assert torch.equal(sigmoid_schedule(1), torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+def test_the_schedule_is_computed_a_beta_at_a_time_and_matches_the_sigmoid_schedule():
+    for steps in (1, 7, 200):
+        s = torch.sigmoid(torch.linspace(-4, 4, steps + 1, dtype=torch.float64))
+        torch.testing.assert_close(sigmoid_schedule(steps), (s - s[0]) / (s[-1] - s[0]), rtol=0, atol=1e-15)
+        assert sigmoid_beta(0, steps) == 0.0 and sigmoid_beta(steps, steps) == 1.0   # the ends, exactly
+    with pytest.raises(ValueError, match="steps=0"):
+        sigmoid_beta(0, 0)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("run", [ais, reverse_ais])
+def test_a_long_schedule_takes_no_memory_before_the_chain_starts(run):
+    """ais.steps=10^9 filled 24 GB with its schedule before the first transition (the kernel killed
+    `vae evaluate`): the betas are now made one at a time, so a long run costs time, not memory."""
+    model, *_ = make()
+    x = data(model, 2)
+    calls = []
+
+    def log_joint(z: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) > 3:
+            raise _Stop                                # a few transitions in: enough
+        return model.log_joint(x, z)
+
+    q = model.proposal(x)
+    args = (log_joint, q) if run is ais else (log_joint, q, q.sample())
+    tracemalloc.start()
+    try:
+        with pytest.raises(_Stop):
+            run(*args, steps=10**7, leapfrog=1, chains=2, seed=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10**6                                # a schedule of 10^7 floats held whole: ~320 MB
 
 
 def test_ais_from_a_poor_q_finds_the_exact_log_px():

@@ -42,15 +42,29 @@ _GROW, _SHRINK, _DECAY = 1.02, 0.98, 0.9
 _STEP_MIN, _STEP_MAX = 1e-4, 1.0
 
 
-def sigmoid_schedule(steps: int, radius: float = 4.0) -> torch.Tensor:
-    """beta_0..beta_steps, (steps + 1,) float64, from 0 to 1: a sigmoid on [-radius, radius], rescaled.
+def sigmoid_beta(t: int, steps: int, radius: float = 4.0) -> float:
+    """beta_t of the sigmoid schedule, 0 <= t <= steps: 0 at t = 0 and 1 at t = steps, exactly.
 
-    Grosse et al. (2015) and Wu et al. (2017): small steps near both ends, where f_t changes fastest.
+    Grosse et al. (2015) and Wu et al. (2017): sigmoid(x_t) on x_t evenly spaced over [-radius,
+    radius], rescaled to [0, 1]; small steps near both ends, where f_t changes fastest. One beta at a
+    time, in float64: a chain asks for each once, and a schedule held whole grew with ``steps``
+    (ais.steps=10^9 filled 24 GB before its first transition; the kernel killed the command).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: expected at least 1")
-    s = torch.sigmoid(torch.linspace(-radius, radius, steps + 1, dtype=torch.float64))
-    return (s - s[0]) / (s[-1] - s[0])
+    if not 0 <= t <= steps:
+        raise ValueError(f"t={t}: expected 0 <= t <= steps ({steps})")
+    s0, s1 = _sigmoid(-radius), _sigmoid(radius)
+    return (_sigmoid(-radius + 2.0 * radius * t / steps) - s0) / (s1 - s0)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def sigmoid_schedule(steps: int, radius: float = 4.0) -> torch.Tensor:
+    """beta_0..beta_steps, (steps + 1,) float64, from 0 to 1 (sigmoid_beta at every t), for inspection."""
+    return torch.tensor([sigmoid_beta(t, steps, radius) for t in range(steps + 1)], dtype=torch.float64)
 
 
 def _log_f(log_joint: LogJoint, init: Distribution, z: torch.Tensor, beta: float):
@@ -91,11 +105,12 @@ def _hmc(log_joint: LogJoint, init: Distribution, z: torch.Tensor, log_q: torch.
     return z, accept, log_alpha.exp()
 
 
-def _anneal(log_joint: LogJoint, init: Distribution, z: torch.Tensor, betas: list[float], leapfrog: int,
+def _anneal(log_joint: LogJoint, init: Distribution, z: torch.Tensor, steps: int, reverse: bool, leapfrog: int,
             step_size: float, target_accept: float, stats: dict | None) -> torch.Tensor:
-    """AIS along ``betas`` (any direction) from z (S, B, D) drawn from f_{betas[0]}: log weights (S, B) float64.
+    """AIS along the sigmoid schedule, 0 -> 1 (reverse: 1 -> 0), from z (S, B, D) drawn from its first
+    f: log weights (S, B) float64.
 
-    Step t adds (betas[t] - betas[t-1]) (log p(x, z) - log q(z)), i.e. log f_t - log f_{t-1} at the
+    Step t adds (beta_t - beta_{t-1}) (log p(x, z) - log q(z)), i.e. log f_t - log f_{t-1} at the
     current z, then applies one HMC transition for f_t (Neal 2001, eq. 2; Wu et al. 2017, alg. 1).
     """
     if leapfrog < 1:
@@ -108,15 +123,19 @@ def _anneal(log_joint: LogJoint, init: Distribution, z: torch.Tensor, betas: lis
         log_w = torch.zeros(S, B, dtype=torch.float64, device=z.device)
         step = torch.full((S, B, 1), float(step_size), dtype=z.dtype, device=z.device)
         recent = torch.full((S, B), float(target_accept), dtype=z.dtype, device=z.device)  # EMA of acceptance
-        rates = []
-        for t in range(1, len(betas)):
-            log_q, log_p, grad = _log_f(log_joint, init, z, betas[t])
-            log_w += (betas[t] - betas[t - 1]) * (log_p.double() - log_q.double())
-            z, accept, alpha = _hmc(log_joint, init, z, log_q, log_p, grad, betas[t], step, leapfrog)
+        rates = []                                                   # kept only for stats
+        before = sigmoid_beta(steps if reverse else 0, steps)
+        for t in range(1, steps + 1):
+            beta = sigmoid_beta(steps - t if reverse else t, steps)
+            log_q, log_p, grad = _log_f(log_joint, init, z, beta)
+            log_w += (beta - before) * (log_p.double() - log_q.double())
+            z, accept, alpha = _hmc(log_joint, init, z, log_q, log_p, grad, beta, step, leapfrog)
+            before = beta
             recent = _DECAY * recent + (1.0 - _DECAY) * alpha
             above = (recent > target_accept).unsqueeze(-1)           # (S, B, 1)
             step = (step * torch.where(above, _GROW, _SHRINK)).clamp(_STEP_MIN, _STEP_MAX)
-            rates.append(accept.double().mean())
+            if stats is not None:
+                rates.append(accept.double().mean())
     if stats is not None:
         stats["accept"] = torch.stack(rates).cpu()                  # (steps,) mean acceptance per transition
         stats["step_size"] = step.squeeze(-1).detach()              # (S, B) final step sizes
@@ -156,10 +175,10 @@ def ais(log_joint: LogJoint, init: Distribution, *, steps: int, leapfrog: int, c
     The step size depends on the chain's own past, so strictly the chain is not Markov and the
     bound holds only up to that (small) effect; Wu et al. (2017) adapt in the same way.
     """
-    betas = sigmoid_schedule(steps).tolist()
+    sigmoid_beta(0, steps)                                           # steps < 1: ValueError before any work
     with _seeded(seed):
         z = init.sample((chains,))                                   # (S, B, D) ~ f_0
-        return _anneal(log_joint, init, z, betas, leapfrog, step_size, target_accept, stats)
+        return _anneal(log_joint, init, z, steps, False, leapfrog, step_size, target_accept, stats)
 
 
 def reverse_ais(log_joint: LogJoint, init: Distribution, z_exact: torch.Tensor, *, steps: int, leapfrog: int,
@@ -178,14 +197,15 @@ def reverse_ais(log_joint: LogJoint, init: Distribution, z_exact: torch.Tensor, 
     Every chain starts from the same z_exact; options and ``stats`` as in ``ais``. The step sizes
     start again from ``step_size`` and adapt on the way back; they are not replayed from a forward run.
     """
-    betas = sigmoid_schedule(steps).flip(0).tolist()                 # 1 -> 0
+    sigmoid_beta(0, steps)                                           # steps < 1: ValueError before any work
     with _seeded(seed):
         z = z_exact.detach().expand(chains, *z_exact.shape).clone()  # (S, B, D)
-        return _anneal(log_joint, init, z, betas, leapfrog, step_size, target_accept, stats)
+        return _anneal(log_joint, init, z, steps, True, leapfrog, step_size, target_accept, stats)
 
 
 def bdmc(model: VAE, n: int, *, steps: int, leapfrog: int, chains: int, batch_size: int = 100, seed: int = 0,
-         step_size: float = 0.05, target_accept: float = 0.65) -> dict[str, torch.Tensor]:
+         step_size: float = 0.05, target_accept: float = 0.65,
+         done: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Bidirectional Monte Carlo (Grosse et al. 2015; Wu et al. 2017) on n examples simulated from the model.
 
     Draws z ~ p(z), x ~ p(x|z), so z is an exact sample of p(z|x); runs forward AIS from
@@ -194,6 +214,7 @@ def bdmc(model: VAE, n: int, *, steps: int, leapfrog: int, chains: int, batch_si
     these; Wu et al. (2017) use it to choose the AIS settings for real data.
     Returns float64 tensors (n,): "lower", "upper", "gap" = upper - lower; and "x", the simulated data.
     Gradients are taken w.r.t. z only; the model's mode (train/eval) is the caller's choice.
+    ``done``, if given, is called with the number of examples of each batch once both runs are over it.
     """
     lower, upper, xs = [], [], []
     with _seeded(seed), torch.no_grad():
@@ -209,6 +230,8 @@ def bdmc(model: VAE, n: int, *, steps: int, leapfrog: int, chains: int, batch_si
             lower.append(log_mean_exp(f))
             upper.append(-log_mean_exp(r))
             xs.append(x)
+            if done is not None:
+                done(b)
     out = {"lower": torch.cat(lower), "upper": torch.cat(upper)}
     out["gap"] = out["upper"] - out["lower"]
     out["x"] = torch.cat(xs)
