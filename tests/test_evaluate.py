@@ -100,6 +100,22 @@ def test_vae_evaluate_writes_json_and_curve_plot(trained_run_2d, tmp_path, capsy
     assert r["log_px_sampling"] <= r["log_px"] + 3 * r["log_px_sampling_se"] + 0.05
 
 
+def test_vae_evaluate_bdmc_brackets_log_px_on_simulated_data_and_shows_its_progress(trained_run_2d, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert run_main("evaluate", f"run={trained_run_2d}", "k=32", "limit=4", f"out={out}", "estimators=[bdmc]",
+                    "bdmc.n=6", "bdmc.steps=30", "bdmc.leapfrog=2", "bdmc.chains=3") == 0
+    captured = capsys.readouterr()
+    assert "BDMC on 6 simulated examples" in captured.out
+    # BDMC's own passes show their progress, as the estimators on the data do (it ran silent before)
+    assert "bdmc steps=30 (simulated data)" in captured.err and "6/6" in captured.err
+    assert "iwae k=32 (simulated data)" in captured.err
+    b = json.loads(out.read_text())["bdmc"]
+    assert b["n"] == 6 and b["steps"] == 30 and b["width"] == pytest.approx(b["upper"] - b["lower"])
+    # forward AIS is a lower bound, reverse AIS an upper one: they bracket log p(x) up to their noise
+    assert b["lower"] <= b["upper"] + 3 * (b["lower_se"] + b["upper_se"]) + 0.1
+    assert b["iwae"] <= b["upper"] + 3 * (b["iwae_se"] + b["upper_se"]) + 0.1
+
+
 @pytest.mark.parametrize("args,message", [
     (["estimators=[exact]"], "quadrature needs latent_dim <= 2"),
     (["estimators=[iwae,magic]"], "estimators="),

@@ -330,6 +330,11 @@ def test_a_k_too_large_for_this_machine_is_refused_before_the_work(trained_run, 
     assert "k=10000000 with batches of 4 examples needs about 6.4 GB for its log weights, more than the 1.0 GB" \
         in one_line_error(capsys)
     assert not out.exists()
+    # BDMC's IWAE runs on its simulated examples, 100 at a time, whatever limit is
+    assert run_main("evaluate", f"run={trained_run}", "k=1000000", "limit=1", "estimators=[bdmc]", f"out={out}") == 2
+    line = one_line_error(capsys)
+    assert "k=1000000 with batches of 100 examples needs about 16.0 GB" in line and line.endswith("lower k or bdmc.n")
+    assert not out.exists()
     for command, args, said in [("sample", ["n=100000"], "n=100000 makes a picture of 100000 images, about 5.0 GB"),
                                 ("interpolate", ["pairs=100", "steps=1000"], "pairs=100 steps=1000 makes a picture"),
                                 ("sample", ["n=4"], None)]:

@@ -224,26 +224,30 @@ def evaluate_split(
     torch.manual_seed(seed + 1)  # the draws z; the pixel noise below has its own stream (seed)
     batches = Batches(images.to(device), batch_size, pixels, shuffle=False, seed=seed, fixed_noise=True)
     n, ks, parts, start = len(images), curve_ks(plan.k), {}, 0
-    bar = _progress(n, plan, progress)
+    bar = _progress(n, f"{'+'.join(plan.estimators)} k={plan.k}", progress)
     for x in batches:
         for name, v in _batch_estimates(model, x, start, n, plan, rows, ks).items():
             parts.setdefault(name, []).append(v)
         start += len(x)
         if bar is not None:
             bar.update(len(x))
-    if bar is not None:
-        bar.close()
+    _close(bar)
     values = {name: torch.cat(v) for name, v in parts.items()}
     return summarize(values, plan, ks, math.prod(images.shape[1:]), pixels)
 
 
-def _progress(n: int, plan: Plan, show: bool):
+def _progress(n: int, desc: str, show: bool):
+    """A bar over n examples on stderr, or None where not shown."""
     if not show:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=n, unit="ex", desc=f"{'+'.join(plan.estimators)} k={plan.k}", file=sys.stderr,
-                dynamic_ncols=True)
+    return tqdm(total=n, unit="ex", desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
 
 
 def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: int, pixels: str) -> dict[str, Any]:
@@ -391,13 +395,26 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_bdmc(model: VAE, plan: Plan, rows: int, seed: int) -> dict[str, Any]:
-    """BDMC on simulated data, with IWAE on the same data: how far each is from the truth there."""
+BDMC_BATCH = 100  # simulated examples at a time, for BDMC's AIS (bdmc()'s batch_size) and its IWAE
+
+
+def run_bdmc(model: VAE, plan: Plan, rows: int, seed: int, progress: bool = False) -> dict[str, Any]:
+    """BDMC on simulated data, with IWAE on the same data: how far each is from the truth there.
+    ``progress``: a bar for each of the two passes over the simulated examples (AIS both ways, IWAE)."""
     from vae_cli.ais import bdmc
 
     s = plan.bdmc
-    b = bdmc(model, s.n, steps=s.steps, leapfrog=s.leapfrog, chains=s.chains, seed=seed)
-    iwae = torch.cat([estimate(model, x, plan.k, rows)["log_px"].cpu() for x in b["x"].split(100)])
+    bar = _progress(s.n, f"bdmc steps={s.steps} (simulated data)", progress)
+    b = bdmc(model, s.n, steps=s.steps, leapfrog=s.leapfrog, chains=s.chains, batch_size=BDMC_BATCH, seed=seed,
+             done=None if bar is None else bar.update)
+    _close(bar)
+    bar, iwae = _progress(s.n, f"iwae k={plan.k} (simulated data)", progress), []
+    for x in b["x"].split(BDMC_BATCH):
+        iwae.append(estimate(model, x, plan.k, rows)["log_px"].cpu())
+        if bar is not None:
+            bar.update(len(x))
+    _close(bar)
+    iwae = torch.cat(iwae)
     out = {"n": s.n, "steps": s.steps, "leapfrog": s.leapfrog, "chains": s.chains}
     for name, v in (("lower", b["lower"]), ("upper", b["upper"]), ("iwae", iwae)):
         out[name], out[f"{name}_se"] = mean_and_stderr(v.cpu())
@@ -446,6 +463,8 @@ def evaluate(cfg) -> dict[str, Any]:
     device = pick_device(cfg.device)
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
     plan = plan_of(cfg, model.latent_dim)
+    if "bdmc" in plan.estimators:  # its IWAE runs on batches of its own simulated examples
+        check_memory(plan.k, min(BDMC_BATCH, plan.bdmc.n), device, names=("k", "bdmc.n"))
     check_out(cfg.out, suffixes=(".json", ".png"))
     images, pixels = run_split(config, cfg.split, cfg.data_dir)
     if cfg.limit is not None:
@@ -462,7 +481,7 @@ def evaluate(cfg) -> dict[str, Any]:
         rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
         r = evaluate_split(model, images, pixels, plan, cfg.batch_size, rows, cfg.seed, progress=True)
         if "bdmc" in plan.estimators:
-            r["bdmc"] = run_bdmc(model, plan, rows, cfg.seed)
+            r["bdmc"] = run_bdmc(model, plan, rows, cfg.seed, progress=True)
         r["collapse"] = collapse_report(model, images, pixels, cfg.batch_size, cfg.seed)  # active units, KL per dim
         r.update(split=cfg.split, checkpoint=str(ckpt), seed=cfg.seed, likelihood=config["likelihood"]["_target_"])
         paths[0].write_text(json.dumps(r, indent=2) + "\n")
