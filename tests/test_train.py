@@ -94,6 +94,19 @@ def test_the_summary_says_when_the_test_evaluation_was_skipped(tmp_path, capsys)
     assert out[-1].startswith("TensorBoard: tensorboard --logdir")
 
 
+def test_a_run_that_ends_before_validation_says_so_without_lightnings_hint(tmp_path, data_dir, capsys):
+    import warnings
+
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.max_steps=2", "eval.k=0",
+                        f"hydra.run.dir={run}") == 0
+    assert not [w for w in seen if "could not find the monitored key" in str(w.message)]
+    assert "val ELBO:    none (no validation epoch, so no best checkpoint; last.ckpt is kept)" in capsys.readouterr().out
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+
+
 def test_the_trainer_keeps_lightnings_hooks_and_checkpoint_keys_at_less_cost(tmp_path):
     """vae train's Trainer: no profiler at the cost of a shared context (a configured one is kept);
     its ModelCheckpoints store their state under Lightning's own keys, so older runs resume."""

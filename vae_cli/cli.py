@@ -395,6 +395,9 @@ def _main(argv: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     # resume=RUN writes into its own checkpoints/ again: that is the point, not a hazard
     warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    # a run that ends before its first validation has no val/elbo to pick a best checkpoint by: the
+    # summary says so (val ELBO: none), in place of Lightning's hint to log the key
+    warnings.filterwarnings("ignore", message=r".*\(monitor='val/elbo'\)` could not find the monitored key.*")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
