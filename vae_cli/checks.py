@@ -182,6 +182,14 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     """Compose every variant of the command line and check its values; raise UserError on the first problem."""
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     if command == "train" and "resume" in keys:
+        # A later value overrides an earlier one in Hydra (what scripts that append overrides rely on),
+        # but two runs to continue is a slip: resume=A resume=B continued B alone, silently.
+        given = [o for o, k in zip(overrides, keys) if k == "resume"]
+        if len(given) > 1:
+            raise UserError(f"resume is given {len(given)} times ({', '.join(map(repr, given))}): continue one run "
+                            "(or several, one after the other, with -m resume=A,B)")
+        if "hydra.run.dir" in keys:  # the run's folder is DIR itself: its train.log, checkpoints and events
+            raise UserError(f"resume=DIR trains in DIR itself: drop {overrides[keys.index('hydra.run.dir')]!r}")
         # verbose is how the terminal looks, not how the run trains: it may change on resume
         others = [o for o, k in zip(overrides, keys) if k not in ("resume", "verbose") and not k.startswith("hydra")]
         if others:
@@ -271,7 +279,23 @@ def _check_run_plan(config: dict[str, Any]) -> None:
 
         check_memory(config["eval"]["k"], config["eval"]["batch_size"], torch.device("cpu"), ("eval.k", "eval.batch_size"))
     optimizer = config["optimizer"]
-    if str(trainer.get("precision")) == "16-true" and "eps" in _arguments(optimizer["_target_"]):
+    precision, clip = str(trainer.get("precision")), trainer.get("gradient_clip_val")
+    if clip and precision in ("16-mixed", "bf16-mixed", "16", "bf16") and optimizer.get("fused"):
+        # Lightning's mixed precision refuses, inside fit, to clip a fused optimizer's gradients (it
+        # expects such an optimizer to unscale them itself): a traceback after the run folder is made
+        raise UserError(f"trainer.gradient_clip_val={clip} with trainer.precision={precision} is not allowed with "
+                        "optimizer.fused=true (Lightning cannot clip a fused optimizer's gradients under mixed "
+                        "precision): add optimizer.fused=false, or drop one of the two")
+    objective = config.get("objective") or {}
+    if objective.get("_target_"):  # the objective's own refusals (IWAE has no KL term for free bits)
+        from hydra.utils import instantiate
+
+        try:
+            instantiate(objective).check(config.get("beta", 1.0), config.get("kl_warmup_steps", 0),
+                                         config.get("free_bits", 0.0))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if precision == "16-true" and "eps" in _arguments(optimizer["_target_"]):
         eps = optimizer.get("eps", _arguments(optimizer["_target_"])["eps"].default)
         tiny = torch.finfo(torch.float16).tiny
         if eps < tiny:  # Adam's state is float16 there: eps rounds to 0, and sqrt(v) + eps is 0 where g^2 underflows

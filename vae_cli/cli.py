@@ -398,6 +398,8 @@ def _main(argv: list[str] | None) -> None:
     # a run that ends before its first validation has no val/elbo to pick a best checkpoint by: the
     # summary says so (val ELBO: none), in place of Lightning's hint to log the key
     warnings.filterwarnings("ignore", message=r".*\(monitor='val/elbo'\)` could not find the monitored key.*")
+    # the model summary goes to train.log; its size estimate under mixed precision is Lightning's concern
+    warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return

@@ -403,7 +403,7 @@ def _refuse_hierarchy(model: VAE, command: str) -> None:
     dims = getattr(model, "latent_dims", None)
     if dims is not None and len(dims) > 1:
         raise UserError(f"vae {command} is not available for a model with {len(dims)} stochastic layers "
-                        f"(latent_dims={list(dims)}): it needs a single latent layer (model=mlp or model=conv)")
+                        f"(latent_dims={list(dims)}): it needs a single latent layer (model=mlp, conv or resnet)")
 
 
 def manifold(cfg) -> Path:

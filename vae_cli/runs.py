@@ -69,11 +69,15 @@ class FromRunSettings(BaseModel):
     split: Split = "test"
 
 
+def _missing(path: Path) -> str:
+    return " (it does not exist)" if not path.exists() else ""
+
+
 def last_checkpoint(run_dir: str | Path) -> Path:
     """run_dir/checkpoints/last.ckpt, or a UserError saying what is missing."""
     run = Path(run_dir).expanduser()
     if not run.is_dir():
-        raise UserError(f"run={str(run_dir)!r} is not a folder: give a run folder under outputs/")
+        raise UserError(f"run={str(run_dir)!r} is not a folder{_missing(run)}: give a run folder under outputs/")
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise UserError(f"run={str(run_dir)!r} has no checkpoints/last.ckpt: is it a `vae train` run folder?")
@@ -133,7 +137,7 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     restarts from step 0 with the config Hydra saved in RUN/.hydra/config.yaml."""
     run = Path(run_dir).expanduser()
     if not run.is_dir():
-        raise UserError(f"resume={str(run_dir)!r} is not a folder: give a run folder under outputs/")
+        raise UserError(f"resume={str(run_dir)!r} is not a folder{_missing(run)}: give a run folder under outputs/")
     check_not_training(run, f"resume={str(run_dir)}")
     ckpt = run / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
