@@ -66,6 +66,9 @@ def test_the_gap_splits_on_the_headlines_own_examples_so_its_parts_add_up():
     assert e["amortization_gap"] == pytest.approx((parts["refined_elbo"][:10] - parts["elbo"][:10]).mean().item())
     line = next(ln for ln in table(r).splitlines() if "amortization gap" in ln)
     assert line.startswith(f"  gap on the first 10 examples {r['gap']:.3f} = amortization gap ELBO(q*) - ELBO(q) ")
+    # a gap below 0 is noise, not a KL
+    below = next(ln for ln in table({**r, "gap": -0.2}).splitlines() if ln.startswith("gap ="))
+    assert "below 0, which the KL(q(z|x) || p(z|x)) it estimates cannot be" in below and below.endswith("raise k")
     # a q that is not one diagonal Gaussian (a flow, a ladder): the split is not called amortization
     other = table(summarize(parts, plan, curve_ks(plan.k), 6, "none", gaussian_q=False))
     assert "amortization gap ELBO" not in other and "(q* Gaussian, q not: not the amortization gap)" in other

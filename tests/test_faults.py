@@ -228,7 +228,8 @@ def test_the_vamp_prior_over_a_flow_is_said_to_be_slow(conf, caplog):
     from vae_cli.train import warn_if_costly
 
     caplog.set_level(logging.WARNING, logger="vae_cli")
-    for overrides, warned in ((["prior=vamp", "posterior=iaf"], True), (["prior=vamp"], False), (["posterior=iaf"], False)):
+    for overrides, warned in ((["prior=vamp", "posterior=iaf"], True), (["prior=vamp"], False), (["posterior=iaf"], False),
+                              (["prior=vamp", "posterior=iaf", "prior.components=5", "model.latent_dim=2"], False)):
         caplog.clear()
         warn_if_costly(instantiate(resolved(compose(conf, "train", overrides))["model"]))
         assert any("p(z) is a mixture of 500 flows" in r.getMessage() for r in caplog.records) == warned, overrides
@@ -372,4 +373,52 @@ def test_a_model_too_large_to_train_here_is_one_line(tmp_path, monkeypatch, data
     assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]", f"hydra.run.dir={run}") == 2
     line = one_line_error(capsys)
     assert "model.encoder.hidden=[64]): training them takes about" in line and "make it smaller" in line
-    assert not (run / "checkpoints").exists()
+    # refused before it trained anything: nothing of the run is left, and the same folder takes a new run
+    assert not run.exists()
+    monkeypatch.undo()
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.max_steps=1", "eval.k=0",
+                    f"hydra.run.dir={run}") == 0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_refused_before_training_keeps_what_the_folder_held(tmp_path, monkeypatch, data_dir, capsys):
+    from vae_cli import errors
+
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**6)
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]", f"hydra.run.dir={run}") == 2
+    assert "make it smaller" in one_line_error(capsys)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("args,said", [
+    (["trainer.precision=bf16-mixed", "+trainer.gradient_clip_val=1"],
+     "trainer.gradient_clip_val=1 with trainer.precision=bf16-mixed is not allowed with optimizer.fused=true"),
+    (["objective=iwae", "free_bits=0.25"], "free_bits=0.25 is not allowed with objective=iwae"),
+])
+def test_settings_that_fail_inside_training_are_refused_before_the_folder(args, said, tmp_path, monkeypatch, capsys):
+    """bf16-mixed with clipping and fused Adam was a traceback from inside fit; iwae with free bits was
+    refused only once the run folder existed, which then refused the same folder again."""
+    monkeypatch.chdir(tmp_path)
+    assert run_main("train", *args) == 2
+    assert said in one_line_error(capsys)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_resume_continues_one_run_in_its_own_folder(trained_run, tmp_path, capsys):
+    assert run_main("train", f"resume={trained_run}", f"resume={tmp_path}") == 2
+    assert "resume is given 2 times" in one_line_error(capsys)
+    assert run_main("train", f"resume={trained_run}", f"hydra.run.dir={tmp_path / 'elsewhere'}") == 2
+    assert f"resume=DIR trains in DIR itself: drop 'hydra.run.dir={tmp_path / 'elsewhere'}'" in one_line_error(capsys)
+    assert not (tmp_path / "elsewhere").exists()
+    assert run_main("sample", f"run={tmp_path / 'nope'}") == 2
+    assert "is not a folder (it does not exist)" in one_line_error(capsys)
+
+
+def test_epochs_are_counted_from_the_steps():
+    from vae_cli.train import epochs_done
+
+    assert [epochs_done(s, 391) for s in (0, 30, 391, 782, 800)] == [0, 0.08, 1, 2, 2.05]
+    assert isinstance(epochs_done(782, 391), int)

@@ -103,7 +103,10 @@ def test_a_run_that_ends_before_validation_says_so_without_lightnings_hint(tmp_p
         assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.max_steps=2", "eval.k=0",
                         f"hydra.run.dir={run}") == 0
     assert not [w for w in seen if "could not find the monitored key" in str(w.message)]
-    assert "val ELBO:    none (no validation epoch, so no best checkpoint; last.ckpt is kept)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val ELBO:    none (no validation epoch, so no best checkpoint; last.ckpt is kept)" in out
+    # 2 of an epoch's 4 batches: half an epoch (Lightning's current_epoch said 1)
+    assert "trained:     0.5 epochs, 2 steps" in out and json.loads((run / "metrics.json").read_text())["epoch"] == 0.5
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,10 @@ def warn_if_costly(model: Any) -> None:
     from vae_cli.priors import VampPrior
 
     prior, posterior = getattr(model, "prior_module", None), getattr(model, "posterior_module", None)
-    if isinstance(prior, VampPrior) and isinstance(posterior, IAFPosterior):
+    # K * D network passes a step: about 0.5 ms each for the default mlp (5.2 s at K=500, D=20; 0.54 s
+    # at K=50), so from K * D = 200 (0.1 s) on the step costs several times the flow's own 39 ms
+    if isinstance(prior, VampPrior) and isinstance(posterior, IAFPosterior) and \
+            len(prior.pseudo_raw) * model.latent_dim >= 200:
         k, d = len(prior.pseudo_raw), model.latent_dim
         log.warning(f"prior=vamp with posterior=iaf: p(z) is a mixture of {k} flows, and log p(z) at each draw "
                     f"inverts all of them in {d} passes each: on 2 CPU cores a training step of the default mlp took "
@@ -147,7 +151,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
             dataset["path"] = str(Path(to_absolute_path(os.path.expanduser(dataset["path"]))).resolve())
     with run_lock(run, f"resume={cfg.resume}" if cfg.resume is not None else f"the run folder {str(run)!r}"):
-        return train_in(run, config, resume_ckpt, verbose)
+        try:
+            return train_in(run, config, resume_ckpt, verbose)
+        except UserError:
+            if cfg.resume is None:
+                discard_untrained(run)
+            raise
+
+
+RUN_FILES = (".hydra", "train.log", "tensorboard", "checkpoints")  # what a run makes in its folder before training
+
+
+def discard_untrained(run: Path) -> None:
+    """Remove what a new run refused before it trained anything (a dataset that cannot be fetched, a
+    model too large to train here) made in its folder: Hydra's .hydra/ and train.log, Lightning's empty
+    tensorboard/ and checkpoints/, then the folder if nothing else is left. Else the folder would hold a
+    run that is not one: the same command run again was refused ("holds a run already"). A run with a
+    checkpoint or a logged value is kept; so is whatever else the folder held; rank 0 alone decides."""
+    import shutil
+
+    from vae_cli.runs import first_process
+
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    if not first_process() or any((run / "checkpoints").glob("*.ckpt")) or \
+            any(b"train/" in e.read_bytes() or b"val/" in e.read_bytes() for e in events):
+        return
+    for name in RUN_FILES:
+        path = run / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            path.unlink(missing_ok=True)
+    try:
+        run.rmdir()  # only if empty
+    except OSError:
+        pass
 
 
 def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbose: bool) -> dict[str, Any]:
@@ -209,7 +247,8 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
     if trainer.interrupted:  # Lightning versions that return from fit instead
         raise KeyboardInterrupt
 
-    metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": trainer.global_step, "epoch": trainer.current_epoch}
+    metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": trainer.global_step,
+               "epoch": epochs_done(trainer.global_step, steps_per_epoch(trainer, data))}
     if metrics["val_elbo"] is None and (run / "metrics.json").is_file():  # a finished run resumed: no new epoch
         metrics["val_elbo"] = json.loads((run / "metrics.json").read_text()).get("val_elbo")
     watch = module.divergence
@@ -226,6 +265,24 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         report(run, metrics, resumed=resume_ckpt is not None)
     return metrics
+
+
+def steps_per_epoch(trainer, data) -> int:
+    """Optimizer steps in one epoch of this run: its training batches (after trainer.limit_train_batches)
+    over trainer.accumulate_grad_batches; from the training split where fit had no epoch to set up
+    (a finished run resumed)."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches <= 0:
+        batches = len(data.train_dataloader())
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def epochs_done(steps: int, per_epoch: int) -> int | float:
+    """Epochs trained, from the steps: whole (an int) or a fraction to two places. Lightning's
+    current_epoch counts an epoch that max_steps stopped after 30 of its 391 steps as done, and a
+    checkpoint saved then as epoch 0, so a run and its resume said 1 and 0 for the same 30 steps."""
+    whole, rest = divmod(steps, per_epoch)
+    return whole if rest == 0 else round(steps / per_epoch, 2)
 
 
 def _metric(trainer, name: str) -> float | None:
@@ -269,7 +326,7 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool = False) -> None:
     rows = [("run folder", str(run))]
     if "step" in metrics:
         epochs, steps = metrics["epoch"], metrics["step"]
-        trained = f"{epochs} epoch{'s' * (epochs != 1)}, {steps} step{'s' * (steps != 1)}"
+        trained = f"{epochs:g} epoch{'s' * (epochs != 1)}, {steps} step{'s' * (steps != 1)}"
         rows.append(("trained", trained + (" (resumed)" if resumed else "")))
     val = metrics.get("val_elbo")
     rows.append(("val ELBO", f"{val:.2f} nats/example (last epoch)" if val is not None else "none (no validation epoch, so no best checkpoint; last.ckpt is kept)"))
@@ -282,7 +339,8 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool = False) -> None:
         name = ESTIMATOR_NAMES.get(metrics.get("test_log_px_estimator", "iwae"), metrics.get("test_log_px_estimator"))
         rows += [("test ELBO", f"{metrics['test_elbo']:.2f} nats/example{n}"),
                  ("test log p(x)", f"{metrics['test_log_px']:.2f} nats/example ({name}, k={metrics['test_k']})"),
-                 ("test gap", f"{metrics['test_gap']:.2f} nats/example (log p(x) - ELBO)")]
+                 ("test gap", f"{metrics['test_gap']:.2f} nats/example (log p(x) - ELBO"
+                              + ("; below 0 by Monte Carlo noise: raise eval.k)" if metrics["test_gap"] < 0 else ")"))]
         if metrics.get("test_bits_per_dim") is not None:
             rows.append(("bits/dim", f"{metrics['test_bits_per_dim']:.3f} (of log p(x))"))
     else:
