@@ -391,6 +391,9 @@ def test_a_run_refused_before_training_keeps_what_the_folder_held(tmp_path, monk
     assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]", f"hydra.run.dir={run}") == 2
     assert "make it smaller" in one_line_error(capsys)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    (run / "notes.txt").unlink()                         # a folder of the user's own, empty: kept as well
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]", f"hydra.run.dir={run}") == 2
+    assert run.is_dir() and not any(run.iterdir())
 
 
 @pytest.mark.parametrize("args,said", [
@@ -417,8 +420,27 @@ def test_resume_continues_one_run_in_its_own_folder(trained_run, tmp_path, capsy
     assert "is not a folder (it does not exist)" in one_line_error(capsys)
 
 
+def test_a_sweep_keeps_the_folder_of_a_job_refused_before_training(tmp_path, monkeypatch, data_dir, capsys):
+    from vae_cli import errors
+
+    monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**6)
+    sweep = tmp_path / "sweep"
+    assert run_main("train", "-m", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64],[48]",
+                    f"hydra.sweep.dir={sweep}") == 2
+    assert "1 of 2 sweep jobs failed (job 0" in capsys.readouterr().err         # [48] fits in 1 MB, [64] does not
+    assert "make it smaller" in (sweep / "0" / "error.txt").read_text()   # the summary's error column
+
+
+def test_a_ddp_rank_may_restate_the_resumed_folder(conf, trained_run):
+    """Lightning restarts each DDP rank with hydra.run.dir="<rank 0's folder>": the resumed folder itself."""
+    from vae_cli.checks import check_command_line
+
+    check_command_line(conf, "train", [f"resume={trained_run}", f'hydra.run.dir="{trained_run}"',
+                                       "hydra.job.name=train_ddp_process_1", "hydra.output_subdir=null"])
+
+
 def test_epochs_are_counted_from_the_steps():
     from vae_cli.train import epochs_done
 
-    assert [epochs_done(s, 391) for s in (0, 30, 391, 782, 800)] == [0, 0.08, 1, 2, 2.05]
-    assert isinstance(epochs_done(782, 391), int)
+    assert [epochs_done(s, 391) for s in (0, 30, 391, 782, 800, 390)] == [0, 0.0767, 1, 2, 2.05, 0.997]
+    assert epochs_done(1, 469) == 0.00213 and isinstance(epochs_done(782, 391), float)  # one type: one hparams column

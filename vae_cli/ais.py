@@ -54,6 +54,8 @@ def sigmoid_beta(t: int, steps: int, radius: float = 4.0) -> float:
         raise ValueError(f"steps={steps}: expected at least 1")
     if not 0 <= t <= steps:
         raise ValueError(f"t={t}: expected 0 <= t <= steps ({steps})")
+    if t == steps:
+        return 1.0  # (s1 - s0) / (s1 - s0) can round below 1 for some radius
     s0, s1 = _sigmoid(-radius), _sigmoid(radius)
     return (_sigmoid(-radius + 2.0 * radius * t / steps) - s0) / (s1 - s0)
 

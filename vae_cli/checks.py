@@ -32,6 +32,9 @@ SCHEMAS = {
 }
 # Anything of these in a folder marks a run (or a run killed before its first checkpoint).
 RUN_MARKERS = (".hydra", "checkpoints", "tensorboard", "metrics.json", "train.log", "multirun.yaml")
+# Output folders that did not exist when the command line was checked: a run refused before it trained
+# may remove such a folder once empty (vae_cli.train.discard_untrained), never one the user had.
+NEW_FOLDERS: set[Path] = set()
 
 __all__ = ["check_command_line", "compose", "options", "register_resolvers", "run_marker"]
 
@@ -188,7 +191,11 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         if len(given) > 1:
             raise UserError(f"resume is given {len(given)} times ({', '.join(map(repr, given))}): continue one run "
                             "(or several, one after the other, with -m resume=A,B)")
-        if "hydra.run.dir" in keys:  # the run's folder is DIR itself: its train.log, checkpoints and events
+        run_dir = next((o.split("=", 1)[1].strip("'\"") for o, k in zip(overrides, keys) if k == "hydra.run.dir"), None)
+        if run_dir is not None and len(given) == 1 and \
+                Path(run_dir).expanduser().resolve() != Path(given[0].split("=", 1)[1].strip("'\"")).expanduser().resolve():
+            # the run's folder is DIR itself: its train.log, checkpoints and events (Lightning's DDP
+            # restarts each rank with hydra.run.dir="DIR", which is allowed)
             raise UserError(f"resume=DIR trains in DIR itself: drop {overrides[keys.index('hydra.run.dir')]!r}")
         # verbose is how the terminal looks, not how the run trains: it may change on resume
         others = [o for o, k in zip(overrides, keys) if k not in ("resume", "verbose") and not k.startswith("hydra")]
@@ -398,6 +405,8 @@ def check_output_folder(cfg: DictConfig, multirun: bool) -> tuple[str, Path]:
     if not value or not str(value).strip():
         raise UserError(f"{key} is empty: give a new folder")
     folder = Path(os.path.expandvars(str(value))).expanduser().absolute()
+    if not folder.exists():
+        NEW_FOLDERS.add(folder.resolve())
     shown = f"{key}={str(folder)!r}"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{shown} is a file: give a new folder")

@@ -381,8 +381,8 @@ def table(r: dict[str, Any]) -> str:
     lines.append(f"gap = log p(x) - ELBO = {r['gap']:.3f} ± {r['gap_se']:.3f}, from {head} on its {r['log_px_n']} "
                  "examples: " + ("the KL(q(z|x) || p(z|x)), how far q is from the true posterior" if r["gap"] >= 0 else
                                  f"below 0, which the KL(q(z|x) || p(z|x)) it estimates cannot be: Monte Carlo noise of the two "
-                                 f"estimates (IWAE at k={r['k']}{' is a one-sample ELBO' if r['k'] == 1 else ''}); "
-                                 "raise k"))
+                                 "estimates" + (" (IWAE at k=1 is a one-sample ELBO)" if r["k"] == 1 else "")
+                                 + "; raise k"))
     if "refined" in est:
         e = est["refined"]
         a, b, m = e["amortization_gap"], e["approximation_gap"], e["gap_split_n"]

@@ -153,8 +153,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with run_lock(run, f"resume={cfg.resume}" if cfg.resume is not None else f"the run folder {str(run)!r}"):
         try:
             return train_in(run, config, resume_ckpt, verbose)
-        except UserError:
-            if cfg.resume is None:
+        except UserError as e:
+            from vae_cli.cli import _in_sweep
+            from vae_cli.module import NonFiniteLoss
+
+            # a sweep keeps its failed job's folder (its summary reads the error and the overrides
+            # there); a loss that went NaN stops a run that trained, whose log says why
+            if cfg.resume is None and not _in_sweep() and not isinstance(e, NonFiniteLoss):
                 discard_untrained(run)
             raise
 
@@ -164,17 +169,19 @@ RUN_FILES = (".hydra", "train.log", "tensorboard", "checkpoints")  # what a run 
 
 def discard_untrained(run: Path) -> None:
     """Remove what a new run refused before it trained anything (a dataset that cannot be fetched, a
-    model too large to train here) made in its folder: Hydra's .hydra/ and train.log, Lightning's empty
-    tensorboard/ and checkpoints/, then the folder if nothing else is left. Else the folder would hold a
-    run that is not one: the same command run again was refused ("holds a run already"). A run with a
-    checkpoint or a logged value is kept; so is whatever else the folder held; rank 0 alone decides."""
+    model too large to train here) made in its folder: Hydra's .hydra/ and train.log, Lightning's
+    tensorboard/ and checkpoints/. Else the folder would hold a run that is not one: the same command
+    run again was refused ("holds a run already"). The folder goes too where this command made it and
+    nothing else is in it. A run with a checkpoint or a logged training value is kept, and so is
+    whatever else the folder held; rank 0 alone decides."""
     import shutil
 
+    from vae_cli.checks import NEW_FOLDERS
     from vae_cli.runs import first_process
 
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     if not first_process() or any((run / "checkpoints").glob("*.ckpt")) or \
-            any(b"train/" in e.read_bytes() or b"val/" in e.read_bytes() for e in events):
+            any(b"train/" in e.read_bytes() for e in events):
         return
     for name in RUN_FILES:
         path = run / name
@@ -182,10 +189,11 @@ def discard_untrained(run: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif path.is_file():
             path.unlink(missing_ok=True)
-    try:
-        run.rmdir()  # only if empty
-    except OSError:
-        pass
+    if run.resolve() in NEW_FOLDERS:  # made for this run: gone too, once empty
+        try:
+            run.rmdir()
+        except OSError:
+            pass
 
 
 def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbose: bool) -> dict[str, Any]:
@@ -277,12 +285,11 @@ def steps_per_epoch(trainer, data) -> int:
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
-def epochs_done(steps: int, per_epoch: int) -> int | float:
-    """Epochs trained, from the steps: whole (an int) or a fraction to two places. Lightning's
+def epochs_done(steps: int, per_epoch: int) -> float:
+    """Epochs trained, from the steps, to three significant digits where not whole. Lightning's
     current_epoch counts an epoch that max_steps stopped after 30 of its 391 steps as done, and a
     checkpoint saved then as epoch 0, so a run and its resume said 1 and 0 for the same 30 steps."""
-    whole, rest = divmod(steps, per_epoch)
-    return whole if rest == 0 else round(steps / per_epoch, 2)
+    return float(f"{steps / per_epoch:.3g}") if steps % per_epoch else float(steps // per_epoch)
 
 
 def _metric(trainer, name: str) -> float | None:
