@@ -336,7 +336,8 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool = False) -> None:
         trained = f"{epochs:g} epoch{'s' * (epochs != 1)}, {steps} step{'s' * (steps != 1)}"
         rows.append(("trained", trained + (" (resumed)" if resumed else "")))
     val = metrics.get("val_elbo")
-    rows.append(("val ELBO", f"{val:.2f} nats/example (last epoch)" if val is not None else "none (no validation epoch, so no best checkpoint; last.ckpt is kept)"))
+    rows.append(("val ELBO", f"{val:.2f} nats/example (last epoch)" if val is not None
+                 else "none (no validation epoch, so no best checkpoint; last.ckpt is kept)"))
     if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
         where = f": vae evaluate ckpt={metrics['best_checkpoint']}" if metrics.get("best_checkpoint") else ""
         rows.append(("best val ELBO", f"{metrics['best_val_elbo']:.2f} nats/example (epoch {metrics['best_epoch']}; "
