@@ -115,6 +115,8 @@ def _anneal(log_joint: LogJoint, init: Distribution, z: torch.Tensor, steps: int
     Step t adds (beta_t - beta_{t-1}) (log p(x, z) - log q(z)), i.e. log f_t - log f_{t-1} at the
     current z, then applies one HMC transition for f_t (Neal 2001, eq. 2; Wu et al. 2017, alg. 1).
     """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: expected at least 1")
     if leapfrog < 1:
         raise ValueError(f"leapfrog={leapfrog}: expected at least 1")
     if not 0.0 < target_accept < 1.0 or not step_size > 0.0:
@@ -177,7 +179,6 @@ def ais(log_joint: LogJoint, init: Distribution, *, steps: int, leapfrog: int, c
     The step size depends on the chain's own past, so strictly the chain is not Markov and the
     bound holds only up to that (small) effect; Wu et al. (2017) adapt in the same way.
     """
-    sigmoid_beta(0, steps)                                           # steps < 1: ValueError before any work
     with _seeded(seed):
         z = init.sample((chains,))                                   # (S, B, D) ~ f_0
         return _anneal(log_joint, init, z, steps, False, leapfrog, step_size, target_accept, stats)
@@ -199,7 +200,6 @@ def reverse_ais(log_joint: LogJoint, init: Distribution, z_exact: torch.Tensor, 
     Every chain starts from the same z_exact; options and ``stats`` as in ``ais``. The step sizes
     start again from ``step_size`` and adapt on the way back; they are not replayed from a forward run.
     """
-    sigmoid_beta(0, steps)                                           # steps < 1: ValueError before any work
     with _seeded(seed):
         z = z_exact.detach().expand(chains, *z_exact.shape).clone()  # (S, B, D)
         return _anneal(log_joint, init, z, steps, True, leapfrog, step_size, target_accept, stats)

@@ -191,12 +191,14 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         if len(given) > 1:
             raise UserError(f"resume is given {len(given)} times ({', '.join(map(repr, given))}): continue one run "
                             "(or several, one after the other, with -m resume=A,B)")
-        run_dir = next((o.split("=", 1)[1].strip("'\"") for o, k in zip(overrides, keys) if k == "hydra.run.dir"), None)
-        if run_dir is not None and len(given) == 1 and \
-                Path(run_dir).expanduser().resolve() != Path(given[0].split("=", 1)[1].strip("'\"")).expanduser().resolve():
+        def folder(override: str) -> Path:
+            return Path(override.split("=", 1)[1].strip("'\"")).expanduser().resolve()
+
+        run_dir = next((o for o, k in zip(overrides, keys) if k == "hydra.run.dir"), None)
+        if run_dir is not None and len(given) == 1 and folder(run_dir) != folder(given[0]):
             # the run's folder is DIR itself: its train.log, checkpoints and events (Lightning's DDP
             # restarts each rank with hydra.run.dir="DIR", which is allowed)
-            raise UserError(f"resume=DIR trains in DIR itself: drop {overrides[keys.index('hydra.run.dir')]!r}")
+            raise UserError(f"resume=DIR trains in DIR itself: drop {run_dir!r}")
         # verbose is how the terminal looks, not how the run trains: it may change on resume
         others = [o for o, k in zip(overrides, keys) if k not in ("resume", "verbose") and not k.startswith("hydra")]
         if others:

@@ -224,14 +224,12 @@ def evaluate_split(
     torch.manual_seed(seed + 1)  # the draws z; the pixel noise below has its own stream (seed)
     batches = Batches(images.to(device), batch_size, pixels, shuffle=False, seed=seed, fixed_noise=True)
     n, ks, parts, start = len(images), curve_ks(plan.k), {}, 0
-    bar = _progress(n, f"{'+'.join(plan.estimators)} k={plan.k}", progress)
-    for x in batches:
-        for name, v in _batch_estimates(model, x, start, n, plan, rows, ks).items():
-            parts.setdefault(name, []).append(v)
-        start += len(x)
-        if bar is not None:
+    with _progress(n, f"{'+'.join(plan.estimators)} k={plan.k}", progress) as bar:
+        for x in batches:
+            for name, v in _batch_estimates(model, x, start, n, plan, rows, ks).items():
+                parts.setdefault(name, []).append(v)
+            start += len(x)
             bar.update(len(x))
-    _close(bar)
     values = {name: torch.cat(v) for name, v in parts.items()}
     return summarize(values, plan, ks, math.prod(images.shape[1:]), pixels, gaussian_q(model))
 
@@ -245,17 +243,10 @@ def gaussian_q(model: VAE) -> bool:
 
 
 def _progress(n: int, desc: str, show: bool):
-    """A bar over n examples on stderr, or None where not shown."""
-    if not show:
-        return None
+    """A bar over n examples on stderr (tqdm's, disabled where not shown: its update and close do nothing)."""
     from tqdm import tqdm
 
-    return tqdm(total=n, unit="ex", desc=desc, file=sys.stderr, dynamic_ncols=True)
-
-
-def _close(bar) -> None:
-    if bar is not None:
-        bar.close()
+    return tqdm(total=n, unit="ex", desc=desc, file=sys.stderr, dynamic_ncols=True, disable=not show)
 
 
 def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: int, pixels: str,
@@ -425,16 +416,14 @@ def run_bdmc(model: VAE, plan: Plan, rows: int, seed: int, progress: bool = Fals
     from vae_cli.ais import bdmc
 
     s = plan.bdmc
-    bar = _progress(s.n, f"bdmc steps={s.steps} (simulated data)", progress)
-    b = bdmc(model, s.n, steps=s.steps, leapfrog=s.leapfrog, chains=s.chains, batch_size=BDMC_BATCH, seed=seed,
-             done=None if bar is None else bar.update)
-    _close(bar)
-    bar, iwae = _progress(s.n, f"iwae k={plan.k} (simulated data)", progress), []
-    for x in b["x"].split(BDMC_BATCH):
-        iwae.append(estimate(model, x, plan.k, rows)["log_px"].cpu())
-        if bar is not None:
+    with _progress(s.n, f"bdmc steps={s.steps} (simulated data)", progress) as bar:
+        b = bdmc(model, s.n, steps=s.steps, leapfrog=s.leapfrog, chains=s.chains, batch_size=BDMC_BATCH, seed=seed,
+                 done=bar.update)
+    iwae = []
+    with _progress(s.n, f"iwae k={plan.k} (simulated data)", progress) as bar:
+        for x in b["x"].split(BDMC_BATCH):
+            iwae.append(estimate(model, x, plan.k, rows)["log_px"].cpu())
             bar.update(len(x))
-    _close(bar)
     iwae = torch.cat(iwae)
     out = {"n": s.n, "steps": s.steps, "leapfrog": s.leapfrog, "chains": s.chains}
     for name, v in (("lower", b["lower"]), ("upper", b["upper"]), ("iwae", iwae)):
