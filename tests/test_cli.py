@@ -92,6 +92,22 @@ def test_evaluate_is_repeatable_with_a_seed(trained_run, tmp_path):
     assert outs[0]["log_px"] == outs[1]["log_px"]
 
 
+def test_python_dash_m_vae_cli_is_the_vae_command(trained_run, tmp_path):
+    """`python -m vae_cli` for an environment whose scripts folder is not on PATH: the same commands."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vae_cli"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "  train" in r.stdout
+    out = tmp_path / "s.png"
+    r = subprocess.run([sys.executable, "-m", "vae_cli", "sample", f"run={trained_run}", "n=4", f"out={out}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 28
+
+
 def test_an_unknown_flag_is_one_line(tmp_path):
     r = vae("train", "--frobnicate", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--frobnicate" in r.stderr
