@@ -189,6 +189,13 @@ BAD = [
     ("sample", ["+temprature=2"], "unknown setting 'temprature': did you mean temperature?"),
     ("sample", ["temprature=2"], "unknown setting 'temprature': did you mean temperature?"),
     ("evaluate", ["+kk=3"], "unknown setting 'kk'"),
+    # no look-alike: the settings allowed where the key would sit
+    ("sample", ["steps=2"], "unknown setting 'steps'; the settings at the top level are run, ckpt, out,"),
+    ("train", ["model.zzz=1"], "the settings under model are latent_dim, encoder, decoder, likelihood, prior, posterior"),
+    ("train", ["zzz.yyy=1"], "unknown setting 'zzz.yyy'; the settings at the top level are dataset, model,"),
+    ("evaluate", ["+ais.zzz=1"], "unknown setting 'ais.zzz'; the settings under ais are limit, steps, leapfrog, chains"),
+    # those a class takes but the config does not set yet, not the partial's later params
+    ("train", ["optimizer.zzz=1"], "the settings under optimizer are lr, fused, betas, eps, weight_decay, amsgrad"),
     # wrong types
     ("train", ["trainer.max_epochs=two"], "trainer.max_epochs='two' is not allowed: expected an integer >= -1"),
     ("train", ["eval.limit=0.5"], "eval.limit=0.5 is not allowed: expected an integer > 0 or null"),

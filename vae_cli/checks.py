@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_cli.errors import UserError, first_line
-from vae_cli.settings import (TARGETS, description, dotted_keys, known_argument, load, register_resolvers, suggest,
+from vae_cli.settings import (TARGETS, arguments, description, dotted_keys, known_argument, load, register_resolvers, suggest,
                               validate)
 
 # command -> its settings class (the top level of conf/<command>.yaml)
@@ -88,7 +88,9 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
         config = _config_without(conf_dir, command, overrides, key)
         if known_argument(config, key):
             return f"{key} is not in the config yet: add it with +{key}=VALUE"
-        return f"unknown setting {key!r}{suggest(key, dotted_keys(config))}"
+        parent = key.rpartition(".")[0]
+        accepted = [f"{parent}.{a}" if parent else a for a in arguments(config, parent)]
+        return f"unknown setting {key!r}{suggest(key, list(dict.fromkeys(dotted_keys(config) + accepted)))}"
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
     if m:
         return f"+{m.group(1)}: that setting exists already; drop the +"

@@ -254,23 +254,49 @@ def suggest(key: str, candidates: list[str]) -> str:
         return f": did you mean {siblings[near[0]]}?"
     lasts = {c.rsplit(".", 1)[-1]: c for c in sorted(candidates, key=len, reverse=True)}
     near = difflib.get_close_matches(last, list(lasts), n=1, cutoff=0.75)
-    return f": did you mean {lasts[near[0]]}?" if near else ""
+    return f": did you mean {lasts[near[0]]}?" if near else settings_here(key, candidates)
+
+
+def settings_here(key: str, candidates: list[str], most: int = 24) -> str:
+    """'; the settings under P are a, b, ...' for the nearest parent of ``key`` that has settings
+    (the top level at the last), so that a key with no look-alike still shows what is allowed."""
+    parent = key
+    while parent:
+        parent = parent.rpartition(".")[0]
+        names = [c.rpartition(".")[2] for c in candidates if c.rpartition(".")[0] == parent]
+        if names:
+            shown = ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+            return f"; the settings {f'under {parent}' if parent else 'at the top level'} are {shown}"
+    return ""
 
 
 def known_argument(config: Any, key: str) -> bool:
     """Whether ``key`` (dotted) is an argument the description of its parent node accepts."""
-    *parents, name = key.split(".")
+    parent, _, name = key.rpartition(".")
+    return name in arguments(config, parent)
+
+
+def arguments(config: Any, parent: str) -> list[str]:
+    """The arguments that the class built by the node at ``parent`` (dotted) accepts, whether the
+    config sets them or not; [] where the node builds none of vae-cli's known classes."""
     node = config
-    for p in parents:
+    for p in parent.split(".") if parent else []:
         node = node.get(p) if isinstance(node, dict) else None
     target = node.get("_target_") if isinstance(node, dict) else None
     if not isinstance(target, str) or target not in TARGETS:
-        return False
+        return []
     try:
-        model = description(target, bool(node.get("_partial_")))
-        return name in model.model_fields or (hasattr(model, "extra_keys") and name in model.extra_keys())
+        partial = bool(node.get("_partial_"))
+        model = description(target, partial)
+        extra = list(model.extra_keys()) if hasattr(model, "extra_keys") else []
+        later: set[str] = set()  # a partial's required positional arguments come when it is called
+        spec = load(TARGETS[target] or target)
+        if partial and not (inspect.isclass(spec) and issubclass(spec, BaseModel)):
+            fields, _, positional = _fields_of(spec)
+            later = {k for k, (_, d) in fields.items() if d is ... and k in positional}  # the optimizer's params
+        return [n for n in [*model.model_fields, *extra] if n not in later]
     except Exception:
-        return False
+        return []
 
 
 def dotted_keys(node: Any, prefix: str = "") -> list[str]:
