@@ -140,6 +140,27 @@ def test_claimed_outputs_are_removed_when_the_work_fails(tmp_path):
     assert path.read_text() == "done"
 
 
+def test_a_failed_command_removes_the_default_folder_it_made_but_no_other(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(KeyboardInterrupt):  # RUN/eval/ made for this command: gone with its claim
+        with runs.claimed_outputs(None, run / "eval" / "deeper", "e", (".json", ".png")):
+            raise KeyboardInterrupt
+    assert list(run.iterdir()) == []
+    (run / "eval").mkdir()  # there before: kept, empty or not
+    with pytest.raises(RuntimeError):
+        with runs.claimed_outputs(None, run / "eval", "e", (".json",)):
+            raise RuntimeError
+    assert (run / "eval").is_dir()
+    with runs.claimed_outputs(None, run / "samples", "s", (".png",)) as (done,):
+        done.write_text("done")
+    with pytest.raises(RuntimeError):  # another output in the folder keeps it, and the output
+        with runs.claimed_outputs(None, run / "samples", "s", (".png",)) as (path,):
+            assert path != done
+            raise RuntimeError
+    assert done.read_text() == "done" and not path.exists()
+
+
 def test_picture_commands_with_bad_outputs_write_nothing(trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))

@@ -9,7 +9,7 @@ checkpoint copied anywhere still loads.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -358,13 +358,19 @@ def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple
             raise UserError(f"cannot create {str(e.filename or p)!r} ({where}): {_problem(e)}") from None
 
 
-def release_outputs(paths: list[Path]) -> None:
-    """Remove claimed output files (the work that was to fill them failed); never raises."""
+def release_outputs(paths: list[Path], folders: Sequence[Path] = ()) -> None:
+    """Remove claimed output files (the work that was to fill them failed), then those of ``folders``
+    (made for them, deepest first) that are left empty; never raises."""
     for p in paths:
         try:
             p.unlink()
         except OSError:
             pass
+    for d in folders:
+        try:
+            d.rmdir()  # only an empty folder: another command's outputs in it keep it
+        except OSError:
+            break
 
 
 OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg", ".pdf", ".eps"}
@@ -390,16 +396,18 @@ def _check_out_name(out: str, base: Path, suffixes: tuple[str, ...]) -> None:
 def claimed_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple[str, ...]) -> Iterator[list[Path]]:
     """``claim_outputs``, then run the block; if it raises (an error, Ctrl-C), remove the claimed files.
 
-    An OSError while writing them becomes a one-line UserError naming the file.
+    An OSError while writing them becomes a one-line UserError naming the file. The default folder
+    (RUN/eval/, RUN/samples/), where this made it, goes too when the block leaves it empty.
     """
+    made = [] if out is not None else [d for d in (default_dir, *default_dir.parents) if not d.exists()]
     paths = claim_outputs(out, default_dir, stem, suffixes)
     try:
         yield paths
     except OSError as e:
-        release_outputs(paths)
+        release_outputs(paths, made)
         if e.filename is not None and str(e.filename) in map(str, paths):
             raise UserError(f"cannot write {str(e.filename)!r}: {_problem(e)}") from None
         raise
     except BaseException:
-        release_outputs(paths)
+        release_outputs(paths, made)
         raise
