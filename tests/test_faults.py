@@ -358,6 +358,23 @@ def test_a_sweep_of_a_picture_command_with_a_failed_job_exits_2(trained_run, tmp
     assert taken.read_bytes() == b"keep"
 
 
+def test_a_sweep_of_a_picture_command_leaves_no_hydra_folder(trained_run, tmp_path, monkeypatch, capsys):
+    """The pictures go to the run's folder; Hydra's multirun/DATE/TIME (multirun.yaml, empty job
+    folders) goes at the end. A failed job's folder (its error.txt) stays, and so do folders that were there."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert run_main("sample", "-m", f"run={run}", "n=4,8") == 0
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["sample-001.png", "sample-002.png"]
+    assert list(work.iterdir()) == []
+    (work / "multirun" / "earlier").mkdir(parents=True)
+    assert run_main("sample", "-m", f"run={run}", "n=4,8", f"out={run / 'samples' / 'sample-001.png'}") == 2
+    capsys.readouterr()
+    assert len(list(work.glob("multirun/*/*/*/error.txt"))) == 2 and (work / "multirun" / "earlier").is_dir()
+
+
 def test_out_that_is_only_a_suffix_is_refused(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_main("sample", f"run={trained_run}", "out=.png") == 2

@@ -22,6 +22,26 @@ def record_failure(message: str) -> None:
     Path(HydraConfig.get().runtime.output_dir, FAILED).write_text(message + "\n")
 
 
+def tidy(sweep_dir: Path, start: Path) -> None:
+    """Remove what Hydra made for a sweep of a command that writes no run folder (`vae sample -m
+    temperature=0.5,1`: the pictures go to the run's folder): the sweep folder's multirun.yaml and
+    empty job folders, then the sweep folder and its parents up to ``start`` while they are empty.
+    A job folder with anything in it (a failed job's error.txt) keeps the sweep folder as it is."""
+    if not sweep_dir.is_dir() or any(p.is_file() or any(p.iterdir()) for p in sweep_dir.iterdir()
+                                     if p.name != "multirun.yaml"):
+        return
+    for p in sweep_dir.iterdir():
+        p.unlink() if p.is_file() else p.rmdir()
+    start = start.resolve()
+    for d in [sweep_dir.resolve(), *sweep_dir.resolve().parents]:
+        if d == start or start not in d.parents:
+            break
+        try:
+            d.rmdir()  # empty only: an earlier sweep's folders beside it keep the parent
+        except OSError:
+            break
+
+
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per finished run under sweep_dir (its subfolders with a metrics.json), by job number.
 
