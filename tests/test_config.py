@@ -196,6 +196,8 @@ BAD = [
     ("evaluate", ["+ais.zzz=1"], "unknown setting 'ais.zzz'; the settings under ais are limit, steps, leapfrog, chains"),
     # those a class takes but the config does not set yet, not the partial's later params
     ("train", ["optimizer.zzz=1"], "the settings under optimizer are lr, fused, betas, eps, weight_decay, amsgrad"),
+    ("train", ["+optimizer.params=1"], "optimizer.params is not a setting: vae-cli passes it itself when it builds optimizer"),
+    ("train", ["scheduler=cosine", "+scheduler.optimizer=1"], "scheduler.optimizer is not a setting"),
     # wrong types
     ("train", ["trainer.max_epochs=two"], "trainer.max_epochs='two' is not allowed: expected an integer >= -1"),
     ("train", ["eval.limit=0.5"], "eval.limit=0.5 is not allowed: expected an integer > 0 or null"),

@@ -289,14 +289,20 @@ def arguments(config: Any, parent: str) -> list[str]:
         partial = bool(node.get("_partial_"))
         model = description(target, partial)
         extra = list(model.extra_keys()) if hasattr(model, "extra_keys") else []
-        later: set[str] = set()  # a partial's required positional arguments come when it is called
-        spec = load(TARGETS[target] or target)
-        if partial and not (inspect.isclass(spec) and issubclass(spec, BaseModel)):
-            fields, _, positional = _fields_of(spec)
-            later = {k for k, (_, d) in fields.items() if d is ... and k in positional}  # the optimizer's params
+        later = given_later(target) if partial else set()
         return [n for n in [*model.model_fields, *extra] if n not in later]
     except Exception:
         return []
+
+
+def given_later(target: str) -> set[str]:
+    """The required positional arguments of a partial's target: vae-cli passes them when it calls
+    the partial (an optimizer's params, a scheduler's optimizer), so they are not settings."""
+    spec = load(TARGETS[target] or target)
+    if inspect.isclass(spec) and issubclass(spec, BaseModel):
+        return set()
+    fields, _, positional = _fields_of(spec)
+    return {k for k, (_, d) in fields.items() if d is ... and k in positional}
 
 
 def dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -385,6 +391,9 @@ class Validator:
         if not isinstance(partial, bool):
             self.fail(f"{path}._partial_={show(partial)} is not allowed: expected true or false")
         args = {k: v for k, v in value.items() if k not in HYDRA_KEYS}
+        later = sorted(set(args) & given_later(target)) if partial else []
+        if later:
+            self.fail(f"{path}.{later[0]} is not a setting: vae-cli passes it itself when it builds {path}")
         self.model(description(target, partial), args, f"{path}.")
 
     def unknown(self, key: str, local: list[str]) -> "typing.NoReturn":
