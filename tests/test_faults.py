@@ -398,6 +398,22 @@ def test_a_model_too_large_to_train_here_is_one_line(tmp_path, monkeypatch, data
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_run_refused_before_training_in_the_default_folder_leaves_none(tmp_path, monkeypatch, data_dir, capsys):
+    """outputs/DATE/TIME-MICROSECONDS is this run's own: it goes, and outputs/DATE/ and outputs/ where
+    the command made them; an outputs/ that was there stays, with what it held."""
+    from vae_cli import errors
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**6)
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]") == 2
+    assert "make it smaller" in one_line_error(capsys)
+    assert not (tmp_path / "outputs").exists()
+    (tmp_path / "outputs" / "old").mkdir(parents=True)
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]") == 2
+    capsys.readouterr()
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["old"]
+
+
 def test_a_run_refused_before_training_keeps_what_the_folder_held(tmp_path, monkeypatch, data_dir, capsys):
     from vae_cli import errors
 

@@ -32,8 +32,9 @@ SCHEMAS = {
 }
 # Anything of these in a folder marks a run (or a run killed before its first checkpoint).
 RUN_MARKERS = (".hydra", "checkpoints", "tensorboard", "metrics.json", "train.log", "multirun.yaml")
-# Output folders that did not exist when the command line was checked: a run refused before it trained
-# may remove such a folder once empty (vae_cli.train.discard_untrained), never one the user had.
+# Output folders (and their parents) that did not exist when the command line was checked: a run refused
+# before it trained may remove such a folder once empty (vae_cli.train.discard_untrained), never one
+# the user had.
 NEW_FOLDERS: set[Path] = set()
 
 __all__ = ["check_command_line", "compose", "options", "register_resolvers", "run_marker"]
@@ -409,8 +410,7 @@ def check_output_folder(cfg: DictConfig, multirun: bool) -> tuple[str, Path]:
     if not value or not str(value).strip():
         raise UserError(f"{key} is empty: give a new folder")
     folder = Path(os.path.expandvars(str(value))).expanduser().absolute()
-    if not folder.exists():
-        NEW_FOLDERS.add(folder.resolve())
+    NEW_FOLDERS.update(d.resolve() for d in (folder, *folder.parents) if not d.exists())  # outputs/DATE/TIME, ...
     shown = f"{key}={str(folder)!r}"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{shown} is a file: give a new folder")

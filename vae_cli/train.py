@@ -189,11 +189,24 @@ def discard_untrained(run: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif path.is_file():
             path.unlink(missing_ok=True)
-    if run.resolve() in NEW_FOLDERS:  # made for this run: gone too, once empty
-        try:
-            run.rmdir()
-        except OSError:
-            pass
+    if run.resolve() in NEW_FOLDERS or _stamped_run_dir():  # made for this run: gone too, once empty
+        for d in [run, *run.parents]:  # then outputs/DATE/ and outputs/ where this command made them
+            if d is not run and d.resolve() not in NEW_FOLDERS:
+                break
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+def _stamped_run_dir() -> bool:
+    """Whether Hydra made the run folder from the default outputs/DATE/TIME-MICROSECONDS (no
+    hydra.run.dir given): a name of this run's own. The checked name was stamped a moment earlier."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return not any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra)
 
 
 def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbose: bool) -> dict[str, Any]:
