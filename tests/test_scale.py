@@ -40,6 +40,29 @@ def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path, data_dir):
     assert "sweep summary:" in r.stdout
 
 
+def test_a_sweep_of_resumes_logs_in_each_run_and_summarises_them(tmp_path, trained_run):
+    """-m resume=A,B: each job trains and logs in its own run's folder (not in a new sweep job folder),
+    and the sweep's summary has a row for each, with the resume= that tells them apart."""
+    import shutil
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    (runs[0] / "error.txt").write_text("an earlier sweep's failure")
+    lines = [len((run / "train.log").read_text().splitlines()) for run in runs]
+    sweep = tmp_path / "sweep"
+    r = vae("train", "-m", f"resume={runs[0]},{runs[1]}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for run, n in zip(runs, lines):
+        log = (run / "train.log").read_text().splitlines()
+        assert len(log) > n and any("run folder:" in line for line in log[n:])
+    assert not (runs[0] / "error.txt").exists() and not [p for p in sweep.iterdir() if p.name.isdigit()]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(row["job"], row["overrides"], row["folder"], row["error"]) for row in rows] == [
+        ("0", f"resume={runs[0]}", str(runs[0]), ""), ("1", f"resume={runs[1]}", str(runs[1]), "")]
+    assert all(row["val_elbo"] for row in rows)
+
+
 def test_resume_refuses_other_overrides(tmp_path, trained_run):
     r = vae("train", f"resume={trained_run}", "model.latent_dim=8", cwd=tmp_path)
     assert r.returncode == 2 and "drop 'model.latent_dim=8'" in r.stderr

@@ -33,6 +33,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import types
 import typing
 from functools import lru_cache
@@ -87,6 +88,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("vae_run_dir"):
         OmegaConf.register_new_resolver("vae_run_dir", lambda resume, new: new if resume is None else str(resume))
         OmegaConf.register_new_resolver("vae_output_subdir", lambda resume: ".hydra" if resume is None else None)
+    if not OmegaConf.has_resolver("vae_sweep_subdir"):  # a sweep's job: its number, or the resumed run's folder
+        OmegaConf.register_new_resolver("vae_sweep_subdir", lambda resume, num: str(num) if resume is None else
+                                        os.path.abspath(os.path.expanduser(str(resume))))
 
 
 # --------------------------------------------------------------------------- descriptions

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 COLUMNS = ("job", "overrides", "val_elbo", "test_elbo", "test_log_px", "test_gap", "step", "error", "folder")
 FAILED = "error.txt"
+JOBS = ".jobs"  # in the sweep folder: a note per job that ran in a folder of its own (a resumed run)
 
 
 def record_failure(message: str) -> None:
@@ -42,19 +44,25 @@ def tidy(sweep_dir: Path, start: Path) -> None:
             break
 
 
-def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per finished run under sweep_dir (its subfolders with a metrics.json), by job number.
+def summarize(sweep_dir: Path, elsewhere: dict[Path, tuple[str, list[str]]] | None = None) -> list[dict[str, Any]]:
+    """One row per finished run under sweep_dir (its subfolders with a metrics.json), by job number,
+    and one per folder of ``elsewhere``: a job's folder outside it (-m resume=A,B), with the job's
+    number and its own overrides (the run's saved ones are those it started with).
 
     ``overrides`` lists what differs between the runs (the overrides every run shares are left out).
     """
     rows, lists = [], []
-    runs = sorted({p.parent for p in [*sweep_dir.glob("*/metrics.json"), *sweep_dir.glob(f"*/{FAILED}")]})
-    for run in runs:
+    jobs = {p.parent: (p.parent.name, None) for p in [*sweep_dir.glob("*/metrics.json"), *sweep_dir.glob(f"*/{FAILED}")]}
+    jobs.update({run: job for run, job in (elsewhere or {}).items()
+                 if (run / "metrics.json").is_file() or (run / FAILED).is_file()})
+    for run, (job, given) in jobs.items():
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
         error = (run / FAILED).read_text().strip() if (run / FAILED).is_file() else None
         overrides_file = run / ".hydra" / "overrides.yaml"
-        lists.append(list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else [])
-        rows.append({"job": run.name, "folder": str(run), "error": error,
+        if given is None:
+            given = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+        lists.append(given)
+        rows.append({"job": job, "folder": str(run), "error": error,
                      **{k: metrics.get(k) for k in ("val_elbo", "test_elbo", "test_log_px", "test_gap", "step")}})
     shared = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
     for row, overrides in zip(rows, lists):
@@ -82,9 +90,23 @@ def write_tables(rows: list[dict[str, Any]], sweep_dir: Path) -> tuple[Path, Pat
 class SweepSummary(Callback):
     """At the end of `vae train -m ...`: write and print the sweep's summary table."""
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A resumed run's folder may hold an error.txt from an earlier sweep: this job writes its own
+        Path(config.hydra.runtime.output_dir, FAILED).unlink(missing_ok=True)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """A job whose folder is not the sweep's (-m resume=A,B trains in A and B) leaves a note of it
+        in the sweep's JOBS folder: a file, since a launcher may run the job in another process."""
+        folder, sweep_dir = Path(config.hydra.runtime.output_dir), Path(config.hydra.sweep.dir).absolute()
+        if config.hydra.mode == RunMode.MULTIRUN and folder.parent != sweep_dir:
+            (sweep_dir / JOBS).mkdir(exist_ok=True)
+            note = {"job": str(config.hydra.job.num), "folder": str(folder), "overrides": list(config.hydra.overrides.task)}
+            (sweep_dir / JOBS / f"{config.hydra.job.num}.json").write_text(json.dumps(note))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = summarize(sweep_dir)
+        notes = [json.loads(p.read_text()) for p in (sweep_dir / JOBS).glob("*.json")]
+        rows = summarize(sweep_dir, {Path(n["folder"]): (n["job"], n["overrides"]) for n in notes})
         if not rows:
             return
         csv_path, md_path = write_tables(rows, sweep_dir)
