@@ -56,7 +56,7 @@ def check_config(config: Any, source: str) -> dict[str, Any]:
 
 
 class FromRunSettings(BaseModel):
-    """What every command that reads a trained model shares (conf/common/from_run.yaml)."""
+    """What every command that reads a trained model shares (conf/from_run.yaml)."""
 
     model_config = STRICT
     run: Text | None = None       # a run folder; with neither run nor ckpt, the newest run
