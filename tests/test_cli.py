@@ -45,8 +45,8 @@ def test_user_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["model=ladder", "posterior=iaf"], "vae: error: model.posterior=IAFPosterior is not allowed: model=ladder has "
-                                        "its own hierarchical posterior; use the default posterior"),
+    (["model=ladder", "posterior=iaf"], "vae: error: posterior=iaf is not allowed with model=ladder: it has "
+                                        "its own hierarchical posterior; use the default posterior (posterior=gaussian)"),
     # rules that cannot read an unresolved value leave the resolution error as it was
     (["dataset.shape=${nope}"], "vae: error: Interpolation key 'nope' not found"),
     (["likelihood=gaussian", "likelihood.sigma=${nope}"], "vae: error: Interpolation key 'nope' not found"),

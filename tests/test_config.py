@@ -101,7 +101,7 @@ BAD = [
     ("train", ["model.latent_dim=-3"], "model.latent_dim=-3 is not allowed"),
     ("train", ["model.latent_dim=abc"], "model.latent_dim='abc' is not allowed: expected an integer > 0"),
     ("train", ["model.latent_dim=2.5"], "model.latent_dim=2.5 is not allowed"),
-    ("train", ["model.latent_dim=true"], "model.latent_dim=True is not allowed: expected an integer > 0"),
+    ("train", ["model.latent_dim=true"], "model.latent_dim=true is not allowed: expected an integer > 0"),
     ("train", ["model.latent_dim=[3]"], "model.latent_dim=[3] is not allowed: expected an integer > 0"),
     ("train", ["model.latnt_dim=3"], "unknown setting 'model.latnt_dim': did you mean model.latent_dim?"),
     ("train", ["dataset.binarize=maybe"], "dataset.binarize='maybe' is not allowed: expected one of dynamic, static, none"),
@@ -196,6 +196,7 @@ BAD = [
     ("evaluate", ["+ais.zzz=1"], "unknown setting 'ais.zzz'; the settings under ais are limit, steps, leapfrog, chains"),
     # those a class takes but the config does not set yet, not the partial's later params
     ("train", ["optimizer.zzz=1"], "the settings under optimizer are lr, fused, betas, eps, weight_decay, amsgrad"),
+    ("train", ["model.encoder.hidden=[null,3]"], "model.encoder.hidden=[null, 3] is not allowed"),
     ("train", ["+optimizer.params=1"], "optimizer.params is not a setting: vae-cli passes it itself when it builds optimizer"),
     ("train", ["scheduler=cosine", "+scheduler.optimizer=1"], "scheduler.optimizer is not a setting"),
     # wrong types

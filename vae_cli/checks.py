@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae_cli.errors import UserError, first_line
+from vae_cli.errors import SettingsClash, UserError, first_line
 from vae_cli.settings import (TARGETS, arguments, description, dotted_keys, known_argument, load, register_resolvers, suggest,
                               validate)
 
@@ -177,6 +177,8 @@ def _class_rules_unresolved(raw: dict[str, Any]) -> None:
         try:
             if check is not None:
                 check(args)
+        except SettingsClash as e:
+            raise UserError(str(e)) from None
         except ValueError as e:
             if "${" not in str(e):
                 raise UserError(f"{key}.{e}") from None

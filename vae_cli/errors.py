@@ -11,6 +11,11 @@ class UserError(Exception):
     """
 
 
+class SettingsClash(ValueError):
+    """A ``check_settings`` refusal whose message names the command line's own settings (e.g.
+    ``posterior=iaf is not allowed with model=ladder``), so it is not put under the node's key."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (libraries' messages run to many lines), or its type."""
     text = str(error).strip()

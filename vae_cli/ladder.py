@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, constraints
 
+from vae_cli.errors import SettingsClash
 from vae_cli.model import LatentModel
 from vae_cli.networks import ELU, bounded_logvar
 from vae_cli.posteriors import Posterior
@@ -203,6 +204,10 @@ class BottomUpLayer(GaussianLayer):
         return d, mu, bounded_logvar(raw)
 
 
+# The config group options (conf/posterior/*.yaml, conf/prior/*.yaml) of the classes they build, for messages.
+_OPTIONS = {"IAFPosterior": "iaf", "GaussianPosterior": "gaussian", "StandardNormal": "standard", "VampPrior": "vamp"}
+
+
 class LadderVAE(LatentModel):
     """A hierarchical VAE: ``latent_dims`` [D_1, ..., D_L] from the image side (z_1 next to x),
     ``hidden`` the deterministic layers of every conditional network, with ``activation`` units
@@ -257,10 +262,12 @@ class LadderVAE(LatentModel):
         for key, allowed in (("prior", ("StandardNormal", "VampPrior")), ("posterior", ("GaussianPosterior",))):
             value = args.get(key)
             name = value.get("_target_", "") if isinstance(value, dict) else type(value).__name__ if value is not None else ""
-            if value is not None and name.rsplit(".", 1)[-1] not in allowed:
-                hint = ("model=ladder has its own hierarchical posterior; use the default posterior"
-                        if key == "posterior" else "model=ladder's top layer takes prior=standard or prior=vamp")
-                raise ValueError(f"{key}={name.rsplit('.', 1)[-1]} is not allowed: {hint}")
+            name = name.rsplit(".", 1)[-1]
+            if value is not None and name not in allowed:
+                hint = ("it has its own hierarchical posterior; use the default posterior (posterior=gaussian)"
+                        if key == "posterior" else "its top layer takes prior=standard or prior=vamp")
+                # the group option the user chose (conf/posterior/iaf.yaml builds IAFPosterior), else the class
+                raise SettingsClash(f"{key}={_OPTIONS.get(name, name)} is not allowed with model=ladder: {hint}")
 
     @property
     def device(self) -> torch.device:

@@ -42,7 +42,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
-from vae_cli.errors import UserError
+from vae_cli.errors import SettingsClash, UserError
 from vae_cli.typed import STRICT, Builds
 
 # target -> the dotted name of its description (None: the target's own signature). Only these may
@@ -187,6 +187,10 @@ def show(value: Any) -> str:
         return repr(value)
     if isinstance(value, dict) and "_target_" in value:
         return f"<{value['_target_']}>"
+    if isinstance(value, bool) or value is None:  # YAML's spelling, not Python's
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
     return str(value)
 
 
@@ -378,6 +382,8 @@ class Validator:
         if check is not None:
             try:
                 check({k: v for k, v in data.items() if k not in HYDRA_KEYS})
+            except SettingsClash as e:
+                self.fail(str(e))
             except ValueError as e:
                 self.fail(f"{path}{e}")
 
