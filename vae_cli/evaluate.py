@@ -26,7 +26,7 @@ from vae_cli.estimators import (bits_per_dim, curve_ks, estimate, log_mean_exp, 
                                 mean_and_stderr, refine)
 from vae_cli.logs import say
 from vae_cli.model import VAE
-from vae_cli.runs import FromRunSettings
+from vae_cli.runs import FromDataSettings
 from vae_cli.typed import STRICT, NonNegInt, PosFloat, PosInt
 
 
@@ -78,7 +78,7 @@ class BDMC(BaseModel):
     chains: PosInt = 8
 
 
-class EvaluateSettings(FromRunSettings):
+class EvaluateSettings(FromDataSettings):
     """The settings of `vae evaluate` (conf/evaluate.yaml), beside those every command reading a run
     shares. A new setting: a typed field here (constraints in Annotated[..., Field(...)]) and its key
     in conf/evaluate.yaml; vae_cli.settings derives its check."""

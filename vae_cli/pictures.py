@@ -20,7 +20,7 @@ from torch.distributions import Normal
 
 from vae_cli.errors import UserError
 from vae_cli.model import VAE
-from vae_cli.runs import FromRunSettings
+from vae_cli.runs import FromDataSettings, FromRunSettings
 from vae_cli.typed import NonNegInt, PosFloat, PosInt
 
 # ----------------------------------------------------------------------------- settings
@@ -37,7 +37,7 @@ class SampleSettings(FromRunSettings):
     mode: Mode = "mean"
 
 
-class InterpolateSettings(FromRunSettings):
+class InterpolateSettings(FromDataSettings):
     pairs: PosInt = 4
     steps: Steps = 10
     index: NonNegInt = 0
@@ -47,7 +47,7 @@ class InterpolateSettings(FromRunSettings):
     gif: bool = False
 
 
-class ReconstructSettings(FromRunSettings):
+class ReconstructSettings(FromDataSettings):
     n: PosInt = 16
     index: NonNegInt = 0
 

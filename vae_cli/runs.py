@@ -65,6 +65,11 @@ class FromRunSettings(BaseModel):
     seed: Seed = 0
     device: Annotated[str, AfterValidator(_device_here)] = "auto"   # auto: the GPU when there is one
     matmul_precision: MatmulPrecision = "highest"
+
+
+class FromDataSettings(FromRunSettings):
+    """What the commands that read images of the run's dataset add (conf/from_data.yaml)."""
+
     data_dir: Text | None = None  # where the dataset cache lives, if not where the run had it
     split: Split = "test"
 
