@@ -31,7 +31,9 @@ def test_descriptions_in_plain_words():
     assert describe(Annotated[int, Field(ge=0, le=9)]) == "an integer from 0 to 9"
     assert describe(Annotated[float, Field(gt=0)] | None) == "a finite number > 0 or null"
     assert suggest("max_epochs", ["trainer.max_epochs", "seed"]) == ": did you mean trainer.max_epochs?"
-    assert suggest("zzz", ["trainer.max_epochs", "seed"]) == ""
+    assert suggest("zzz", ["trainer.max_epochs", "seed"]) == "; the settings at the top level are seed"
+    assert suggest("a.zzz", ["trainer", "trainer.max_epochs"]) == "; the settings at the top level are trainer"
+    assert suggest("zzz", []) == ""
 
 
 def test_every_allowed_target_has_a_description():
