@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -477,3 +478,19 @@ def test_epochs_are_counted_from_the_steps():
 
     assert [epochs_done(s, 391) for s in (0, 30, 391, 782, 800, 390)] == [0, 0.0767, 1, 2, 2.05, 0.997]
     assert epochs_done(1, 469) == 0.00213 and isinstance(epochs_done(782, 391), float)  # one type: one hparams column
+
+
+def test_num_nodes_without_a_cluster_is_refused_instead_of_waiting_forever(tmp_path, monkeypatch, data_dir, capsys):
+    """trainer.num_nodes=2 started alone waited for the other node forever (SIGTERM did not end it)."""
+    from vae_cli.run_config import check_nodes
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "LSB_", "OMPI_", "PMI_", "TORCHELASTIC", "KUBE"))] + \
+            ["MASTER_ADDR", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK"]:
+        monkeypatch.delenv(key, raising=False)
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.num_nodes=2", f"hydra.run.dir={run}") == 2
+    assert "trainer.num_nodes=2 needs a multi-node launch" in one_line_error(capsys) and not run.exists()
+    check_nodes({"num_nodes": 1})
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("NODE_RANK", "1")
+    check_nodes({"num_nodes": 2})  # set by hand on each node: Lightning's own environment

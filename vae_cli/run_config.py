@@ -120,6 +120,34 @@ def trainer_arguments(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
 
 
+def check_nodes(trainer_cfg: dict[str, Any]) -> None:
+    """trainer.num_nodes > 1 only where a cluster started this process (SLURM, torchrun, LSF, MPI,
+    Kubeflow, or MASTER_ADDR and NODE_RANK set by hand): started alone, Lightning's DDP waits for
+    the other nodes forever. Checked in the job's own process, which a cluster launcher starts
+    (hydra/launcher=submitit_slurm submits from a machine outside the cluster)."""
+    nodes = trainer_cfg.get("num_nodes") or 1
+    if nodes <= 1:
+        return
+    from lightning_fabric.plugins.environments import (KubeflowEnvironment, LSFEnvironment, MPIEnvironment,
+                                                       SLURMEnvironment, TorchElasticEnvironment)
+
+    from vae_cli.errors import UserError
+
+    clusters = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, KubeflowEnvironment, MPIEnvironment)
+    if any(_detects(env) for env in clusters) or {"MASTER_ADDR", "NODE_RANK"} <= set(os.environ):
+        return
+    raise UserError(f"trainer.num_nodes={nodes} needs a multi-node launch (SLURM, e.g. -m hydra/launcher=submitit_slurm; "
+                    "torchrun --nnodes; or MASTER_ADDR, MASTER_PORT and NODE_RANK set on each node): started alone it "
+                    "would wait for the other nodes forever; on one machine use trainer.devices")
+
+
+def _detects(env: Any) -> bool:
+    try:
+        return bool(env.detect())
+    except Exception:  # e.g. MPI's detection without mpi4py
+        return False
+
+
 def check_trainer_here(trainer_cfg: dict[str, Any]) -> None:
     """What only this machine knows: the accelerator is there, and so are the devices asked for.
     (Not part of the description: a checkpoint trained on a GPU still loads on a CPU.)"""

@@ -216,13 +216,14 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from vae_cli.module import VAEModule
-    from vae_cli.run_config import NO_END, endless
+    from vae_cli.run_config import NO_END, check_nodes, endless
     from vae_cli.runs import set_matmul_precision
 
     trainer_cfg = config["trainer"]
     # The run's own precision (a resumed run continues as it started; runs older than the setting: highest).
     set_matmul_precision(config.get("matmul_precision", "highest"))
 
+    check_nodes(trainer_cfg)
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     try:
         data = build_datamodule(config)
