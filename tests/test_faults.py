@@ -494,3 +494,18 @@ def test_num_nodes_without_a_cluster_is_refused_instead_of_waiting_forever(tmp_p
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
     monkeypatch.setenv("NODE_RANK", "1")
     check_nodes({"num_nodes": 2})  # set by hand on each node: Lightning's own environment
+
+
+def test_a_size_too_large_found_before_training_leaves_no_run(tmp_path, monkeypatch, data_dir, capsys):
+    """model.latent_dim=100000000 and the like: out of memory while building, one line, and the
+    half-made run (.hydra, train.log) goes as with any refusal before training."""
+    from vae_cli import train
+
+    def build(config):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 320000000000 bytes")
+
+    monkeypatch.setattr(train, "build_datamodule", build)
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "model.latent_dim=3", f"hydra.run.dir={run}") == 2
+    assert "out of memory" in one_line_error(capsys) and not run.exists()

@@ -153,13 +153,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with run_lock(run, f"resume={cfg.resume}" if cfg.resume is not None else f"the run folder {str(run)!r}"):
         try:
             return train_in(run, config, resume_ckpt, verbose)
-        except UserError as e:
+        except (UserError, MemoryError, RuntimeError) as e:
             from vae_cli.cli import _in_sweep
+            from vae_cli.errors import out_of_memory
             from vae_cli.module import NonFiniteLoss
 
-            # a sweep keeps its failed job's folder (its summary reads the error and the overrides
+            # a user's mistake, or a size this machine cannot hold (the CLI says so in one line); a
+            # sweep keeps its failed job's folder (its summary reads the error and the overrides
             # there); a loss that went NaN stops a run that trained, whose log says why
-            if cfg.resume is None and not _in_sweep() and not isinstance(e, NonFiniteLoss):
+            refused = isinstance(e, UserError) or out_of_memory(e)
+            if refused and cfg.resume is None and not _in_sweep() and not isinstance(e, NonFiniteLoss):
                 discard_untrained(run)
             raise
 
