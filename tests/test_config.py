@@ -199,6 +199,13 @@ BAD = [
     # those a class takes but the config does not set yet, not the partial's later params
     ("train", ["optimizer.zzz=1"], "the settings under optimizer are lr, fused, betas, eps, weight_decay, amsgrad"),
     ("train", ["model.encoder.hidden=[null,3]"], "model.encoder.hidden=[null, 3] is not allowed"),
+    # a run that trains nothing ended with exit 0 and a summary pointing to a checkpoint it never wrote
+    ("train", ["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed: it trains nothing"),
+    ("train", ["+trainer.max_steps=0"], "trainer.max_steps=0 is not allowed: it trains nothing"),
+    ("train", ["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0 is not allowed: it trains nothing"),
+    ("train", ["+trainer.max_time={seconds:-5}"], "trainer.max_time={seconds: -5} is not allowed: it trains nothing"),
+    ("train", ["+trainer.max_time=-5"], "trainer.max_time=-5 is not allowed: expected DD:HH:MM:SS"),
+    ("train", ["+trainer.max_time={foo:1}"], "trainer.max_time={foo: 1} is not allowed: expected DD:HH:MM:SS"),
     ("train", ["+optimizer.params=1"], "optimizer.params is not a setting: vae-cli passes it itself when it builds optimizer"),
     ("train", ["scheduler=cosine", "+scheduler.optimizer=1"], "scheduler.optimizer is not a setting"),
     # wrong types

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from vae_cli.typed import STRICT, MatmulPrecision, Node, NonNegFloat, NonNegInt, PosInt, Seed, Text
+from vae_cli.settings import show
 
 Precision = Annotated[
     Literal[64, 32, 16, "64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
@@ -58,6 +59,25 @@ class TrainerSettings(BaseModel):
     enable_model_summary: bool | None = None
     fast_dev_run: bool | PosInt | None = None
 
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """A run that would train nothing (it ended with exit 0, no checkpoint, and a summary that
+        pointed to one), and a max_time Lightning cannot read."""
+        for key in ("max_epochs", "max_steps"):
+            if args.get(key) == 0:
+                raise ValueError(f"{key}=0 is not allowed: it trains nothing; expected an integer >= 1 (or -1: no limit)")
+        if args.get("limit_train_batches") == 0:
+            raise ValueError(f"limit_train_batches={args['limit_train_batches']} is not allowed: it trains nothing; "
+                             "expected a number of batches >= 1 or a fraction of the epoch > 0")
+        if args.get("max_time") is not None:
+            seconds = max_time_seconds(args["max_time"])
+            if seconds is None:
+                raise ValueError(f"max_time={show(args['max_time'])} is not allowed: expected DD:HH:MM:SS (e.g. "
+                                 "00:01:00:00) or a mapping such as {hours: 1, minutes: 30}")
+            if seconds <= 0:
+                raise ValueError(f"max_time={show(args['max_time'])} is not allowed: it trains nothing; expected "
+                                 "a time > 0")
+
     @classmethod
     def extra_keys(cls) -> set[str]:
         """Trainer's other arguments (Lightning imported only when a config names one)."""
@@ -66,6 +86,26 @@ class TrainerSettings(BaseModel):
         import pytorch_lightning as pl
 
         return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"} - OWN_TRAINER_ARGUMENTS
+
+
+def max_time_seconds(value: Any) -> float | None:
+    """trainer.max_time in seconds, read as Lightning reads it ("DD:HH:MM:SS", or timedelta's
+    keywords such as {hours: 1}); None where Lightning could not read it."""
+    from datetime import timedelta
+
+    try:
+        if isinstance(value, str):
+            parts = value.split(":")
+            if len(parts) != 4:
+                return None
+            days, hours, minutes, seconds = map(int, parts)
+            return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in value.values()):
+            return timedelta(**value).total_seconds()
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None
 
 
 class EvalSettings(BaseModel):
