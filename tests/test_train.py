@@ -283,6 +283,8 @@ def test_nan_loss_stops_with_one_line(tmp_path, data_dir, check_every):
     assert "NaN or infinite" in last or "not finite" in last, last
     assert "Traceback" not in r.stderr
     assert finite_checkpoints(run)
+    kept = any(run.glob("checkpoints/*.ckpt"))  # the line says whether a checkpoint is there to keep
+    assert last.endswith("the last good checkpoint is kept" if kept else "no checkpoint had been written yet"), last
 
 
 def test_resume_after_kill_ends_at_the_same_step(tmp_path, data_dir):

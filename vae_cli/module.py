@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -31,10 +32,11 @@ from vae_cli.run_config import NO_END
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite: training stops, keeping the last good checkpoint."""
 
-    def __init__(self, step: int, what: str) -> None:
+    def __init__(self, step: int, what: str, kept: bool = True) -> None:
         super().__init__(
             f"training stopped at step {step}: {what} (likely cause: a learning rate too high for this model; "
-            "try a smaller optimizer.lr); the last good checkpoint is kept"
+            "try a smaller optimizer.lr); " + ("the last good checkpoint is kept" if kept else
+                                               "no checkpoint had been written yet")
         )
 
 
@@ -181,7 +183,7 @@ class VAEModule(pl.LightningModule):
             # A finite training loss can still leave weights that give -inf on new data: stop
             # before ModelCheckpoint saves such a model as "last" or "best". Every process holds
             # the same reduced sums, so all take this decision together.
-            raise NonFiniteLoss(self.global_step, "the validation ELBO is not finite")
+            raise NonFiniteLoss(self.global_step, "the validation ELBO is not finite", self._checkpoint_kept())
         self.log(f"{split}/elbo", elbo, prog_bar=True)
         self.log_dict({f"{split}/recon": recon, f"{split}/kl": kl, f"{split}/objective": objective})
         if split == "train" and self.trainer.is_global_zero:
@@ -233,7 +235,13 @@ class VAEModule(pl.LightningModule):
         self._checked_step = self.global_step
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise NonFiniteLoss(self.global_step, f"a training loss of steps {first + 1}-{self.global_step} "
-                                                  "is NaN or infinite")
+                                                  "is NaN or infinite", self._checkpoint_kept())
+
+    def _checkpoint_kept(self) -> bool:
+        """Whether a checkpoint of this run exists (written before the loss went bad, or the resumed one)."""
+        callback = self.trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None)
+        return folder is not None and any(Path(folder).glob("*.ckpt"))
 
     def on_train_batch_end(self, outputs: object, batch: torch.Tensor, batch_idx: int) -> None:
         if self.global_step % self.trainer.log_every_n_steps == 0:

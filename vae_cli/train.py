@@ -354,7 +354,8 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool = False) -> None:
         rows.append(("trained", trained + (" (resumed)" if resumed else "")))
     val = metrics.get("val_elbo")
     rows.append(("val ELBO", f"{val:.2f} nats/example (last epoch)" if val is not None
-                 else "none (no validation epoch, so no best checkpoint; last.ckpt is kept)"))
+                 else "none (no validation epoch, so no best checkpoint" +
+                 ("; last.ckpt is kept)" if (run / "checkpoints" / "last.ckpt").is_file() else ")")))
     if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
         where = f": vae evaluate ckpt={metrics['best_checkpoint']}" if metrics.get("best_checkpoint") else ""
         rows.append(("best val ELBO", f"{metrics['best_val_elbo']:.2f} nats/example (epoch {metrics['best_epoch']}; "
