@@ -199,6 +199,13 @@ BAD = [
     # those a class takes but the config does not set yet, not the partial's later params
     ("train", ["optimizer.zzz=1"], "the settings under optimizer are lr, fused, betas, eps, weight_decay, amsgrad"),
     ("train", ["model.encoder.hidden=[null,3]"], "model.encoder.hidden=[null, 3] is not allowed"),
+    # a setting that follows another, set alone: mismatched networks failed inside training
+    ("train", ["model.encoder.latent_dim=3"], "model.encoder.latent_dim=3 is not allowed: it must equal model.latent_dim (20)"),
+    ("train", ["posterior=iaf", "posterior.latent_dim=3"], "posterior.latent_dim=3 is not allowed: it must equal model.latent_dim"),
+    ("train", ["prior=vamp", "prior.image_shape=[1,32,32]"],
+     "prior.image_shape=[1, 32, 32] is not allowed: it must equal dataset.shape ([1, 28, 28])"),
+    ("train", ["model=conv", "model.decoder.image_shape=[1,32,32]"], "model.decoder.image_shape=[1, 32, 32] is not allowed"),
+    ("train", ["likelihood=gaussian", "likelihood.image_shape=[1,32,32]"], "likelihood.image_shape=[1, 32, 32] is not allowed"),
     # a run that trains nothing ended with exit 0 and a summary pointing to a checkpoint it never wrote
     ("train", ["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed: it trains nothing"),
     ("train", ["+trainer.max_steps=0"], "trainer.max_steps=0 is not allowed: it trains nothing"),
