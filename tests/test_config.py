@@ -199,6 +199,11 @@ BAD = [
     # those a class takes but the config does not set yet, not the partial's later params
     ("train", ["optimizer.zzz=1"], "the settings under optimizer are lr, fused, betas, eps, weight_decay, amsgrad"),
     ("train", ["model.encoder.hidden=[null,3]"], "model.encoder.hidden=[null, 3] is not allowed"),
+    # a folder's settings with a named dataset were ignored (it trained on MNIST)
+    ("train", ["+dataset.path=/tmp"], "dataset.path='/tmp' is not allowed with dataset.name=mnist: it is a setting of dataset=folder"),
+    ("train", ["dataset=folder", "dataset.path=/tmp", "dataset.name=cifar10", "dataset.shape=[3,32,32]"],
+     "dataset.path='/tmp' is not allowed with dataset.name=cifar10"),
+    ("train", ["+dataset.val_fraction=0.5"], "dataset.val_fraction=0.5 is not allowed with dataset.name=mnist"),
     # a setting that follows another, set alone: mismatched networks failed inside training
     ("train", ["model.encoder.latent_dim=3"], "model.encoder.latent_dim=3 is not allowed: it must equal model.latent_dim (20)"),
     ("train", ["posterior=iaf", "posterior.latent_dim=3"], "posterior.latent_dim=3 is not allowed: it must equal model.latent_dim"),

@@ -44,3 +44,7 @@ class DatasetSettings:
                              "(dataset=folder resizes your own images to any shape)")
         if args["name"] == "folder" and not args.get("path"):
             raise ValueError("path is missing: dataset=folder needs dataset.path=DIR, a folder of images")
+        for key in ("path", "val_fraction"):  # read for a folder of images only: elsewhere they were ignored
+            if args["name"] != "folder" and args.get(key) is not None:
+                raise ValueError(f"{key}={args[key]!r} is not allowed with dataset.name={args['name']}: it is a "
+                                 "setting of dataset=folder (your own images)")
