@@ -192,6 +192,7 @@ BAD = [
     # no look-alike: the settings allowed where the key would sit
     ("sample", ["split=train"], "unknown setting 'split'"),      # sample and manifold read no images
     ("manifold", ["data_dir=/tmp"], "unknown setting 'data_dir'"),
+    ("traverse", ["n=5"], "unknown setting 'n'"),              # one image's code is varied: n was ignored
     ("sample", ["steps=2"], "unknown setting 'steps'; the settings at the top level are run, ckpt, out,"),
     ("train", ["model.zzz=1"], "the settings under model are latent_dim, encoder, decoder, likelihood, prior, posterior"),
     ("train", ["zzz.yyy=1"], "unknown setting 'zzz.yyy'; the settings at the top level are dataset, model,"),

@@ -52,8 +52,8 @@ class ReconstructSettings(FromDataSettings):
     index: NonNegInt = 0
 
 
-class TraverseSettings(ReconstructSettings):
-    n: PosInt = 1
+class TraverseSettings(FromDataSettings):
+    index: NonNegInt = 0           # the one image whose code is varied
     steps: Steps = 9
     range: PosFloat = 3.0          # each dimension sweeps [-range, range]
     dims: PosInt | None = None     # only the first N dimensions by KL
