@@ -200,6 +200,10 @@ BAD = [
     # those a class takes but the config does not set yet, not the partial's later params
     ("train", ["optimizer.zzz=1"], "the settings under optimizer are lr, fused, betas, eps, weight_decay, amsgrad"),
     ("train", ["model.encoder.hidden=[null,3]"], "model.encoder.hidden=[null, 3] is not allowed"),
+    # what is allowed in plain words: a list's longest, a group's keys (not the class's name)
+    ("train", ["model=resnet", "model.encoder.channels=[8,8,8,8,8]"], "expected a list of integers > 0 (1 to 4 of them)"),
+    ("evaluate", ["ais=5"], "ais=5 is not allowed: expected a mapping of limit, steps, leapfrog, chains"),
+    ("train", ["eval=3"], "eval=3 is not allowed: expected a mapping of k, limit, batch_size"),
     # a folder's settings with a named dataset were ignored (it trained on MNIST)
     ("train", ["+dataset.path=/tmp"], "dataset.path='/tmp' is not allowed with dataset.name=mnist: it is a setting of dataset=folder"),
     ("train", ["dataset=folder", "dataset.path=/tmp", "dataset.name=cifar10", "dataset.shape=[3,32,32]"],

@@ -17,8 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_cli.errors import SettingsClash, UserError, first_line
-from vae_cli.settings import (TARGETS, arguments, description, dotted_keys, known_argument, load, register_resolvers, show,
-                              suggest, validate)
+from vae_cli.settings import (TARGETS, arguments, description, dotted_keys, known_argument, load, register_resolvers, suggest,
+                              validate)
 
 # command -> its settings class (the top level of conf/<command>.yaml)
 SCHEMAS = {
@@ -269,36 +269,11 @@ def check_train_here(config: dict[str, Any]) -> None:
             raise UserError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     check_trainer_here(config["trainer"])
     _check_trainer(config["trainer"])
-    _check_derived(config)
     _check_run_plan(config)
     if config.get("resume") is not None:
         from vae_cli.runs import resume_source
 
         resume_source(str(config["resume"]))  # raises UserError when the run cannot be resumed
-
-
-def _check_derived(config: dict[str, Any]) -> None:
-    """The settings that follow another (conf/: image_shape is ${dataset.shape}, a network's latent_dim
-    is ${model.latent_dim}) still agree with it: set alone, they built networks of mismatched sizes
-    that failed inside training with a traceback ("mat1 and mat2 shapes cannot be multiplied")."""
-    rules = [("image_shape", "dataset.shape", config["dataset"].get("shape"), "set dataset.shape instead "
-              "(dataset=folder resizes your own images to any shape)")]
-    if isinstance(config["model"].get("latent_dim"), int):
-        rules.append(("latent_dim", "model.latent_dim", config["model"]["latent_dim"], "set model.latent_dim instead"))
-
-    def walk(node: Any, path: str) -> None:
-        if not isinstance(node, dict):
-            return
-        for key, value in node.items():
-            for name, source, expected, hint in rules:
-                if key == name and f"{path}{key}" != source and value != expected:
-                    raise UserError(f"{path}{key}={show(value)} is not allowed: it must equal {source} "
-                                    f"({show(expected)}); {hint}")
-            walk(value, f"{path}{key}.")
-
-    # the groups first: the user sets prior.image_shape, and model.prior is a copy of it
-    first = ("likelihood", "prior", "posterior")
-    walk({k: config[k] for k in [*first, *config] if k in config and k != "dataset"}, "")
 
 
 def _check_run_plan(config: dict[str, Any]) -> None:

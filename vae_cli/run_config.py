@@ -143,6 +143,31 @@ class TrainSettings(BaseModel):
     resume: Text | None = None
     eval: EvalSettings = EvalSettings()
 
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """The settings that follow another (conf/: image_shape is ${dataset.shape}, a network's
+        latent_dim is ${model.latent_dim}) still agree with it: set alone, they built networks of
+        mismatched sizes that failed inside training ("mat1 and mat2 shapes cannot be multiplied")."""
+        from vae_cli.errors import SettingsClash
+
+        rules = [("image_shape", "dataset.shape", (args.get("dataset") or {}).get("shape"),
+                  "set dataset.shape instead (dataset=folder resizes your own images to any shape)")]
+        latent_dim = (args.get("model") or {}).get("latent_dim")
+        if isinstance(latent_dim, int):
+            rules.append(("latent_dim", "model.latent_dim", latent_dim, "set model.latent_dim instead"))
+
+        def walk(node: Any, path: str) -> None:
+            for key, value in node.items() if isinstance(node, dict) else ():
+                for name, source, expected, hint in rules:
+                    if key == name and expected is not None and value != expected and f"{path}{key}" != source:
+                        raise SettingsClash(f"{path}{key}={show(value)} is not allowed: it must equal {source} "
+                                            f"({show(expected)}); {hint}")
+                walk(value, f"{path}{key}.")
+
+        # the groups first: the user sets prior.image_shape, and model.prior is a copy of it
+        first = ("likelihood", "prior", "posterior")
+        walk({k: args[k] for k in [*first, *args] if k in args and k != "dataset"}, "")
+
 
 def endless(trainer_cfg: dict[str, Any]) -> bool:
     """True if nothing ends the run: no epoch limit (-1), no step limit and no trainer.max_time."""

@@ -233,8 +233,12 @@ def describe(ann: Any, plural: bool = False) -> str:
         hi = dict(lengths).get("max_length")
         if lo is not None and lo == hi:
             text = text.replace("a list of", f"a list of {lo}", 1)
+        elif lo and hi is not None:
+            text += f" ({lo} to {hi} of them)"
         elif lo:
             text += f" (at least {lo})"
+        elif hi is not None:
+            text += f" (at most {hi})"
         return text
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(ann) if a is not type(None)]
@@ -245,6 +249,8 @@ def describe(ann: Any, plural: bool = False) -> str:
     if origin in (list, tuple):
         item = get_args(ann)[0] if get_args(ann) else Any
         return f"a list of {describe(item, plural=True)}"
+    if isinstance(ann, type) and issubclass(ann, BaseModel):  # a group of settings: its keys, not the class
+        return f"a mapping of {', '.join(ann.model_fields)}"
     words = {int: "an integer", float: "a finite number", bool: "true or false", str: "text", dict: "a mapping"}
     text = words.get(ann, getattr(ann, "__name__", str(ann)))
     return _SINGULAR_TO_PLURAL.get(text, text) if plural else text
