@@ -64,6 +64,15 @@ def test_gaussian_likelihood_scales(scale, n_params):
     assert torch.allclose(px.log_prob(x), torch.full((5,), -12 * math.log(0.2 * math.sqrt(2 * math.pi))))
 
 
+def test_a_fixed_sigma_below_min_sigma_is_the_sigma_asked_for():
+    """min_sigma floors the learned sigmas; scale=fixed sigma=1e-4 was refused (and would have been
+    clamped to 1e-3)."""
+    lik = Gaussian([1, 2, 2], scale="fixed", sigma=1e-4)
+    assert torch.allclose(lik(torch.zeros(3, 1, 2, 2)).base_dist.scale, torch.full((3, 1, 2, 2), 1e-4))
+    with pytest.raises(ValueError, match="min_sigma=0.001 is not allowed"):
+        Gaussian([1, 2, 2], scale="shared", sigma=1e-4)
+
+
 def test_bernoulli_likelihood_is_on_logits_and_stable():
     from vae_cli.likelihoods import Bernoulli
 

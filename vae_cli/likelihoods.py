@@ -108,7 +108,8 @@ class Gaussian(nn.Module):
                  min_sigma: PosFloat = 1e-3) -> None:
         super().__init__()
         self.check_settings({"scale": scale, "sigma": sigma, "min_sigma": min_sigma})
-        self.scale, self.min_log_sigma = scale, math.log(min_sigma)
+        # a floor for the learned sigmas; a fixed sigma is what was asked for, whatever min_sigma says
+        self.scale, self.min_log_sigma = scale, -math.inf if scale == "fixed" else math.log(min_sigma)
         shape = {"fixed": (), "shared": (), "pixel": tuple(image_shape)}[scale]
         log_sigma = torch.full(shape, math.log(sigma))
         if scale == "fixed":
@@ -118,11 +119,12 @@ class Gaussian(nn.Module):
 
     @staticmethod
     def check_settings(args: dict) -> None:
-        """min_sigma <= sigma (learned sigmas start at sigma and stay above min_sigma)."""
+        """min_sigma <= sigma (learned sigmas start at sigma and stay above min_sigma; a fixed sigma
+        has no floor, so scale=fixed takes any sigma)."""
         sigma, min_sigma = args.get("sigma", 0.1), args.get("min_sigma", 1e-3)
         if args.get("scale", "shared") not in SCALES:
             raise ValueError(f"scale={args['scale']!r} is not allowed: expected one of {', '.join(SCALES)}")
-        if not 0 < min_sigma <= sigma:
+        if args.get("scale", "shared") != "fixed" and not 0 < min_sigma <= sigma:
             raise ValueError(f"min_sigma={min_sigma} is not allowed: expected a number > 0 and <= sigma ({sigma})")
 
     def forward(self, out: torch.Tensor) -> Distribution:
