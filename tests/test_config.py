@@ -264,3 +264,12 @@ def test_training_a_run_folder_that_holds_a_run_is_refused(conf, trained_run, tm
     check_command_line(conf, "train", [f"resume={trained_run}"])
     with pytest.raises(UserError, match="holds a run already"):   # a sweep folder holding job folders
         check_command_line(conf, "train", [f"hydra.sweep.dir={trained_run.parent}"], multirun=True)
+
+
+def test_eval_batch_size_past_the_test_split_is_not_held_against_memory(conf):
+    """The test evaluation's batches hold at most eval.limit examples, and at most the split's 10,000:
+    eval.batch_size=10^8 was refused as 80 GB of log weights."""
+    check_command_line(conf, "train", ["eval.k=5", "eval.batch_size=100000000"])
+    check_command_line(conf, "train", ["eval.k=5000", "eval.batch_size=100000000", "eval.limit=3"])
+    with pytest.raises(UserError, match="eval.k=100000000 with batches of 3 examples needs about"):
+        check_command_line(conf, "train", ["eval.k=100000000", "eval.limit=3"])

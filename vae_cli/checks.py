@@ -9,6 +9,7 @@ whose one line names the value and what is allowed; nothing has been written whe
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -288,10 +289,14 @@ def _check_run_plan(config: dict[str, Any]) -> None:
         what = "scheduler" if config.get("scheduler") else f"objective.start={start}" if start > 0 else None
         if what:
             raise UserError(NO_END.format(what=what))
-    if config["eval"]["k"]:  # the test evaluation at the end: refused now, not after the training
+    evaluation = config["eval"]
+    if evaluation["k"]:  # the test evaluation at the end: refused now, not after the training
+        from vae_cli.dataset_settings import TEST_SIZES
         from vae_cli.evaluate import check_memory
 
-        check_memory(config["eval"]["k"], config["eval"]["batch_size"], torch.device("cpu"), ("eval.k", "eval.batch_size"))
+        # its batches hold no more than eval.limit examples, nor more than the test split has
+        batch = min(evaluation["batch_size"], evaluation["limit"] or TEST_SIZES.get(config["dataset"]["name"], math.inf))
+        check_memory(evaluation["k"], batch, torch.device("cpu"), ("eval.k", "eval.batch_size"))
     optimizer = config["optimizer"]
     precision, clip = str(trainer.get("precision")), trainer.get("gradient_clip_val")
     if clip and precision in ("16-mixed", "bf16-mixed", "16", "bf16") and optimizer.get("fused"):

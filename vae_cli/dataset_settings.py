@@ -12,6 +12,7 @@ from vae_cli.typed import Fraction, ImageShape, PosInt, Seed, Text
 
 # The shape each named dataset's images have ("folder" images are resized to any shape).
 NATIVE_SHAPES = {"mnist": [1, 28, 28], "fashion_mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
+TEST_SIZES = {"mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}  # images in the test split
 
 
 class DatasetSettings:
