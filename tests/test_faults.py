@@ -509,3 +509,12 @@ def test_a_size_too_large_found_before_training_leaves_no_run(tmp_path, monkeypa
     run = tmp_path / "run"
     assert run_main("train", f"data_dir={data_dir}", *TINY, "model.latent_dim=3", f"hydra.run.dir={run}") == 2
     assert "out of memory" in one_line_error(capsys) and not run.exists()
+
+
+def test_optimizer_settings_torch_refuses_together_are_named(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "optimizer=sgd", "+optimizer.nesterov=true",
+                    "optimizer.momentum=0", f"hydra.run.dir={run}") == 2
+    line = one_line_error(capsys)
+    assert "optimizer.momentum=0, optimizer.nesterov=true: not allowed together (Nesterov momentum requires" in line
+    assert not run.exists()

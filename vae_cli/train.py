@@ -236,7 +236,14 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
                            config=config, objective=objective, free_bits=config.get("free_bits", 0.0),
                            cuda_graph=config.get("cuda_graph", True),
                            scheduler=instantiate(config["scheduler"]) if config.get("scheduler") else None)
-        module.configure_optimizers()  # a bad optimizer setting fails here, in one line, not inside fit
+        try:  # a bad optimizer setting fails here, in one line naming the settings, not inside fit
+            module.configure_optimizers()
+        except (ValueError, TypeError) as e:
+            from vae_cli.settings import show
+
+            given = [f"{group}.{k}={show(v)}" for group in ("optimizer", "scheduler")
+                     for k, v in (config.get(group) or {}).items() if not k.startswith("_")]
+            raise UserError(f"{', '.join(given)}: not allowed together ({first_line(e)})") from None
         check_model_size(model)
         warn_if_costly(model)
         if endless(trainer_cfg) and module.follows_progress():
