@@ -415,6 +415,9 @@ def _main(argv: list[str] | None) -> None:
     warnings.filterwarnings("ignore", message=r".*\(monitor='val/elbo'\)` could not find the monitored key.*")
     # the model summary goes to train.log; its size estimate under mixed precision is Lightning's concern
     warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
+    # under DDP the epoch's sums are added up across processes before they are logged (VAEModule._log_epoch):
+    # Lightning's advice to pass sync_dist=True would average values that are already the whole data's
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
