@@ -161,6 +161,11 @@ def test_vae_evaluate_bdmc_brackets_log_px_on_simulated_data_and_shows_its_progr
     (["exact.tol=0"], "exact.tol=0 is not allowed"),
     (["refined.stepz=3"], "unknown setting 'refined.stepz'"),
     (["chunk=0"], "chunk=0 is not allowed: expected one of auto or an integer > 0"),
+    # 50 "distinct" starts from 2 prior draws was accepted; restarts=10^9 sat at 0% until killed
+    (["refined.restarts=50", "refined.search=2"], "vae: error: refined.restarts=50 is not allowed with "
+     "refined.search=2: the restarts are picked from the search's prior draws; raise refined.search or lower "
+     "refined.restarts"),
+    (["refined.restarts=1000000000"], "refined.restarts=1000000000 is not allowed with refined.search=1024"),
 ])
 def test_estimator_mistakes_are_one_line_and_write_nothing(trained_run, args, message, capsys):
     before = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
@@ -217,3 +222,11 @@ def test_chunk_auto_decodes_512_pairs_at_once_on_a_cpu(monkeypatch):
     ev.evaluate_split(model, images, "dynamic", plan, batch_size=3)
     ev.evaluate_split(model, images, "dynamic", plan, batch_size=3, rows=12)
     assert seen == [512, 512, 12, 12]
+
+
+def test_the_default_restarts_never_outnumber_the_search_draws():
+    """restarts=null means 4 for a latent space of at most 2 dimensions, else 0: never more than search."""
+    from vae_cli.evaluate import _restarts
+
+    assert _restarts(Refined(), 2) == 4 and _restarts(Refined(), 3) == 0 and _restarts(Refined(search=2), 2) == 2
+    assert _restarts(Refined(restarts=3, search=3), 20) == 3 and _restarts(Refined(restarts=0), 1) == 0

@@ -130,12 +130,13 @@ def _prior_starts(log_joint: LogJoint, prior: Distribution, start: torch.Tensor,
     z = prior.sample((search, start.shape[0]))                  # (S, B, D)
     with torch.no_grad():
         score = log_joint(z).double()                           # (S, B)
-    taken = [start]
-    for _ in range(restarts):
-        near = torch.stack([(z - t).norm(dim=-1) < radius for t in taken]).any(0)   # (S, B)
+    near = (z - start).norm(dim=-1) < radius                     # (S, B) draws near a start taken
+    taken, batch = [], torch.arange(z.shape[1], device=z.device)
+    for _ in range(restarts):  # one distance a start (the mask grows), not one for every start taken each time
         best = score.masked_fill(near, -math.inf).argmax(0)     # (B,) the best draw far from the others
-        taken.append(z[best, torch.arange(z.shape[1])])         # (B, D)
-    return torch.stack(taken[1:])
+        taken.append(z[best, batch])                            # (B, D)
+        near |= (z - taken[-1]).norm(dim=-1) < radius
+    return torch.stack(taken)
 
 
 def refine(

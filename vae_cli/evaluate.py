@@ -49,6 +49,18 @@ class Refined(BaseModel):
     restarts: NonNegInt | None = None  # extra starts at the best prior draws; None: 4 if latent_dim <= 2 else 0
     search: PosInt = 1024             # prior draws searched for those starts
 
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """The restarts are distinct draws picked from the search's: no more of them than it draws
+        (restarts=50 with search=2 was accepted, and restarts=10^9 sat at 0% until killed)."""
+        from vae_cli.errors import SettingsClash
+
+        restarts, search = args.get("restarts"), args.get("search", 1024)
+        if isinstance(restarts, int) and isinstance(search, int) and restarts > search:
+            raise SettingsClash(f"refined.restarts={restarts} is not allowed with refined.search={search}: the "
+                                "restarts are picked from the search's prior draws; raise refined.search or lower "
+                                "refined.restarts")
+
 
 class AIS(BaseModel):
     """Annealed importance sampling with HMC (Neal 2001; Wu et al. 2017), from q* (or q) to p(x, z)."""
@@ -164,12 +176,18 @@ def _batch_estimates(model: VAE, x: torch.Tensor, start: int, n: int, plan: Plan
 def _refined(model: VAE, xs: torch.Tensor, plan: Plan, rows: int, out: dict):
     """The refined proposal q* for xs: its figures go into out; returns q* (AIS may start from it)."""
     s = plan.refined
-    restarts = (4 if model.latent_dim <= 2 else 0) if s.restarts is None else s.restarts
+    restarts = _restarts(plan.refined, model.latent_dim)
     q_star, out["refined_elbo"] = refine(lambda z: model.log_joint(xs, z), model.proposal(xs), model.prior,
                                          steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts, search=s.search)
     lw = log_weights(lambda z: model.log_joint(xs, z), q_star, plan.k, rows)   # (k, m)
     out["refined"], out["refined_ess"], out["refined_khat"] = log_mean_exp(lw), ess(lw), pareto_khat(lw)
     return q_star
+
+
+def _restarts(s: Refined, latent_dim: int) -> int:
+    """The refined proposal's extra starts: refined.restarts, or where it is null 4 for a latent
+    space of at most 2 dimensions (never more than the search draws), else 0."""
+    return min(4, s.search) if s.restarts is None and latent_dim <= 2 else s.restarts or 0
 
 
 def _head(q, m: int):
