@@ -230,3 +230,21 @@ def test_the_default_restarts_never_outnumber_the_search_draws():
 
     assert _restarts(Refined(), 2) == 4 and _restarts(Refined(), 3) == 0 and _restarts(Refined(search=2), 2) == 2
     assert _restarts(Refined(restarts=3, search=3), 20) == 3 and _restarts(Refined(restarts=0), 1) == 0
+
+
+def test_a_refined_optimisation_that_diverges_is_warned_about_not_a_traceback():
+    """refined.lr=1e12: q* falls back to finite Gaussians; the JSON counts the examples, one warning line names lr."""
+    torch.manual_seed(0)
+    model, W, b, s = make(dz=2, shrink=0.6, inflate=3.0)
+    x = data(model, 6)
+    plan = Plan(k=64, estimators=("iwae", "refined"), refined=Refined(limit=6, steps=10, lr=1e12))
+    r = _evaluate(model, x, plan)
+    e = r["estimators"]["refined"]
+    assert e["diverged"] == 6 and math.isfinite(e["log_px"]) and math.isfinite(e["elbo_refined"])
+    assert e["log_px"] <= exact_log_px(x, W, b, s).mean().item() + 0.05
+    assert ("refined q*: its optimisation went to NaN or infinity on 6 of 6 examples (refined.lr=1e12 is too large "
+            "for them); q* there is the best finite Gaussian it passed through (at worst where it started, q(z|x)): "
+            "lower refined.lr") in r["warnings"]
+    json.dumps(r)
+    calm = _evaluate(model, x, Plan(k=64, estimators=("iwae", "refined"), refined=Refined(limit=6, steps=10)))
+    assert calm["estimators"]["refined"]["diverged"] == 0 and not any("refined q*" in w for w in calm["warnings"])

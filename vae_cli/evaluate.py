@@ -177,8 +177,12 @@ def _refined(model: VAE, xs: torch.Tensor, plan: Plan, rows: int, out: dict):
     """The refined proposal q* for xs: its figures go into out; returns q* (AIS may start from it)."""
     s = plan.refined
     restarts = _restarts(plan.refined, model.latent_dim)
+    stats: dict = {}
     q_star, out["refined_elbo"] = refine(lambda z: model.log_joint(xs, z), model.proposal(xs), model.prior,
-                                         steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts, search=s.search)
+                                         steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts, search=s.search,
+                                         stats=stats)
+    if "diverged" in stats:  # examples whose optimisation left the finite numbers (too large an lr)
+        out["refined_diverged"] = stats["diverged"]
     lw = log_weights(lambda z: model.log_joint(xs, z), q_star, plan.k, rows)   # (k, m)
     out["refined"], out["refined_ess"], out["refined_khat"] = log_mean_exp(lw), ess(lw), pareto_khat(lw)
     return q_star
@@ -287,6 +291,8 @@ def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: 
     out["comparison"] = _on_common_examples(values, est)
     if "refined" in est:
         est["refined"].update(plan.refined.model_dump(), k=plan.k, **_gap_split(values, out["log_px_estimator"], gaussian_q))
+        if "refined_diverged" in values:
+            est["refined"]["diverged"] = int(values["refined_diverged"].sum())
     out["bits_per_dim"] = {"elbo": bits_per_dim(out["elbo"], dims, pixels),
                            "log_px": bits_per_dim(out["log_px"], dims, pixels)}
     out["warnings"] = warnings_for(out)
@@ -358,6 +364,12 @@ def warnings_for(out: dict[str, Any]) -> list[str]:
                   else "run estimators=[refined,ais] (AIS, or the refined proposal q*) for a trustworthy log p(x)")
         lines.append(f"Pareto k-hat > {KHAT_BAD} for {100 * share:.0f}% of examples: IWAE's log p(x) cannot be "
                      f"trusted there (q(z|x) misses posterior mass); {advice}")
+    refined = out["estimators"].get("refined", {})
+    if refined.get("diverged"):
+        lr = f"{refined['lr']:g}".replace("e+", "e")  # 1e12 as it was typed, not 1e+12
+        lines.append(f"refined q*: its optimisation went to NaN or infinity on {refined['diverged']} of {refined['n']} "
+                     f"examples (refined.lr={lr} is too large for them); q* there is the best finite "
+                     "Gaussian it passed through (at worst where it started, q(z|x)): lower refined.lr")
     # Every sampling estimate is a (stochastic) lower bound: one far below another on the same
     # examples did not converge there, whatever its standard error says.
     common = out["comparison"]
