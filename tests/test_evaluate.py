@@ -248,3 +248,30 @@ def test_a_refined_optimisation_that_diverges_is_warned_about_not_a_traceback():
     json.dumps(r)
     calm = _evaluate(model, x, Plan(k=64, estimators=("iwae", "refined"), refined=Refined(limit=6, steps=10)))
     assert calm["estimators"]["refined"]["diverged"] == 0 and not any("refined q*" in w for w in calm["warnings"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["estimators=iwae", "k=3000000000"], "vae: error: k=3000000000 with batches of 4 examples needs about 1920.0 GB "
+     "for its log weights, more than the "),
+    (["estimators=ais", "ais.chains=1000000000"], "vae: error: ais.chains=1000000000 with batches of 4 examples "
+     "decodes 4000000000 images at once, about 50176.0 GB, more than the "),
+    (["estimators=refined", "refined.samples=1000000000"], "vae: error: refined.samples=1000000000 with batches of 4 "
+     "examples decodes 4000000000 images at once"),
+    (["estimators=refined", "refined.restarts=2", "refined.search=1000000000"], "vae: error: refined.search=1000000000 "
+     "with batches of 4 examples decodes 4000000000 images at once"),
+    (["estimators=bdmc", "bdmc.chains=1000000000"], "vae: error: bdmc.chains=1000000000 with batches of 100 simulated "
+     "examples decodes 100000000000 images at once"),
+    (["estimators=iwae", "k=1000000", "chunk=1000000000"], "vae: error: chunk=1000000000 with k=1000000 decodes "
+     "4000000 images at once"),
+])
+def test_a_size_too_large_is_refused_in_its_one_line_before_the_banner(trained_run, args, message, capsys):
+    """k=3000000000 printed the banner `vae evaluate: test split, 5 examples, ...` and then the refusal;
+    ais.chains, refined.samples/search and bdmc.chains ran out of memory after a progress bar. Every
+    size is now weighed before anything is printed or claimed: one line, nothing written."""
+    before = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
+    assert run_main("evaluate", f"run={trained_run}", "limit=4", *args) == 2
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    after = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
+    assert before == after

@@ -229,6 +229,48 @@ def check_memory(k: int, batch: int, device: torch.device, names: tuple[str, str
                         f"{names[0]} or {names[1]}")
 
 
+DECODE_BYTES = 16  # bytes a pixel of each image decoded at once, at the least (see check_decodes)
+
+
+def check_decodes(count: int, asked: str, lower: str, pixels: int, device: torch.device) -> None:
+    """Refuse, before any work, a setting that decodes more images at once than can fit. Each decoded
+    image holds at least 4 float32 copies of its pixels (the likelihood's parameters, the log-prob
+    terms, their gradient where the estimator takes one, an activation): a lower bound, so this
+    refuses only what cannot run (ais.chains=10^9 asked for 400 GB after the banner and a progress
+    bar); nearer the limit the out-of-memory line still answers."""
+    from vae_cli.errors import UserError, available_memory
+
+    need = DECODE_BYTES * count * pixels
+    have = available_memory(device)
+    if have and need > have:
+        raise UserError(f"{asked} decodes {count} images at once, about {need / 1e9:.1f} GB, more than the "
+                        f"{have / 1e9:.1f} GB free on this {device.type.upper()}: lower {lower}")
+
+
+def check_sizes(model: VAE, plan: Plan, n: int, pixels: int, batch_size: int, rows: int, device: torch.device) -> None:
+    """Every size the plan's estimators hold at once, on n examples of `pixels` pixels, checked before
+    anything is printed or written (a refusal after the banner printed two lines)."""
+    b = min(batch_size, n)
+    check_memory(plan.k, b, device)
+    check_decodes(min(max(rows, b), plan.k * b), f"chunk={rows} with k={plan.k}", "chunk or k", pixels, device)
+    if (m := min(b, plan.covers("refined", n))) > 0:
+        s, restarts = plan.refined, _restarts(plan.refined, model.latent_dim)
+        if restarts > 0:  # the search's prior draws, decoded together
+            check_decodes(s.search * m, f"refined.search={s.search} with batches of {m} examples", "refined.search "
+                          "or batch_size", pixels, device)
+        given = f"refined.samples={s.samples}" + (f" refined.restarts={restarts}" if restarts else "")
+        lower = "refined.samples" + (" or refined.restarts" if restarts else "") + " or batch_size"
+        check_decodes((1 + restarts) * s.samples * m, f"{given} with batches of {m} examples", lower, pixels, device)
+    if (m := min(b, plan.covers("ais", n))) > 0:
+        check_decodes(plan.ais.chains * m, f"ais.chains={plan.ais.chains} with batches of {m} examples",
+                      "ais.chains or batch_size", pixels, device)
+    if "bdmc" in plan.estimators:  # its AIS and IWAE run on batches of its own simulated examples
+        m = min(BDMC_BATCH, plan.bdmc.n)
+        check_memory(plan.k, m, device, names=("k", "bdmc.n"))
+        check_decodes(plan.bdmc.chains * m, f"bdmc.chains={plan.bdmc.chains} with batches of {m} simulated "
+                      "examples", "bdmc.chains or bdmc.n", pixels, device)
+
+
 def evaluate_split(
     model: VAE, images: torch.Tensor, pixels: str, plan: Plan | None = None, batch_size: int = 100,
     rows: int | None = None, seed: int = 0, progress: bool = False,
@@ -503,12 +545,13 @@ def evaluate(cfg) -> dict[str, Any]:
     device = pick_device(cfg.device)
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
     plan = plan_of(cfg, model.latent_dim)
-    if "bdmc" in plan.estimators:  # its IWAE runs on batches of its own simulated examples
-        check_memory(plan.k, min(BDMC_BATCH, plan.bdmc.n), device, names=("k", "bdmc.n"))
     check_out(cfg.out, suffixes=(".json", ".png"))
     images, pixels = run_split(config, cfg.split, cfg.data_dir)
     if cfg.limit is not None:
         images = images[: cfg.limit]
+    rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
+    # Every size refused before the banner and the claimed files: a refusal is its one line.
+    check_sizes(model, plan, len(images), math.prod(images.shape[1:]), cfg.batch_size, rows, device)
     # Claimed before the work, so a bad output folder fails now, not after an hour of sampling;
     # a failure or Ctrl-C during the work removes the claimed (empty) files.
     with claimed_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png")) as paths:
@@ -518,7 +561,6 @@ def evaluate(cfg) -> dict[str, Any]:
             if name != "bdmc" and plan.covers(name, len(images)) < len(images):
                 say(f"vae evaluate: {name} on the first {plan.covers(name, len(images))} examples "
                     f"(set {name}.limit to change)")
-        rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
         r = evaluate_split(model, images, pixels, plan, cfg.batch_size, rows, cfg.seed, progress=True)
         if "bdmc" in plan.estimators:
             r["bdmc"] = run_bdmc(model, plan, rows, cfg.seed, progress=True)
