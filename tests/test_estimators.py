@@ -172,3 +172,30 @@ def test_curve_over_k_is_flat_for_the_exact_posterior_and_rises_for_a_poor_one()
     means = log_px_curve(estimate(model, x, 1000)["log_w"], curve_ks(1000)).mean(1)
     assert all(a < b for a, b in zip(means, means[1:])) and means[-1] <= exact_log_px(x, W, b, s).mean() + 0.05
     assert torch.allclose(means[-1], iwae(model, x, 1000).mean(), atol=0.2)
+
+
+def test_refined_proposal_stays_a_proper_gaussian_when_its_optimisation_diverges():
+    """refined.lr=100 (also 1e4, 1e12) drove Adam's loc to NaN and `vae evaluate` ended in a traceback
+    (Normal: found invalid values). Each Gaussian now falls back to the best finite one it passed
+    through (at worst its start, q(z|x)), and the examples where that happened are reported."""
+    from vae_cli.estimators import log_mean_exp, log_weights, refine
+
+    torch.manual_seed(0)
+    model, W, b, s = make(shrink=0.6, inflate=3.0)
+    x = data(model, 8)
+    truth = exact_log_px(x, W, b, s)
+    lj = lambda z: model.log_joint(x, z)  # noqa: E731
+    for lr in (1e12, 1e300):
+        stats = {}
+        q_star, elbo_star = refine(lj, model.proposal(x), model.prior, steps=20, lr=lr, restarts=2, search=64,
+                                   stats=stats)
+        comp = q_star.component_distribution.base_dist
+        assert torch.isfinite(comp.loc).all() and torch.isfinite(comp.scale).all() and (comp.scale > 0).all()
+        assert stats["diverged"].shape == (8,) and stats["diverged"].all()
+        assert torch.isfinite(elbo_star).all() and (elbo_star <= truth + 0.05).all()
+        log_px = log_mean_exp(log_weights(lj, q_star, 500))          # still importance sampling: finite, near
+        assert torch.isfinite(log_px).all() and (log_px - truth).abs().max() < 1.0
+        assert (log_px - truth).mean() < 0.05
+    stats = {}
+    refine(lj, model.proposal(x), model.prior, steps=20, stats=stats)           # the default lr: nothing to report
+    assert not stats["diverged"].any()

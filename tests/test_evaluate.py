@@ -161,6 +161,11 @@ def test_vae_evaluate_bdmc_brackets_log_px_on_simulated_data_and_shows_its_progr
     (["exact.tol=0"], "exact.tol=0 is not allowed"),
     (["refined.stepz=3"], "unknown setting 'refined.stepz'"),
     (["chunk=0"], "chunk=0 is not allowed: expected one of auto or an integer > 0"),
+    # 50 "distinct" starts from 2 prior draws was accepted; restarts=10^9 sat at 0% until killed
+    (["refined.restarts=50", "refined.search=2"], "vae: error: refined.restarts=50 is not allowed with "
+     "refined.search=2: the restarts are picked from the search's prior draws; raise refined.search or lower "
+     "refined.restarts"),
+    (["refined.restarts=1000000000"], "refined.restarts=1000000000 is not allowed with refined.search=1024"),
 ])
 def test_estimator_mistakes_are_one_line_and_write_nothing(trained_run, args, message, capsys):
     before = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
@@ -217,3 +222,56 @@ def test_chunk_auto_decodes_512_pairs_at_once_on_a_cpu(monkeypatch):
     ev.evaluate_split(model, images, "dynamic", plan, batch_size=3)
     ev.evaluate_split(model, images, "dynamic", plan, batch_size=3, rows=12)
     assert seen == [512, 512, 12, 12]
+
+
+def test_the_default_restarts_never_outnumber_the_search_draws():
+    """restarts=null means 4 for a latent space of at most 2 dimensions, else 0: never more than search."""
+    from vae_cli.evaluate import _restarts
+
+    assert _restarts(Refined(), 2) == 4 and _restarts(Refined(), 3) == 0 and _restarts(Refined(search=2), 2) == 2
+    assert _restarts(Refined(restarts=3, search=3), 20) == 3 and _restarts(Refined(restarts=0), 1) == 0
+
+
+def test_a_refined_optimisation_that_diverges_is_warned_about_not_a_traceback():
+    """refined.lr=1e12: q* falls back to finite Gaussians; the JSON counts the examples, one warning line names lr."""
+    torch.manual_seed(0)
+    model, W, b, s = make(dz=2, shrink=0.6, inflate=3.0)
+    x = data(model, 6)
+    plan = Plan(k=64, estimators=("iwae", "refined"), refined=Refined(limit=6, steps=10, lr=1e12))
+    r = _evaluate(model, x, plan)
+    e = r["estimators"]["refined"]
+    assert e["diverged"] == 6 and math.isfinite(e["log_px"]) and math.isfinite(e["elbo_refined"])
+    assert e["log_px"] <= exact_log_px(x, W, b, s).mean().item() + 0.05
+    assert ("refined q*: its optimisation went to NaN or infinity on 6 of 6 examples (refined.lr=1e12 is too large "
+            "for them); q* there is the best finite Gaussian it passed through (at worst where it started, q(z|x)): "
+            "lower refined.lr") in r["warnings"]
+    json.dumps(r)
+    calm = _evaluate(model, x, Plan(k=64, estimators=("iwae", "refined"), refined=Refined(limit=6, steps=10)))
+    assert calm["estimators"]["refined"]["diverged"] == 0 and not any("refined q*" in w for w in calm["warnings"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["estimators=iwae", "k=3000000000"], "vae: error: k=3000000000 with batches of 4 examples needs about 1920.0 GB "
+     "for its log weights, more than the "),
+    (["estimators=ais", "ais.chains=1000000000"], "vae: error: ais.chains=1000000000 with batches of 4 examples "
+     "decodes 4000000000 images at once, about 50176.0 GB, more than the "),
+    (["estimators=refined", "refined.samples=1000000000"], "vae: error: refined.samples=1000000000 with batches of 4 "
+     "examples decodes 4000000000 images at once"),
+    (["estimators=refined", "refined.restarts=2", "refined.search=1000000000"], "vae: error: refined.search=1000000000 "
+     "with batches of 4 examples decodes 4000000000 images at once"),
+    (["estimators=bdmc", "bdmc.chains=1000000000"], "vae: error: bdmc.chains=1000000000 with batches of 100 simulated "
+     "examples decodes 100000000000 images at once"),
+    (["estimators=iwae", "k=1000000", "chunk=1000000000"], "vae: error: chunk=1000000000 with k=1000000 decodes "
+     "4000000 images at once"),
+])
+def test_a_size_too_large_is_refused_in_its_one_line_before_the_banner(trained_run, args, message, capsys):
+    """k=3000000000 printed the banner `vae evaluate: test split, 5 examples, ...` and then the refusal;
+    ais.chains, refined.samples/search and bdmc.chains ran out of memory after a progress bar. Every
+    size is now weighed before anything is printed or claimed: one line, nothing written."""
+    before = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
+    assert run_main("evaluate", f"run={trained_run}", "limit=4", *args) == 2
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    after = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
+    assert before == after

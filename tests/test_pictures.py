@@ -243,3 +243,27 @@ def test_tensorboard_image_through_another_writer_uses_its_add_image():
     w = TorchWriter()
     add_image(w, "val/samples", torch.full((1, 4, 4), 200, dtype=torch.uint8), 5)
     assert w.got == ("val/samples", (1, 4, 4), 5)
+
+
+def test_traverse_refuses_a_picture_too_large_before_any_work(trained_run, tmp_path, capsys, monkeypatch):
+    """steps=1000000 on a 20-d model allocated until the kernel killed it (23 GB): like interpolate and
+    manifold, traverse now weighs its picture (rows x steps images) first and refuses it in one line.
+    Here the memory free is made small, so a modest picture stands for a huge one."""
+    import vae_cli.errors
+
+    monkeypatch.setattr(vae_cli.errors, "available_memory", lambda device=None: 10**6)
+    out = tmp_path / "t.png"
+    assert run_cmd("traverse", f"run={trained_run}", "steps=100", f"out={out}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("vae: error: steps=100 (4 rows, one per latent dimension) makes a "
+                                                 "picture of 400 images"), err
+    assert "free here: ask for fewer" in err[0] and not out.exists()
+    assert run_cmd("traverse", f"run={trained_run}", "steps=100", "dims=2", f"out={out}") == 2
+    assert "steps=100 dims=2 makes a picture of 200 images" in capsys.readouterr().err and not out.exists()
+    monkeypatch.undo()
+    for arg, message in (("dims=5", "dims=5 is more than this model has: give at most its 4 latent dimensions"),
+                         ("index=1000000", "index=1000000 runs past the test split")):
+        assert run_cmd("traverse", f"run={trained_run}", arg, f"out={out}") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()

@@ -130,17 +130,18 @@ def _prior_starts(log_joint: LogJoint, prior: Distribution, start: torch.Tensor,
     z = prior.sample((search, start.shape[0]))                  # (S, B, D)
     with torch.no_grad():
         score = log_joint(z).double()                           # (S, B)
-    taken = [start]
-    for _ in range(restarts):
-        near = torch.stack([(z - t).norm(dim=-1) < radius for t in taken]).any(0)   # (S, B)
+    near = (z - start).norm(dim=-1) < radius                     # (S, B) draws near a start taken
+    taken, batch = [], torch.arange(z.shape[1], device=z.device)
+    for _ in range(restarts):  # one distance a start (the mask grows), not one for every start taken each time
         best = score.masked_fill(near, -math.inf).argmax(0)     # (B,) the best draw far from the others
-        taken.append(z[best, torch.arange(z.shape[1])])         # (B, D)
-    return torch.stack(taken[1:])
+        taken.append(z[best, batch])                            # (B, D)
+        near |= (z - taken[-1]).norm(dim=-1) < radius
+    return torch.stack(taken)
 
 
 def refine(
     log_joint: LogJoint, q: Distribution, prior: Distribution, *, steps: int = 200, lr: float = 0.05,
-    samples: int = 16, restarts: int = 0, search: int = 1024, elbo_samples: int = 256,
+    samples: int = 16, restarts: int = 0, search: int = 1024, elbo_samples: int = 256, stats: dict | None = None,
 ) -> tuple[Distribution, torch.Tensor]:
     """Per-example optimised Gaussian proposals (Cremer et al. 2018), batched over examples.
 
@@ -149,6 +150,12 @@ def refine(
     ELBO (``samples`` draws a step). Returns the proposal q*, a mixture of the optimised Gaussians
     weighted by exp(ELBO) (a mixture is a valid proposal whatever its weights), and ELBO(q*): the
     best component's ELBO per example, (B,) float64, estimated with ``elbo_samples`` fresh draws.
+
+    A Gaussian whose optimisation leaves the finite numbers (too large an ``lr``: lr=100 turned
+    loc into NaN, and the traceback ended `vae evaluate`) is put back at once, and in the end, to
+    the best proper Gaussian it passed through by the ELBO it optimises (at worst its start), so
+    q* stays a proper proposal (finite loc, scale finite and above 0) and IS with it stays valid.
+    ``stats``, if given, receives "diverged" (B,) bool: the examples where any Gaussian fell back.
     """
     mu, sigma = _gaussian_start(q)                              # (B, D) each
     mu, log_sigma = mu[None], sigma.log()[None]                  # (1, B, D)
@@ -161,24 +168,63 @@ def refine(
     # The learning rate decays linearly to lr/20: the noisy gradients then settle on the optimum
     # instead of jittering around it (which would leave ELBO(q*) visibly short of its best).
     decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - 0.95 * t / max(1, steps))
+    # The best finite Gaussian seen, per (component, example), by the ELBO estimate of its step.
+    kept_elbo = torch.full(mu.shape[:2], -math.inf, dtype=torch.float64, device=mu.device)   # (C, B)
+    kept_mu, kept_log_sigma = mu.detach().clone(), log_sigma.detach().clone()
+    lost = torch.zeros(mu.shape[:2], dtype=torch.bool, device=mu.device)   # (C, B) went non-finite at some step
     with torch.enable_grad():
         for _ in range(steps):
             elbo = _component_elbo(log_joint, mu, log_sigma, samples)   # (C, B)
+            with torch.no_grad():
+                e = elbo.detach().double()
+                better = torch.isfinite(e) & (e > kept_elbo) & _proper(mu, log_sigma)
+                kept_elbo = torch.where(better, e, kept_elbo)
+                kept_mu = torch.where(better[..., None], mu.detach(), kept_mu)
+                kept_log_sigma = torch.where(better[..., None], log_sigma.detach(), kept_log_sigma)
             opt.zero_grad(set_to_none=True)
             (-elbo.sum()).backward()  # the examples and components are independent problems
             opt.step()
             decay.step()
+            with torch.no_grad():  # a Gaussian that left the finite numbers goes back to its best, Adam's state cleared
+                now = ~_proper(mu, log_sigma)
+                if now.any():
+                    lost |= now
+                    mu[now], log_sigma[now] = kept_mu[now], kept_log_sigma[now]
+                    for p in (mu, log_sigma):
+                        for v in opt.state[p].values():
+                            if v.shape == p.shape:
+                                v[now] = 0
     with torch.no_grad():
-        mu, log_sigma = mu.detach(), log_sigma.detach()
+        # One that diverged ends at its best, not where the too-large steps left it after a reset.
+        mu = torch.where(lost[..., None], kept_mu, mu.detach())
+        log_sigma = torch.where(lost[..., None], kept_log_sigma, log_sigma.detach())
         elbos = _each_component_elbo(log_joint, mu, log_sigma, elbo_samples)      # (C, B)
+        off = ~torch.isfinite(elbos) & ~lost  # finite, but so far off that log p(x, z) is not finite there
+        if off.any():
+            lost |= off
+            mu = torch.where(off[..., None], kept_mu, mu)
+            log_sigma = torch.where(off[..., None], kept_log_sigma, log_sigma)
+            elbos = torch.where(off, _each_component_elbo(log_joint, mu, log_sigma, elbo_samples), elbos)
+        elbos = elbos.nan_to_num(nan=-math.inf)  # a NaN ELBO ranks last (all of them: equal weights, below)
+        if stats is not None:
+            stats["diverged"] = lost.any(0)                                        # (B,)
         # The best component's ELBO, estimated again with fresh draws: the maximum of noisy
         # estimates would be biased upwards, and could even exceed log p(x).
         best = elbos.argmax(0)                                                     # (B,)
         pick = best[None, :, None].expand(1, -1, mu.shape[-1])
         elbo_star = _each_component_elbo(log_joint, mu.gather(0, pick), log_sigma.gather(0, pick), elbo_samples)[0]
     components = Independent(Normal(mu.transpose(0, 1), log_sigma.exp().transpose(0, 1)), 1)  # batch (B, C)
-    mixture = MixtureSameFamily(Categorical(logits=elbos.T.float()), components)
+    logits = elbos.T.float()                                                       # (B, C)
+    logits = torch.where(torch.isneginf(logits).all(-1, keepdim=True), torch.zeros_like(logits), logits)
+    mixture = MixtureSameFamily(Categorical(logits=logits), components)
     return mixture, elbo_star
+
+
+def _proper(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Which Gaussians N(mu, diag exp(log_sigma)^2) are proper, (C, B, D) -> (C, B): finite loc, and
+    a scale that is finite and above 0 in every dimension."""
+    scale = log_sigma.exp()
+    return (torch.isfinite(mu) & torch.isfinite(scale) & (scale > 0)).all(-1)
 
 
 def _each_component_elbo(log_joint: LogJoint, mu: torch.Tensor, log_sigma: torch.Tensor, samples: int) -> torch.Tensor:

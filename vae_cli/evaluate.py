@@ -49,6 +49,18 @@ class Refined(BaseModel):
     restarts: NonNegInt | None = None  # extra starts at the best prior draws; None: 4 if latent_dim <= 2 else 0
     search: PosInt = 1024             # prior draws searched for those starts
 
+    @staticmethod
+    def check_settings(args: dict) -> None:
+        """The restarts are distinct draws picked from the search's: no more of them than it draws
+        (restarts=50 with search=2 was accepted, and restarts=10^9 sat at 0% until killed)."""
+        from vae_cli.errors import SettingsClash
+
+        restarts, search = args.get("restarts"), args.get("search", 1024)
+        if isinstance(restarts, int) and isinstance(search, int) and restarts > search:
+            raise SettingsClash(f"refined.restarts={restarts} is not allowed with refined.search={search}: the "
+                                "restarts are picked from the search's prior draws; raise refined.search or lower "
+                                "refined.restarts")
+
 
 class AIS(BaseModel):
     """Annealed importance sampling with HMC (Neal 2001; Wu et al. 2017), from q* (or q) to p(x, z)."""
@@ -164,12 +176,22 @@ def _batch_estimates(model: VAE, x: torch.Tensor, start: int, n: int, plan: Plan
 def _refined(model: VAE, xs: torch.Tensor, plan: Plan, rows: int, out: dict):
     """The refined proposal q* for xs: its figures go into out; returns q* (AIS may start from it)."""
     s = plan.refined
-    restarts = (4 if model.latent_dim <= 2 else 0) if s.restarts is None else s.restarts
+    restarts = _restarts(plan.refined, model.latent_dim)
+    stats: dict = {}
     q_star, out["refined_elbo"] = refine(lambda z: model.log_joint(xs, z), model.proposal(xs), model.prior,
-                                         steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts, search=s.search)
+                                         steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts, search=s.search,
+                                         stats=stats)
+    if "diverged" in stats:  # examples whose optimisation left the finite numbers (too large an lr)
+        out["refined_diverged"] = stats["diverged"]
     lw = log_weights(lambda z: model.log_joint(xs, z), q_star, plan.k, rows)   # (k, m)
     out["refined"], out["refined_ess"], out["refined_khat"] = log_mean_exp(lw), ess(lw), pareto_khat(lw)
     return q_star
+
+
+def _restarts(s: Refined, latent_dim: int) -> int:
+    """The refined proposal's extra starts: refined.restarts, or where it is null 4 for a latent
+    space of at most 2 dimensions (never more than the search draws), else 0."""
+    return min(4, s.search) if s.restarts is None and latent_dim <= 2 else s.restarts or 0
 
 
 def _head(q, m: int):
@@ -205,6 +227,48 @@ def check_memory(k: int, batch: int, device: torch.device, names: tuple[str, str
         raise UserError(f"{names[0]}={k} with batches of {batch} examples needs about {need / 1e9:.1f} GB for its log "
                         f"weights, more than the {have / 1e9:.1f} GB free on this {device.type.upper()}: lower "
                         f"{names[0]} or {names[1]}")
+
+
+DECODE_BYTES = 16  # bytes a pixel of each image decoded at once, at the least (see check_decodes)
+
+
+def check_decodes(count: int, asked: str, lower: str, pixels: int, device: torch.device) -> None:
+    """Refuse, before any work, a setting that decodes more images at once than can fit. Each decoded
+    image holds at least 4 float32 copies of its pixels (the likelihood's parameters, the log-prob
+    terms, their gradient where the estimator takes one, an activation): a lower bound, so this
+    refuses only what cannot run (ais.chains=10^9 asked for 400 GB after the banner and a progress
+    bar); nearer the limit the out-of-memory line still answers."""
+    from vae_cli.errors import UserError, available_memory
+
+    need = DECODE_BYTES * count * pixels
+    have = available_memory(device)
+    if have and need > have:
+        raise UserError(f"{asked} decodes {count} images at once, about {need / 1e9:.1f} GB, more than the "
+                        f"{have / 1e9:.1f} GB free on this {device.type.upper()}: lower {lower}")
+
+
+def check_sizes(model: VAE, plan: Plan, n: int, pixels: int, batch_size: int, rows: int, device: torch.device) -> None:
+    """Every size the plan's estimators hold at once, on n examples of `pixels` pixels, checked before
+    anything is printed or written (a refusal after the banner printed two lines)."""
+    b = min(batch_size, n)
+    check_memory(plan.k, b, device)
+    check_decodes(min(max(rows, b), plan.k * b), f"chunk={rows} with k={plan.k}", "chunk or k", pixels, device)
+    if (m := min(b, plan.covers("refined", n))) > 0:
+        s, restarts = plan.refined, _restarts(plan.refined, model.latent_dim)
+        if restarts > 0:  # the search's prior draws, decoded together
+            check_decodes(s.search * m, f"refined.search={s.search} with batches of {m} examples", "refined.search "
+                          "or batch_size", pixels, device)
+        given = f"refined.samples={s.samples}" + (f" refined.restarts={restarts}" if restarts else "")
+        lower = "refined.samples" + (" or refined.restarts" if restarts else "") + " or batch_size"
+        check_decodes((1 + restarts) * s.samples * m, f"{given} with batches of {m} examples", lower, pixels, device)
+    if (m := min(b, plan.covers("ais", n))) > 0:
+        check_decodes(plan.ais.chains * m, f"ais.chains={plan.ais.chains} with batches of {m} examples",
+                      "ais.chains or batch_size", pixels, device)
+    if "bdmc" in plan.estimators:  # its AIS and IWAE run on batches of its own simulated examples
+        m = min(BDMC_BATCH, plan.bdmc.n)
+        check_memory(plan.k, m, device, names=("k", "bdmc.n"))
+        check_decodes(plan.bdmc.chains * m, f"bdmc.chains={plan.bdmc.chains} with batches of {m} simulated "
+                      "examples", "bdmc.chains or bdmc.n", pixels, device)
 
 
 def evaluate_split(
@@ -269,6 +333,8 @@ def summarize(values: dict[str, torch.Tensor], plan: Plan, ks: list[int], dims: 
     out["comparison"] = _on_common_examples(values, est)
     if "refined" in est:
         est["refined"].update(plan.refined.model_dump(), k=plan.k, **_gap_split(values, out["log_px_estimator"], gaussian_q))
+        if "refined_diverged" in values:
+            est["refined"]["diverged"] = int(values["refined_diverged"].sum())
     out["bits_per_dim"] = {"elbo": bits_per_dim(out["elbo"], dims, pixels),
                            "log_px": bits_per_dim(out["log_px"], dims, pixels)}
     out["warnings"] = warnings_for(out)
@@ -340,6 +406,12 @@ def warnings_for(out: dict[str, Any]) -> list[str]:
                   else "run estimators=[refined,ais] (AIS, or the refined proposal q*) for a trustworthy log p(x)")
         lines.append(f"Pareto k-hat > {KHAT_BAD} for {100 * share:.0f}% of examples: IWAE's log p(x) cannot be "
                      f"trusted there (q(z|x) misses posterior mass); {advice}")
+    refined = out["estimators"].get("refined", {})
+    if refined.get("diverged"):
+        lr = f"{refined['lr']:g}".replace("e+", "e")  # 1e12 as it was typed, not 1e+12
+        lines.append(f"refined q*: its optimisation went to NaN or infinity on {refined['diverged']} of {refined['n']} "
+                     f"examples (refined.lr={lr} is too large for them); q* there is the best finite "
+                     "Gaussian it passed through (at worst where it started, q(z|x)): lower refined.lr")
     # Every sampling estimate is a (stochastic) lower bound: one far below another on the same
     # examples did not converge there, whatever its standard error says.
     common = out["comparison"]
@@ -473,12 +545,13 @@ def evaluate(cfg) -> dict[str, Any]:
     device = pick_device(cfg.device)
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
     plan = plan_of(cfg, model.latent_dim)
-    if "bdmc" in plan.estimators:  # its IWAE runs on batches of its own simulated examples
-        check_memory(plan.k, min(BDMC_BATCH, plan.bdmc.n), device, names=("k", "bdmc.n"))
     check_out(cfg.out, suffixes=(".json", ".png"))
     images, pixels = run_split(config, cfg.split, cfg.data_dir)
     if cfg.limit is not None:
         images = images[: cfg.limit]
+    rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
+    # Every size refused before the banner and the claimed files: a refusal is its one line.
+    check_sizes(model, plan, len(images), math.prod(images.shape[1:]), cfg.batch_size, rows, device)
     # Claimed before the work, so a bad output folder fails now, not after an hour of sampling;
     # a failure or Ctrl-C during the work removes the claimed (empty) files.
     with claimed_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png")) as paths:
@@ -488,7 +561,6 @@ def evaluate(cfg) -> dict[str, Any]:
             if name != "bdmc" and plan.covers(name, len(images)) < len(images):
                 say(f"vae evaluate: {name} on the first {plan.covers(name, len(images))} examples "
                     f"(set {name}.limit to change)")
-        rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
         r = evaluate_split(model, images, pixels, plan, cfg.batch_size, rows, cfg.seed, progress=True)
         if "bdmc" in plan.estimators:
             r["bdmc"] = run_bdmc(model, plan, rows, cfg.seed, progress=True)

@@ -380,18 +380,23 @@ def traverse(cfg) -> Path:
 
     model, config, _, out_dir = _load(cfg)
     _refuse_hierarchy(model, "traverse")
+    # The sizes first, before the data is read and the output claimed: one row per dimension,
+    # steps images a row (steps=1000000 on a 20-d model filled 23 GB until the kernel killed it).
+    if cfg.dims and cfg.dims > model.latent_dim:
+        raise UserError(f"dims={cfg.dims} is more than this model has: give at most its {model.latent_dim} "
+                        "latent dimensions")
+    rows = cfg.dims or model.latent_dim
+    asked = f"steps={cfg.steps}" + (f" dims={cfg.dims}" if cfg.dims else f" ({rows} rows, one per latent dimension)")
+    check_picture_size(rows * cfg.steps, asked, config)
+    images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
+    x, _ = _take(images, pixels, cfg, model, cfg.index, 1)          # an index past the split: refused now
+    pool, _ = _take(images, pixels, cfg, model, 0, min(1000, len(images)))
     with _outputs(cfg, out_dir, "traverse") as paths:
-        images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
-        x, _ = _take(images, pixels, cfg, model, cfg.index, 1)
-        pool, _ = _take(images, pixels, cfg, model, 0, min(1000, len(images)))
         if per_dimension_kl_exists(model):
             score, label = kl_per_dimension(model, pool), "KL (nats)"
         else:  # a flow or the VampPrior: no KL per dimension; rank by how much the code varies
             score, label = activity(model, pool), "activity (variance of the code over inputs)"
         order = score.argsort(descending=True).tolist()
-        if cfg.dims and cfg.dims > len(order):
-            raise UserError(f"dims={cfg.dims} is more than this model has: give at most its {len(order)} "
-                            "latent dimensions")
         dims = order[: cfg.dims] if cfg.dims else order
         print(f"rows, by {label}: " + ", ".join(f"z{d} {score[d]:.2f}" for d in dims), file=sys.stderr)
         return _save(paths, grid(traversal(model, x, dims, cfg.steps, cfg.range), cfg.steps))
