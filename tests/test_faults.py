@@ -518,3 +518,18 @@ def test_optimizer_settings_torch_refuses_together_are_named(tmp_path, data_dir,
     line = one_line_error(capsys)
     assert "optimizer.momentum=0, optimizer.nesterov=true: not allowed together (Nesterov momentum requires" in line
     assert not run.exists()
+
+
+def test_a_checkpoint_an_earlier_version_trained_with_an_ignored_setting_still_loads(trained_run, tmp_path, capsys):
+    """The new refusals guard new runs (+dataset.val_fraction with MNIST was accepted and ignored before):
+    a checkpoint saved with such a setting is still read by every command."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["vae_cli"]["config"]["dataset"]["val_fraction"] = 0.2
+    torch.save(ckpt, last)
+    assert run_main("sample", f"run={run}", "n=4") == 0, capsys.readouterr().err
+    assert (run / "samples" / "sample-001.png").is_file()
+    assert run_main("train", "+dataset.val_fraction=0.2", "--cfg", "job") == 2  # a new run: refused
+    assert "dataset.val_fraction=0.2 is not allowed with dataset.name=mnist" in one_line_error(capsys)

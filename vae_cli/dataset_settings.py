@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from vae_cli.errors import NewRunsOnly
 from vae_cli.typed import Fraction, ImageShape, PosInt, Seed, Text
 
 # The shape each named dataset's images have ("folder" images are resized to any shape).
@@ -47,5 +48,5 @@ class DatasetSettings:
             raise ValueError("path is missing: dataset=folder needs dataset.path=DIR, a folder of images")
         for key in ("path", "val_fraction"):  # read for a folder of images only: elsewhere they were ignored
             if args["name"] != "folder" and args.get(key) is not None:
-                raise ValueError(f"{key}={args[key]!r} is not allowed with dataset.name={args['name']}: it is a "
-                                 "setting of dataset=folder (your own images)")
+                raise NewRunsOnly(f"{key}={args[key]!r} is not allowed with dataset.name={args['name']}: it is a "
+                                  "setting of dataset=folder (your own images)")

@@ -16,6 +16,16 @@ class SettingsClash(ValueError):
     ``posterior=iaf is not allowed with model=ladder``), so it is not put under the node's key."""
 
 
+class NewRunsOnly(ValueError):
+    """A ``check_settings`` refusal that guards the settings of a new run (a folder's settings with
+    a named dataset, a run that trains nothing, ...). A saved config that breaks it was trained by an
+    earlier version, which ignored the setting, so that checkpoint still loads."""
+
+
+class NewRunsOnlyClash(SettingsClash, NewRunsOnly):
+    """Both: names the command line's own settings, and guards new runs only."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (libraries' messages run to many lines), or its type."""
     text = str(error).strip()

@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vae_cli.typed import STRICT, MatmulPrecision, Node, NonNegFloat, NonNegInt, PosInt, Seed, Text
+from vae_cli.errors import NewRunsOnly
 from vae_cli.settings import show
+from vae_cli.typed import STRICT, MatmulPrecision, Node, NonNegFloat, NonNegInt, PosInt, Seed, Text
 
 Precision = Annotated[
     Literal[64, 32, 16, "64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
@@ -65,9 +66,9 @@ class TrainerSettings(BaseModel):
         pointed to one), and a max_time Lightning cannot read."""
         for key in ("max_epochs", "max_steps"):
             if args.get(key) == 0:
-                raise ValueError(f"{key}=0 is not allowed: it trains nothing; expected an integer >= 1 (or -1: no limit)")
+                raise NewRunsOnly(f"{key}=0 is not allowed: it trains nothing; expected an integer >= 1 (or -1: no limit)")
         if args.get("limit_train_batches") == 0:
-            raise ValueError(f"limit_train_batches={args['limit_train_batches']} is not allowed: it trains nothing; "
+            raise NewRunsOnly(f"limit_train_batches={args['limit_train_batches']} is not allowed: it trains nothing; "
                              "expected a number of batches >= 1 or a fraction of the epoch > 0")
         if args.get("max_time") is not None:
             seconds = max_time_seconds(args["max_time"])
@@ -75,7 +76,7 @@ class TrainerSettings(BaseModel):
                 raise ValueError(f"max_time={show(args['max_time'])} is not allowed: expected DD:HH:MM:SS (e.g. "
                                  "00:01:00:00) or a mapping such as {hours: 1, minutes: 30}")
             if seconds <= 0:
-                raise ValueError(f"max_time={show(args['max_time'])} is not allowed: it trains nothing; expected "
+                raise NewRunsOnly(f"max_time={show(args['max_time'])} is not allowed: it trains nothing; expected "
                                  "a time > 0")
 
     @classmethod
@@ -148,7 +149,7 @@ class TrainSettings(BaseModel):
         """The settings that follow another (conf/: image_shape is ${dataset.shape}, a network's
         latent_dim is ${model.latent_dim}) still agree with it: set alone, they built networks of
         mismatched sizes that failed inside training ("mat1 and mat2 shapes cannot be multiplied")."""
-        from vae_cli.errors import SettingsClash
+        from vae_cli.errors import NewRunsOnlyClash
 
         rules = [("image_shape", "dataset.shape", (args.get("dataset") or {}).get("shape"),
                   "set dataset.shape instead (dataset=folder resizes your own images to any shape)")]
@@ -160,7 +161,7 @@ class TrainSettings(BaseModel):
             for key, value in node.items() if isinstance(node, dict) else ():
                 for name, source, expected, hint in rules:
                     if key == name and expected is not None and value != expected and f"{path}{key}" != source:
-                        raise SettingsClash(f"{path}{key}={show(value)} is not allowed: it must equal {source} "
+                        raise NewRunsOnlyClash(f"{path}{key}={show(value)} is not allowed: it must equal {source} "
                                             f"({show(expected)}); {hint}")
                 walk(value, f"{path}{key}.")
 

@@ -42,7 +42,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
-from vae_cli.errors import SettingsClash, UserError
+from vae_cli.errors import NewRunsOnly, SettingsClash, UserError
 from vae_cli.typed import STRICT, Builds
 
 # target -> the dotted name of its description (None: the target's own signature). Only these may
@@ -390,10 +390,13 @@ class Validator:
         if check is not None:
             try:
                 check({k: v for k, v in data.items() if k not in HYDRA_KEYS})
-            except SettingsClash as e:
-                self.fail(str(e))
             except ValueError as e:
-                self.fail(f"{path}{e}")
+                if isinstance(e, NewRunsOnly) and self.source is not None:
+                    pass  # a checkpoint's config: trained by an earlier version that ignored the setting
+                elif isinstance(e, SettingsClash):
+                    self.fail(str(e))
+                else:
+                    self.fail(f"{path}{e}")
 
     def node(self, value: Any, expected: str | type, path: str) -> None:
         """Validate a config node with ``_target_`` that must build ``expected``."""
