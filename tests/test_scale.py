@@ -26,9 +26,10 @@ def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
 
 
 def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path, data_dir):
-    sweep = tmp_path / "sweep"
+    sweep, work = tmp_path / "sweep", tmp_path / "work"
+    work.mkdir()  # the sweep folder given as ../sweep: one row a job all the same
     r = vae("train", "-m", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=4",
-            "model.latent_dim=2,3", "likelihood=bernoulli,gaussian", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+            "model.latent_dim=2,3", "likelihood=bernoulli,gaussian", "hydra.sweep.dir=../sweep", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
@@ -52,7 +53,9 @@ def test_a_sweep_of_resumes_logs_in_each_run_and_summarises_them(tmp_path, train
     (runs[0] / "error.txt").write_text("an earlier sweep's failure")
     lines = [len((run / "train.log").read_text().splitlines()) for run in runs]
     sweep = tmp_path / "sweep"
-    r = vae("train", "-m", f"resume={runs[0]},{runs[1]}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    r = vae("train", "-m", f"resume={runs[0]},{runs[1]}", "hydra.sweep.dir=sweep", "hydra.job.chdir=true",
+            cwd=tmp_path, env={"PYTHONWARNINGS": "default"})
+    assert "Callback" not in r.stderr, r.stderr[-3000:]   # Hydra's warning that a callback raised
     assert r.returncode == 0, r.stderr[-3000:]
     for run, n in zip(runs, lines):
         log = (run / "train.log").read_text().splitlines()
@@ -85,6 +88,21 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, data_dir):
             "trainer.max_epochs=1", "eval.k=0", "model.latent_dim=2,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 2
+
+
+def test_a_picture_sweep_on_joblib_leaves_no_hydra_folder(tmp_path, trained_run):
+    """The tidy-up runs in the launching process (a Hydra callback), whichever process ran the jobs."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    work = tmp_path / "work"
+    work.mkdir()
+    r = vae("sample", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"run={run}", "n=4", "temperature=0.5,1",
+            cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((run / "samples").glob("sample-*.png"))) == 2 and list(work.iterdir()) == []
 
 
 def test_submitit_local_executor(tmp_path, data_dir):

@@ -147,7 +147,6 @@ def _task(command: str):
         from vae_cli.logs import attach_run_log, file_only
 
         _sweep["jobs"] += 1
-        _note_sweep_to_tidy()
 
         attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
         resume = _resume_hint(command, cfg)
@@ -248,22 +247,8 @@ def _quiet_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
-# The jobs of a sweep run in this process (Hydra's basic launcher): how many ran, how many failed,
-# and the sweep folder to tidy afterwards (a command that writes no run folder).
-_sweep: dict = {"jobs": 0, "failed": 0, "tidy": None}
-
-
-def _note_sweep_to_tidy() -> None:
-    """A sweep of a command that writes no run folder (output_subdir null: sample, evaluate, ...) into
-    Hydra's default sweep folder: that folder holds nothing of it, so it goes at the end (sweep.tidy)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not _in_sweep():
-        return
-    hc = HydraConfig.get()
-    if hc.output_subdir is None and not any(o.split("=", 1)[0].lstrip("+~") == "hydra.sweep.dir"
-                                            for o in hc.overrides.hydra):
-        _sweep["tidy"] = Path(hc.sweep.dir)
+# The jobs of a sweep run in this process (Hydra's basic launcher): how many ran, how many failed.
+_sweep = {"jobs": 0, "failed": 0}
 
 
 def _in_sweep() -> bool:
@@ -457,15 +442,9 @@ def _main(argv: list[str] | None) -> None:
         _collector["paused"] = False
         gc.freeze()
         gc.enable()
-    _sweep.update(jobs=0, failed=0, tidy=None)
-    try:
-        _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
-                   config_name=command)
-    finally:
-        if _sweep["tidy"] is not None:
-            from vae_cli.sweep import tidy
-
-            tidy(_sweep["tidy"], Path.cwd())
+    _sweep.update(jobs=0, failed=0)
+    _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
+               config_name=command)
     if _sweep["failed"]:  # vae train's sweep summary says so itself (and exits 2) before this
         fail(f"{_sweep['failed']} of {_sweep['jobs']} sweep jobs failed (their errors are above)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,18 @@ def tidy(sweep_dir: Path, start: Path) -> None:
             break
 
 
+class TidySweep(Callback):
+    """At the end of a sweep of a command that writes no run folder (conf/from_run.yaml): ``tidy``
+    Hydra's default sweep folder. A callback, so it runs in the process that launched the jobs,
+    whichever launcher ran them."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        given = any(o.split("=", 1)[0].lstrip("+~") == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+        if config.hydra.output_subdir is None and not given:  # a folder of the user's own is left as it is
+            cwd = Path(config.hydra.runtime.cwd)
+            tidy(cwd / str(config.hydra.sweep.dir), cwd)
+
+
 def summarize(sweep_dir: Path, elsewhere: dict[Path, tuple[str, list[str]]] | None = None) -> list[dict[str, Any]]:
     """One row per finished run under sweep_dir (its subfolders with a metrics.json), by job number,
     and one per folder of ``elsewhere``: a job's folder outside it (-m resume=A,B), with the job's
@@ -52,8 +65,9 @@ def summarize(sweep_dir: Path, elsewhere: dict[Path, tuple[str, list[str]]] | No
     ``overrides`` lists what differs between the runs (the overrides every run shares are left out).
     """
     rows, lists = [], []
-    jobs = {p.parent: (p.parent.name, None) for p in [*sweep_dir.glob("*/metrics.json"), *sweep_dir.glob(f"*/{FAILED}")]}
-    jobs.update({run: job for run, job in (elsewhere or {}).items()
+    jobs = {p.parent.resolve(): (p.parent.name, None)
+            for p in [*sweep_dir.glob("*/metrics.json"), *sweep_dir.glob(f"*/{FAILED}")]}
+    jobs.update({run.resolve(): job for run, job in (elsewhere or {}).items()  # one row a folder, however named
                  if (run / "metrics.json").is_file() or (run / FAILED).is_file()})
     for run, (job, given) in jobs.items():
         metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
@@ -97,7 +111,10 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """A job whose folder is not the sweep's (-m resume=A,B trains in A and B) leaves a note of it
         in the sweep's JOBS folder: a file, since a launcher may run the job in another process."""
-        folder, sweep_dir = Path(config.hydra.runtime.output_dir), Path(config.hydra.sweep.dir).absolute()
+        # both as Hydra makes output_dir: from the command's folder (hydra.job.chdir=true has moved
+        # this process into the job's), with any .. taken out
+        folder = Path(os.path.abspath(config.hydra.runtime.output_dir))
+        sweep_dir = Path(os.path.abspath(os.path.join(config.hydra.runtime.cwd, str(config.hydra.sweep.dir))))
         if config.hydra.mode == RunMode.MULTIRUN and folder.parent != sweep_dir:
             (sweep_dir / JOBS).mkdir(exist_ok=True)
             note = {"job": str(config.hydra.job.num), "folder": str(folder), "overrides": list(config.hydra.overrides.task)}
