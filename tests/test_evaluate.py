@@ -275,3 +275,13 @@ def test_a_size_too_large_is_refused_in_its_one_line_before_the_banner(trained_r
     assert len(lines) == 1 and lines[0].startswith(message), lines
     after = sorted((trained_run / "eval").glob("*")) if (trained_run / "eval").exists() else []
     assert before == after
+
+
+def test_the_chunk_refusal_names_auto_as_given(trained_run, monkeypatch, capsys):
+    """chunk left at auto: the line says so (it named chunk=512, a value the user never gave)."""
+    from vae_cli import errors
+
+    monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**6)
+    assert run_main("evaluate", f"run={trained_run}", "limit=2", "estimators=iwae", "k=100") == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("vae: error: chunk=auto (") and " here) with k=100 decodes " in line, line

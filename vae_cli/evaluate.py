@@ -232,7 +232,8 @@ def check_memory(k: int, batch: int, device: torch.device, names: tuple[str, str
 DECODE_BYTES = 16  # bytes a pixel of each image decoded at once, at the least (see check_decodes)
 
 
-def check_decodes(count: int, asked: str, lower: str, pixels: int, device: torch.device) -> None:
+def check_decodes(count: int, asked: str, lower: str, pixels: int, device: torch.device,
+                  per_pixel: int = DECODE_BYTES) -> None:
     """Refuse, before any work, a setting that decodes more images at once than can fit. Each decoded
     image holds at least 4 float32 copies of its pixels (the likelihood's parameters, the log-prob
     terms, their gradient where the estimator takes one, an activation): a lower bound, so this
@@ -240,24 +241,26 @@ def check_decodes(count: int, asked: str, lower: str, pixels: int, device: torch
     bar); nearer the limit the out-of-memory line still answers."""
     from vae_cli.errors import UserError, available_memory
 
-    need = DECODE_BYTES * count * pixels
+    need = per_pixel * count * pixels
     have = available_memory(device)
     if have and need > have:
         raise UserError(f"{asked} decodes {count} images at once, about {need / 1e9:.1f} GB, more than the "
                         f"{have / 1e9:.1f} GB free on this {device.type.upper()}: lower {lower}")
 
 
-def check_sizes(model: VAE, plan: Plan, n: int, pixels: int, batch_size: int, rows: int, device: torch.device) -> None:
+def check_sizes(model: VAE, plan: Plan, n: int, pixels: int, batch_size: int, rows: int, device: torch.device,
+                chunk: str | None = None) -> None:
     """Every size the plan's estimators hold at once, on n examples of `pixels` pixels, checked before
     anything is printed or written (a refusal after the banner printed two lines)."""
     b = min(batch_size, n)
     check_memory(plan.k, b, device)
-    check_decodes(min(max(rows, b), plan.k * b), f"chunk={rows} with k={plan.k}", "chunk or k", pixels, device)
+    chunk = chunk or f"chunk={rows}"  # as given: chunk=auto (512 here) names what the user can change
+    check_decodes(min(max(rows, b), plan.k * b), f"{chunk} with k={plan.k}", "chunk or k", pixels, device)
     if (m := min(b, plan.covers("refined", n))) > 0:
         s, restarts = plan.refined, _restarts(plan.refined, model.latent_dim)
-        if restarts > 0:  # the search's prior draws, decoded together
+        if restarts > 0:  # the search's prior draws, decoded together without gradients: 2 copies a pixel
             check_decodes(s.search * m, f"refined.search={s.search} with batches of {m} examples", "refined.search "
-                          "or batch_size", pixels, device)
+                          "or batch_size", pixels, device, per_pixel=DECODE_BYTES // 2)
         given = f"refined.samples={s.samples}" + (f" refined.restarts={restarts}" if restarts else "")
         lower = "refined.samples" + (" or refined.restarts" if restarts else "") + " or batch_size"
         check_decodes((1 + restarts) * s.samples * m, f"{given} with batches of {m} examples", lower, pixels, device)
@@ -551,7 +554,8 @@ def evaluate(cfg) -> dict[str, Any]:
         images = images[: cfg.limit]
     rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
     # Every size refused before the banner and the claimed files: a refusal is its one line.
-    check_sizes(model, plan, len(images), math.prod(images.shape[1:]), cfg.batch_size, rows, device)
+    check_sizes(model, plan, len(images), math.prod(images.shape[1:]), cfg.batch_size, rows, device,
+                f"chunk=auto ({rows} here)" if cfg.chunk == "auto" else f"chunk={rows}")
     # Claimed before the work, so a bad output folder fails now, not after an hour of sampling;
     # a failure or Ctrl-C during the work removes the claimed (empty) files.
     with claimed_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png")) as paths:
