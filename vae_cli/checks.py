@@ -41,6 +41,11 @@ NEW_FOLDERS: set[Path] = set()
 __all__ = ["check_command_line", "compose", "options", "register_resolvers", "run_marker"]
 
 
+def override_key(override: str) -> str:
+    """The key a command-line override sets: `+a.b=1`, `~a.b` and `a.b=1` all set a.b."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def options(conf_dir: str, group: str) -> list[str]:
     """The options of a config group: the yaml files in conf/<group>/."""
     return sorted(p.stem for p in Path(conf_dir, group).glob("*.yaml"))
@@ -104,7 +109,7 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
 
 def _config_without(conf_dir: str, command: str, overrides: list[str], key: str) -> dict[str, Any]:
     """The config composed without the override of ``key`` (unresolved, for suggestions)."""
-    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    rest = [o for o in overrides if override_key(o) != key]
     for attempt in (rest, []):
         try:
             cfg = _compose(conf_dir, command, attempt)
@@ -189,7 +194,7 @@ def _class_rules_unresolved(raw: dict[str, Any]) -> None:
 
 def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False) -> None:
     """Compose every variant of the command line and check its values; raise UserError on the first problem."""
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys = [override_key(o) for o in overrides]
     if command == "train" and "resume" in keys:
         # A later value overrides an earlier one in Hydra (what scripts that append overrides rely on),
         # but two runs to continue is a slip: resume=A resume=B continued B alone, silently.

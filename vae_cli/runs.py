@@ -9,7 +9,7 @@ checkpoint copied anywhere still loads.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -371,9 +371,15 @@ def release_outputs(paths: list[Path], folders: Sequence[Path] = ()) -> None:
             p.unlink()
         except OSError:
             pass
+    remove_empty(folders)
+
+
+def remove_empty(folders: Iterable[Path]) -> None:
+    """Remove each folder in turn (a folder, then its parents) while it is empty; stop at the first
+    that is not (or cannot go): what else is in it, another run's or the user's, keeps it."""
     for d in folders:
         try:
-            d.rmdir()  # only an empty folder: another command's outputs in it keep it
+            d.rmdir()
         except OSError:
             break
 

@@ -35,14 +35,10 @@ def tidy(sweep_dir: Path, start: Path) -> None:
         return
     for p in sweep_dir.iterdir():
         p.unlink() if p.is_file() else p.rmdir()
-    start = start.resolve()
-    for d in [sweep_dir.resolve(), *sweep_dir.resolve().parents]:
-        if d == start or start not in d.parents:
-            break
-        try:
-            d.rmdir()  # empty only: an earlier sweep's folders beside it keep the parent
-        except OSError:
-            break
+    from vae_cli.runs import remove_empty
+
+    start, folder = start.resolve(), sweep_dir.resolve()  # up to start: an earlier sweep's folders keep a parent
+    remove_empty(d for d in [folder, *folder.parents] if start in d.parents)
 
 
 class TidySweep(Callback):
@@ -51,7 +47,9 @@ class TidySweep(Callback):
     whichever launcher ran them."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        given = any(o.split("=", 1)[0].lstrip("+~") == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+        from vae_cli.checks import override_key
+
+        given = any(override_key(o) == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
         if config.hydra.output_subdir is None and not given:  # a folder of the user's own is left as it is
             cwd = Path(config.hydra.runtime.cwd)
             tidy(cwd / str(config.hydra.sweep.dir), cwd)

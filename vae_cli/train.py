@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -180,7 +181,7 @@ def discard_untrained(run: Path) -> None:
     import shutil
 
     from vae_cli.checks import NEW_FOLDERS
-    from vae_cli.runs import first_process
+    from vae_cli.runs import first_process, remove_empty
 
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))
     if not first_process() or any((run / "checkpoints").glob("*.ckpt")) or \
@@ -192,14 +193,9 @@ def discard_untrained(run: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif path.is_file():
             path.unlink(missing_ok=True)
-    if run.resolve() in NEW_FOLDERS or _stamped_run_dir():  # made for this run: gone too, once empty
-        for d in [run, *run.parents]:  # then outputs/DATE/ and outputs/ where this command made them
-            if d is not run and d.resolve() not in NEW_FOLDERS:
-                break
-            try:
-                d.rmdir()
-            except OSError:
-                break
+    if run.resolve() in NEW_FOLDERS or _stamped_run_dir():  # made for this run: gone too, once empty,
+        # then outputs/DATE/ and outputs/ where this command made them
+        remove_empty([run, *itertools.takewhile(lambda d: d.resolve() in NEW_FOLDERS, run.parents)])
 
 
 def _stamped_run_dir() -> bool:
@@ -207,9 +203,11 @@ def _stamped_run_dir() -> bool:
     hydra.run.dir given): a name of this run's own. The checked name was stamped a moment earlier."""
     from hydra.core.hydra_config import HydraConfig
 
+    from vae_cli.checks import override_key
+
     if not HydraConfig.initialized():
         return False
-    return not any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra)
+    return not any(override_key(o) == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra)
 
 
 def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbose: bool) -> dict[str, Any]:
