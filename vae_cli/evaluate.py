@@ -176,7 +176,7 @@ def _batch_estimates(model: VAE, x: torch.Tensor, start: int, n: int, plan: Plan
 def _refined(model: VAE, xs: torch.Tensor, plan: Plan, rows: int, out: dict):
     """The refined proposal q* for xs: its figures go into out; returns q* (AIS may start from it)."""
     s = plan.refined
-    restarts = _restarts(plan.refined, model.latent_dim)
+    restarts = _restarts(s, model.latent_dim)
     stats: dict = {}
     q_star, out["refined_elbo"] = refine(lambda z: model.log_joint(xs, z), model.proposal(xs), model.prior,
                                          steps=s.steps, lr=s.lr, samples=s.samples, restarts=restarts, search=s.search,
@@ -555,7 +555,7 @@ def evaluate(cfg) -> dict[str, Any]:
     rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk
     # Every size refused before the banner and the claimed files: a refusal is its one line.
     check_sizes(model, plan, len(images), math.prod(images.shape[1:]), cfg.batch_size, rows, device,
-                f"chunk=auto ({rows} here)" if cfg.chunk == "auto" else f"chunk={rows}")
+                f"chunk=auto ({rows} here)" if cfg.chunk == "auto" else None)
     # Claimed before the work, so a bad output folder fails now, not after an hour of sampling;
     # a failure or Ctrl-C during the work removes the claimed (empty) files.
     with claimed_outputs(cfg.out, run_dir_of(ckpt) / "eval", f"{cfg.split}-k{cfg.k}", (".json", ".png")) as paths:
