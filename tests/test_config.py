@@ -223,6 +223,7 @@ BAD = [
     ("train", ["+trainer.max_time={seconds:-5}"], "trainer.max_time={seconds: -5} is not allowed: it trains nothing"),
     ("train", ["+trainer.max_time=-5"], "trainer.max_time=-5 is not allowed: expected DD:HH:MM:SS"),
     ("train", ["+trainer.max_time={foo:1}"], "trainer.max_time={foo: 1} is not allowed: expected DD:HH:MM:SS"),
+    ("train", ["+trainer.max_time=1:2:3:4"], "trainer.max_time='1:2:3:4' is not allowed: expected DD:HH:MM:SS"),  # Lightning's two digits
     ("train", ["+optimizer.params=1"], "optimizer.params is not a setting: vae-cli passes it itself when it builds optimizer"),
     ("train", ["scheduler=cosine", "+scheduler.optimizer=1"], "scheduler.optimizer is not a setting"),
     # wrong types

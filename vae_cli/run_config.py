@@ -69,7 +69,7 @@ class TrainerSettings(BaseModel):
                 raise NewRunsOnly(f"{key}=0 is not allowed: it trains nothing; expected an integer >= 1 (or -1: no limit)")
         if args.get("limit_train_batches") == 0:
             raise NewRunsOnly(f"limit_train_batches={args['limit_train_batches']} is not allowed: it trains nothing; "
-                             "expected a number of batches >= 1 or a fraction of the epoch > 0")
+                              "expected a number of batches >= 1 or a fraction of the epoch > 0")
         if args.get("max_time") is not None:
             seconds = max_time_seconds(args["max_time"])
             if seconds is None:
@@ -77,7 +77,7 @@ class TrainerSettings(BaseModel):
                                  "00:01:00:00) or a mapping such as {hours: 1, minutes: 30}")
             if seconds <= 0:
                 raise NewRunsOnly(f"max_time={show(args['max_time'])} is not allowed: it trains nothing; expected "
-                                 "a time > 0")
+                                  "a time > 0")
 
     @classmethod
     def extra_keys(cls) -> set[str]:
@@ -90,23 +90,14 @@ class TrainerSettings(BaseModel):
 
 
 def max_time_seconds(value: Any) -> float | None:
-    """trainer.max_time in seconds, read as Lightning reads it ("DD:HH:MM:SS", or timedelta's
-    keywords such as {hours: 1}); None where Lightning could not read it."""
-    from datetime import timedelta
+    """trainer.max_time in seconds, read by Lightning's own Timer ("DD:HH:MM:SS", or timedelta's
+    keywords such as {hours: 1}); None where it cannot read it."""
+    from pytorch_lightning.callbacks import Timer
 
     try:
-        if isinstance(value, str):
-            parts = value.split(":")
-            if len(parts) != 4:
-                return None
-            days, hours, minutes, seconds = map(int, parts)
-            return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds).total_seconds()
-        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                     for v in value.values()):
-            return timedelta(**value).total_seconds()
-    except (TypeError, ValueError, OverflowError):
+        return Timer(duration=value).time_remaining()  # before the run: the whole duration
+    except Exception:  # its MisconfigurationException, timedelta's TypeError, an int's AttributeError
         return None
-    return None
 
 
 class EvalSettings(BaseModel):
