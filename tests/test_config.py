@@ -193,6 +193,10 @@ BAD = [
     ("sample", ["split=train"], "unknown setting 'split'"),      # sample and manifold read no images
     ("manifold", ["data_dir=/tmp"], "unknown setting 'data_dir'"),
     ("traverse", ["n=5"], "unknown setting 'n'"),              # one image's code is varied: n was ignored
+    # a setting that another's value leaves unused (interpolate source=prior reads no image)
+    ("interpolate", ["source=prior", "split=val"], "split=val is not used with source=prior (the ends are draws of p(z)"),
+    ("interpolate", ["source=prior", "index=3"], "index=3 is not used with source=prior"),
+    ("interpolate", ["-m", "source=data,prior", "data_dir=/tmp"], "data_dir=/tmp is not used with source=prior"),
     ("sample", ["steps=2"], "unknown setting 'steps'; the settings at the top level are run, ckpt, out,"),
     ("train", ["model.zzz=1"], "the settings under model are latent_dim, encoder, decoder, likelihood, prior, posterior"),
     ("train", ["zzz.yyy=1"], "unknown setting 'zzz.yyy'; the settings at the top level are dataset, model,"),

@@ -221,6 +221,7 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
         config = resolved(cfg)
         validate(config, schema)
+        _check_used(command, config, variant)
         if command != "train" and config.get("data_dir") is not None:  # where the commands that read a model cache data
             _check_data_dir(str(config["data_dir"]))
         if command == "train":
@@ -232,6 +233,23 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
                 folders.append(check_output_folder(cfg, multirun))
     for shown, folder in dict.fromkeys(folders):  # every value passed: can the folder Hydra writes be made?
         _try_to_create(shown, folder)
+
+
+# Settings that one value of another makes meaningless: (command, key, value) -> (the settings unused
+# then, why). Given on the command line with that value, they would be accepted and ignored.
+UNUSED_WITH = {
+    ("interpolate", "source", "prior"): (("split", "data_dir", "index"), "the ends are draws of p(z), no image is read"),
+}
+
+
+def _check_used(command: str, config: dict[str, Any], overrides: list[str]) -> None:
+    """Refuse a setting given on the command line that the value of another leaves unused."""
+    for (cmd, key, value), (unused, why) in UNUSED_WITH.items():
+        if cmd != command or config.get(key) != value:
+            continue
+        given = [o for o in overrides if override_key(o) in unused]
+        if given:
+            raise UserError(f"{given[0]} is not used with {key}={value} ({why}): drop it")
 
 
 def _check_sweep_settings(overrides: list[str], multirun: bool) -> None:
