@@ -125,7 +125,9 @@ class Gaussian(nn.Module):
         if args.get("scale", "shared") not in SCALES:
             raise ValueError(f"scale={args['scale']!r} is not allowed: expected one of {', '.join(SCALES)}")
         if args.get("scale", "shared") != "fixed" and not 0 < min_sigma <= sigma:
-            raise ValueError(f"min_sigma={min_sigma} is not allowed: expected a number > 0 and <= sigma ({sigma})")
+            # either may be the one given: name both, and what each can do
+            raise ValueError(f"min_sigma={min_sigma} is not allowed with sigma={sigma}: a learned sigma starts at "
+                             "sigma and stays at or above min_sigma > 0 (lower min_sigma, raise sigma, or use scale=fixed)")
 
     def forward(self, out: torch.Tensor) -> Distribution:
         loc = torch.sigmoid(out)                                           # (..., C, H, W)
