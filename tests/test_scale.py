@@ -11,15 +11,17 @@ import torch
 from conftest import TINY, vae
 
 
-def test_ddp_on_two_cpu_processes(tmp_path, data_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])  # spawn: fit runs in children, the parent counted 0 steps
+def test_ddp_on_two_cpu_processes(tmp_path, data_dir, strategy):
     run = tmp_path / "ddp"
-    r = vae("train", f"data_dir={data_dir}", *TINY, "trainer.devices=2", "trainer.strategy=ddp",
+    r = vae("train", f"data_dir={data_dir}", *TINY, "trainer.devices=2", f"trainer.strategy={strategy}",
             "trainer.accelerator=cpu", f"hydra.run.dir={run}", cwd=tmp_path, env={"PYTHONWARNINGS": "default"})
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 * 2            # 4 batches an epoch, split over 2 ranks, 2 epochs
     assert len(list((run / "checkpoints").glob("*.ckpt"))) == 2   # last + best, written once (rank 0)
     assert json.loads((run / "metrics.json").read_text())["step"] == 4
+    assert "trained:       2 epochs, 4 steps" in r.stdout, r.stdout
     assert r.stdout.count("run folder:") == 1      # one report, from rank 0
     assert "sync_dist" not in r.stderr             # the logged sums are reduced already: no advice to sync them
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [".hydra", "checkpoints", "tensorboard"]

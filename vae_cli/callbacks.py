@@ -150,6 +150,25 @@ class ProgressBar(TQDMProgressBar):
         return {k: short_number(v) if isinstance(v, float) else v for k, v in items.items()}
 
 
+class SpawnedProcesses(pl.Callback):
+    """Carries vae train's terminal and log settings into the processes that ddp_spawn starts.
+
+    Those unpickle the Trainer, this callback with it, and never run the command line that sets
+    them: without this, each printed Lightning's banners, the model summary and its warnings, and
+    none of it reached RUN/train.log. (ddp re-runs the command line; ddp_fork copies this process.)
+    """
+
+    def __init__(self, log_file: Path, verbose: bool, summary: bool) -> None:
+        self.log_file, self.verbose, self.summary, self.pid = str(log_file), verbose, summary, os.getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self.pid:  # unpickled in a new process
+            from vae_cli.logs import join_run_log
+
+            join_run_log(self.log_file, self.verbose, self.summary)
+
+
 class NoProfiler(PassThroughProfiler):
     """Lightning's default profiler (none), without its cost per hook.
 

@@ -235,21 +235,30 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         _try_to_create(shown, folder)
 
 
-# Settings that one value of another makes meaningless: (command, key, value) -> (the settings unused
-# then, why). Given on the command line with that value, they would be accepted and ignored.
-UNUSED_WITH = {
-    ("interpolate", "source", "prior"): (("split", "data_dir", "index"), "the ends are draws of p(z), no image is read"),
-}
+def _likelihood(config: dict[str, Any]) -> str | None:
+    target = (config.get("likelihood") or {}).get("_target_") if isinstance(config.get("likelihood"), dict) else None
+    return target.rsplit(".", 1)[-1].lower() if isinstance(target, str) else None
+
+
+# Settings that one value of another makes meaningless: (command, that value as shown, a test of the
+# config for it, the settings unused then, why). Given on the command line with that value, they
+# would be accepted and ignored.
+UNUSED_WITH = [
+    ("interpolate", "source=prior", lambda c: c.get("source") == "prior", ("split", "data_dir", "index"),
+     "the ends are draws of p(z), no image is read"),
+    ("train", "likelihood=gaussian", lambda c: _likelihood(c) == "gaussian", ("dataset.binarize",),
+     "a Gaussian likelihood dequantizes the 8-bit pixels, it binarizes none"),
+]
 
 
 def _check_used(command: str, config: dict[str, Any], overrides: list[str]) -> None:
     """Refuse a setting given on the command line that the value of another leaves unused."""
-    for (cmd, key, value), (unused, why) in UNUSED_WITH.items():
-        if cmd != command or config.get(key) != value:
+    for cmd, value, holds, unused, why in UNUSED_WITH:
+        if cmd != command or not holds(config):
             continue
         given = [o for o in overrides if override_key(o) in unused]
         if given:
-            raise UserError(f"{given[0]} is not used with {key}={value} ({why}): drop it")
+            raise UserError(f"{given[0]} is not used with {value} ({why}): drop it")
 
 
 def _check_sweep_settings(overrides: list[str], multirun: bool) -> None:

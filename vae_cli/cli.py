@@ -20,7 +20,6 @@ import re
 import signal
 import sys
 import threading
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
@@ -390,19 +389,9 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.argv = [sys.argv[0], *argv]  # what a re-run of this process (DDP) executes
-    # Lightning's own deprecation chatter is not the user's business.
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
-    # resume=RUN writes into its own checkpoints/ again: that is the point, not a hazard
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-    # a run that ends before its first validation has no val/elbo to pick a best checkpoint by: the
-    # summary says so (val ELBO: none), in place of Lightning's hint to log the key
-    warnings.filterwarnings("ignore", message=r".*\(monitor='val/elbo'\)` could not find the monitored key.*")
-    # the model summary goes to train.log; its size estimate under mixed precision is Lightning's concern
-    warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
-    # under DDP the epoch's sums are added up across processes before they are logged (VAEModule._log_epoch):
-    # Lightning's advice to pass sync_dist=True would average values that are already the whole data's
-    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+    from vae_cli.logs import quiet_warnings
+
+    quiet_warnings()  # Lightning's chatter that is not the user's business
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return

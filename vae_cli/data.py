@@ -17,6 +17,7 @@ Pixel modes (how a byte b in 0..255 becomes the model's input x):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -157,13 +158,37 @@ def load_dataset(
     return splits
 
 
+def split_digests(splits: dict[str, torch.Tensor]) -> dict[str, str]:
+    """A fingerprint of each split's images (its shape and bytes): a checkpoint of a run on a folder
+    keeps them, so that a folder changed since (an image added, removed or edited, which reshuffles
+    the seeded hold-out) is caught before its "test" images, training images among them, are read."""
+    digests = {}
+    for name, x in splits.items():
+        h = hashlib.sha1(repr(tuple(x.shape)).encode())
+        h.update(x.contiguous().cpu().numpy().tobytes())
+        digests[name] = h.hexdigest()[:16]
+    return digests
+
+
+def check_digest(config: dict, split: str, x: torch.Tensor, trained: dict | None) -> None:
+    """Refuse a split of a folder that differs from the one the run had (``trained``: its split_digests)."""
+    expected = trained.get(split) if isinstance(trained, dict) else None
+    if not isinstance(expected, str) or split_digests({split: x})[split] == expected:
+        return  # a run saved before checkpoints kept digests, or the same images
+    raise UserError(f"dataset.path={config['dataset'].get('path')!r} has changed since this run trained: its {split} "
+                    "images are not the ones the run had (images added, removed or edited reshuffle the hold-out, so "
+                    "training images would be read as held-out ones); restore the folder, or train a new run")
+
+
 def likelihood_name(config: dict) -> str:
     """'bernoulli' or 'gaussian', from a run config's likelihood _target_."""
     return config["likelihood"]["_target_"].rsplit(".", 1)[-1].lower()
 
 
-def run_split(config: dict, split: str, data_dir: str | None = None) -> tuple[torch.Tensor, str]:
-    """A split of a run's dataset as the run saw it: (uint8 images, pixel mode), without Lightning.
+def run_split(config: dict, split: str, data_dir: str | None = None,
+              trained: dict | None = None) -> tuple[torch.Tensor, str]:
+    """A split of a run's dataset as the run saw it: (uint8 images, pixel mode), without Lightning;
+    refused where ``trained`` (the checkpoint's split_digests) says the images differ from the run's.
 
     The config comes from a checkpoint, which is untrusted: the data_dir it names is read for a
     valid cache at most. Anything fetched or decoded goes to the user's ``data_dir`` (the
@@ -178,4 +203,5 @@ def run_split(config: dict, split: str, data_dir: str | None = None) -> tuple[to
         d["name"], data_dir or default_data_dir(), d["shape"], "static" if mode == "static" else "none",
         d.get("validation", "holdout"), d.get("path"), d.get("val_fraction", 0.1), read_only=read_only,
     )
+    check_digest(config, split, splits[split], trained)
     return splits[split], mode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from vae_cli.data import Batches, load_dataset, load_splits, pixel_mode
+from vae_cli.data import Batches, load_dataset, load_splits, pixel_mode, split_digests
 from vae_cli.dataset_settings import DatasetSettings
 
 
@@ -21,6 +21,7 @@ class ImageData(DatasetSettings, pl.LightningDataModule):
         DatasetSettings.__init__(self, *args, **kwargs)
         self.mode = pixel_mode(self.binarize, self.likelihood)
         self.splits: dict[str, torch.Tensor] | None = None
+        self.digests: dict[str, str] | None = None  # a folder's split_digests, kept in every checkpoint
 
     def load(self) -> dict[str, torch.Tensor]:
         """The uint8 splits, loaded once."""
@@ -28,6 +29,8 @@ class ImageData(DatasetSettings, pl.LightningDataModule):
             binarize = self.binarize if self.mode == "static" else "none"
             self.splits = load_dataset(self.name, self.data_dir, self.shape, binarize, self.validation,
                                        self.path, self.val_fraction)
+            if self.name == "folder":  # a named dataset's splits are fixed; a folder's follow its files
+                self.digests = split_digests(self.splits)
         return self.splits
 
     def prepare_data(self) -> None:  # downloads happen once, on rank 0 of each node

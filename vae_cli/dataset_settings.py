@@ -46,6 +46,10 @@ class DatasetSettings:
                              "(dataset=folder resizes your own images to any shape)")
         if args["name"] == "folder" and not args.get("path"):
             raise ValueError("path is missing: dataset=folder needs dataset.path=DIR, a folder of images")
+        if args["name"] == "folder" and args.get("validation", "holdout") == "test":
+            # a folder's test images are its held-out val images: train+val would train on them
+            raise NewRunsOnly("validation='test' is not allowed with dataset=folder: a folder has no separate test "
+                              "set (test is the held-out val images), so it would train on them; use holdout")
         for key in ("path", "val_fraction"):  # read for a folder of images only: elsewhere they were ignored
             if args["name"] != "folder" and args.get(key) is not None:
                 raise NewRunsOnly(f"{key}={args[key]!r} is not allowed with dataset.name={args['name']}: it is a "

@@ -26,10 +26,15 @@ class NewRunsOnlyClash(SettingsClash, NewRunsOnly):
     """Both: names the command line's own settings, and guards new runs only."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (libraries' messages run to many lines), or its type."""
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines), or its type;
+    with ``limit``, at most that many characters, cut at a word and marked with "..."."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    if limit is None or len(line) <= limit:
+        return line
+    cut = line[: limit - 3]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:") + "..."
 
 
 _ALLOCATE = re.compile(r"allocate ([0-9.]+) (bytes|[KMGT]i?B)", re.IGNORECASE)

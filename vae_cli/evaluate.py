@@ -549,7 +549,7 @@ def evaluate(cfg) -> dict[str, Any]:
     model, config, ckpt = load_model(cfg.run, cfg.ckpt, device=str(device))
     plan = plan_of(cfg, model.latent_dim)
     check_out(cfg.out, suffixes=(".json", ".png"))
-    images, pixels = run_split(config, cfg.split, cfg.data_dir)
+    images, pixels = run_split(config, cfg.split, cfg.data_dir, getattr(model, "trained_data", None))
     if cfg.limit is not None:
         images = images[: cfg.limit]
     rows = default_rows(device) if cfg.chunk == "auto" else cfg.chunk

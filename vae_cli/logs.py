@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 log = logging.getLogger("vae_cli")
 
@@ -159,6 +160,36 @@ def lightning_verbose(verbose: bool) -> None:
                 quiet = _Quiet()
                 h.addFilter(quiet)
             quiet.verbose = verbose
+
+
+def quiet_warnings() -> None:
+    """Python warnings of Lightning's that are not the user's business, in this process."""
+    # Lightning's own deprecation chatter
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    # resume=RUN writes into its own checkpoints/ again: that is the point, not a hazard
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+    # a run that ends before its first validation has no val/elbo to pick a best checkpoint by: the
+    # summary says so (val ELBO: none), in place of Lightning's hint to log the key
+    warnings.filterwarnings("ignore", message=r".*\(monitor='val/elbo'\)` could not find the monitored key.*")
+    # the model summary goes to train.log; its size estimate under mixed precision is Lightning's concern
+    warnings.filterwarnings("ignore", message=".*is not supported by the model summary.*")
+    # under DDP the epoch's sums are added up across processes before they are logged (VAEModule._log_epoch):
+    # Lightning's advice to pass sync_dist=True would average values that are already the whole data's
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+
+
+def join_run_log(log_file: str, verbose: bool, summary: bool) -> None:
+    """In a process that ddp_spawn started (it unpickles the Trainer and never runs the command line,
+    which sets these): the same warnings filtered, records to the run's log file, Lightning's INFO
+    lines off the terminal unless verbose, the model summary there only when asked for."""
+    quiet_warnings()
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    attach_run_log()
+    lightning_verbose(verbose)
+    show_model_summary(summary)
 
 
 def file_only(message: str, level: int = logging.INFO) -> None:

@@ -332,7 +332,7 @@ class VAEModule(pl.LightningModule):
             except RuntimeError as e:  # something in the step reads the GPU from the host: op by op
                 self._graph = None
                 log.warning(f"the training step could not be captured as a CUDA graph "
-                            f"({first_line(e.__context__ or e)[:200]}); it runs op by op "
+                            f"({first_line(e.__context__ or e, 200)}); it runs op by op "
                             "(set cuda_graph=false to skip the attempt)")
                 return None
             log.info(f"the training step is captured as one CUDA graph at step {self.global_step + 1} "
@@ -390,8 +390,17 @@ class VAEModule(pl.LightningModule):
 
         checkpoint["vae_cli"] = {"config": self.config, "version": __version__,
                                  "divergence": self.divergence.state_dict()}
+        digests = getattr(self._trainer.datamodule, "digests", None) if self._trainer is not None else None
+        if digests:  # a folder's splits as trained (vae_cli.data.check_digest)
+            checkpoint["vae_cli"]["data"] = digests
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trained = checkpoint.get("vae_cli", {}).get("data")
+        now = getattr(self._trainer.datamodule, "digests", None) if self._trainer is not None else None
+        if isinstance(trained, dict) and now and trained != now:  # resume: the datamodule is set up already
+            raise UserError(f"dataset.path={self.config['dataset'].get('path')!r} has changed since this run trained "
+                            "(images added, removed or edited reshuffle the hold-out): resuming would train on "
+                            "held-out images; restore the folder, or train a new run")
         state = checkpoint.get("vae_cli", {}).get("divergence")
         if state is not None:  # a resumed run compares with its best before the resume
             self.divergence.load_state_dict(state)

@@ -286,7 +286,8 @@ def _inputs(cfg, config: dict, model: VAE, start: int, count: int, asked: str) -
     (model input, grey-level display), both (count, C, H, W)."""
     from vae_cli.data import run_split
 
-    return _take(*run_split(config, cfg.split, cfg.data_dir), cfg, model, start, count, asked)
+    trained = getattr(model, "trained_data", None)  # a folder's split digests, from the checkpoint
+    return _take(*run_split(config, cfg.split, cfg.data_dir, trained), cfg, model, start, count, asked)
 
 
 def _take(images: torch.Tensor, pixels: str, cfg, model: VAE, start: int, count: int,
@@ -388,7 +389,7 @@ def traverse(cfg) -> Path:
     rows = cfg.dims or model.latent_dim
     asked = f"steps={cfg.steps}" + (f" dims={cfg.dims}" if cfg.dims else f" ({rows} rows, one per latent dimension)")
     check_picture_size(rows * cfg.steps, asked, config)
-    images, pixels = run_split(config, cfg.split, cfg.data_dir)  # read once: the image and the KL pool
+    images, pixels = run_split(config, cfg.split, cfg.data_dir, getattr(model, "trained_data", None))  # read once
     x, _ = _take(images, pixels, cfg, model, cfg.index, 1)          # an index past the split: refused now
     pool, _ = _take(images, pixels, cfg, model, 0, min(1000, len(images)))
     with _outputs(cfg, out_dir, "traverse") as paths:

@@ -231,7 +231,16 @@ def check_trainer_here(trainer_cfg: dict[str, Any]) -> None:
     else:
         count, what = os.cpu_count() or 1, "CPUs"
     devices = trainer_cfg.get("devices")
+    if what == "CPUs":
+        precision = str(trainer_cfg.get("precision"))
+        if precision in ("16", "16-mixed"):  # Lightning would switch to bf16-mixed, and say so in a log line
+            raise UserError(f"trainer.precision={show(trainer_cfg['precision'])} is not allowed on a CPU: float16 "
+                            "mixed precision needs a GPU; use bf16-mixed (or 16-true, 32-true, 64-true)")
+        if isinstance(devices, list):  # Lightning's CPU accelerator counts processes, it picks no cores
+            raise UserError(f"trainer.devices={show(devices)} is not allowed on CPUs: expected auto or the number of "
+                            f"processes, an integer from 1 to {count}")
     wanted = devices if isinstance(devices, list) else ([] if devices in (None, "auto") else [devices - 1])
     if any(i >= count for i in wanted):
-        raise UserError(f"trainer.devices={devices} is not allowed: this machine has {count} {what}; expected auto, "
-                        f"an integer from 1 to {count}, or a list of indices from 0 to {count - 1}")
+        choices = f"auto or an integer from 1 to {count}" if what == "CPUs" else \
+            f"auto, an integer from 1 to {count}, or a list of indices from 0 to {count - 1}"
+        raise UserError(f"trainer.devices={devices} is not allowed: this machine has {count} {what}; expected {choices}")

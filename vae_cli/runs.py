@@ -201,7 +201,7 @@ def _unreadable(path: Path, error: Exception) -> str:
         return "not the zip archive torch.save writes: a text, compressed or truncated file?"
     if "Weights only load failed" in str(error):
         return "it holds Python objects beyond tensors and plain values, which are not loaded (no code from a file runs)"
-    return f"refused to load it: {first_line(error)[:160]}"
+    return f"refused to load it: {first_line(error, 160)}"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -239,8 +239,9 @@ def load_model(run: str | None = None, ckpt: str | None = None, device: str = "c
     try:
         model = build_model(config, checkpoint["state_dict"])
     except Exception as e:
-        raise UserError(f"ckpt={str(path)!r} could not be rebuilt into a model ({first_line(e.__cause__ or e)[:160]})") from None
+        raise UserError(f"ckpt={str(path)!r} could not be rebuilt into a model ({first_line(e.__cause__ or e, 160)})") from None
     warn_if_diverged(checkpoint, path)
+    model.trained_data = checkpoint["vae_cli"].get("data")  # a folder's split digests (vae_cli.data.run_split)
     return model.to(device), config, path
 
 

@@ -84,7 +84,7 @@ def _read(path: Path) -> tuple[Any, str | None]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as e:  # a corrupt, truncated or foreign file; pickled code is refused here too
-        return None, f"unreadable: {first_line(e)[:120]}"
+        return None, f"unreadable: {first_line(e, 120)}"
 
 
 def _image_tensor(x: Any, what: str, shape: tuple[int, ...] | None = None) -> str | None:
@@ -300,10 +300,31 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
 # --------------------------------------------------------------------------- folder of images
 
 
+class UnknownRange(ValueError):
+    """An image whose pixel values have no fixed range (PIL's modes I and F)."""
+
+
+def to_8_bit(im: "Image.Image") -> "Image.Image":
+    """A 16-bit greyscale image (PIL's I;16 modes) scaled to 8 bits (0..65535 to 0..255); other
+    modes as they are. PIL's own convert("L") clips 16-bit values at 255: a white image."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16"):
+        wide = torch.frombuffer(bytearray(im.tobytes("raw", "I;16")), dtype=torch.int16).view(torch.uint16)
+        scaled = (wide.to(torch.float32) / 257).round().to(torch.uint8)  # 65535 / 257 = 255
+        return Image.frombytes("L", im.size, scaled.numpy().tobytes())
+    if im.mode in ("I", "F"):  # 32-bit integers or floats: 0..1, 0..255 and 0..65535 are all in use
+        raise UnknownRange(f"pixel mode {im.mode} (32-bit {'floats' if im.mode == 'F' else 'integers'}) has no "
+                           "fixed range; save it as an 8- or 16-bit image")
+    return im
+
+
 def decode_images(files: list[Path], height: int, width: int, channels: int) -> tuple[torch.Tensor | None, list[str]]:
     """Decode, convert and resize every file: (uint8 (N, C, H, W) or None, unreadable paths).
 
-    An image that trips PIL's decompression-bomb guard is skipped like any unreadable file.
+    16-bit greyscale images are scaled to 8 bits. An image whose values have no fixed range (32-bit
+    integers or floats), a broken link, or one that trips PIL's decompression-bomb guard is
+    skipped like any unreadable file, each named.
     """
     from PIL import Image
 
@@ -315,14 +336,20 @@ def decode_images(files: list[Path], height: int, width: int, channels: int) -> 
                 # Above MAX_IMAGE_PIXELS PIL only warns; an image that large is no training data.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as im:
-                    im = im.convert(mode).resize((width, height), Image.BILINEAR)
+                    im = to_8_bit(im).convert(mode).resize((width, height), Image.BILINEAR)
                     pixels = im.tobytes()
             images.append(torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(height, width, channels))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             log.warning(f"skipping {f}: too many pixels (PIL's decompression-bomb guard)")
             skipped.append(str(f))
+        except UnknownRange as e:
+            log.warning(f"skipping {f}: {e}")
+            skipped.append(str(f))
+        except FileNotFoundError:
+            log.warning(f"skipping {f}: a link to a file that does not exist")
+            skipped.append(str(f))
         except Exception as e:  # OSError, UnidentifiedImageError, SyntaxError, ...: a broken file
-            log.warning(f"skipping {f}: not a readable image ({first_line(e)[:100]})")
+            log.warning(f"skipping {f}: not a readable image ({first_line(e, 100)})")
             skipped.append(str(f))
     x = torch.stack(images).permute(0, 3, 1, 2).contiguous() if images else None  # (N, C, H, W)
     return x, skipped
@@ -354,6 +381,24 @@ def _folder_cache(cache: Path, n_files: int, shape: tuple[int, int, int], rebuil
     return obj["images"], obj["skipped"]
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every file under root with an image suffix, sorted: linked folders are followed (each real
+    folder once, so a link to a parent is no loop) and broken links kept (decode_images names them)."""
+    def stop(error: OSError) -> None:
+        raise error
+
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, onerror=stop, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        files += [p for p in map(Path(folder).joinpath, names)
+                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
+    return sorted(files)
+
+
 def load_folder(
     path: str, height: int, width: int, channels: int, val_fraction: float = 0.1, seed: int = 0,
     data_dir: str | None = None, read_only: Iterable[str] = (),
@@ -372,8 +417,9 @@ def load_folder(
         raise UserError(f"dataset.path={path!r} is not a folder{where}: the images are read from it again, so it "
                         "must be where the run was trained from")
     try:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        files = image_files(root)
+        stats = [(str(f), *(lambda st: (st.st_size, st.st_mtime_ns))(f.stat() if f.exists() else f.lstat()))
+                 for f in files]
     except OSError as e:
         raise UserError(f"dataset.path={path!r} cannot be read ({e.strerror or first_line(e)}: {e.filename})") from None
     if not files:

@@ -102,7 +102,7 @@ def build_trainer(trainer_kwargs: dict[str, Any], run: Path, logger: Any, verbos
     import pytorch_lightning as pl
 
     from vae_cli.callbacks import (AtomicCheckpointIO, ModelCheckpoint, NoProfiler, ProgressBar, SafeInterrupt,
-                                   TrainingPictures)
+                                   SpawnedProcesses, TrainingPictures)
     from vae_cli.logs import show_model_summary
 
     best = ModelCheckpoint(
@@ -116,10 +116,11 @@ def build_trainer(trainer_kwargs: dict[str, Any], run: Path, logger: Any, verbos
     kwargs = dict(trainer_kwargs)
     # The summary table goes to RUN/train.log, and to the terminal only when asked for: verbose=true,
     # or trainer.enable_model_summary=true (false: no table at all).
-    show_model_summary(verbose or kwargs.get("enable_model_summary") is True)
+    summary = verbose or kwargs.get("enable_model_summary") is True
+    show_model_summary(summary)
     kwargs.setdefault("enable_model_summary", True)
     kwargs.setdefault("profiler", NoProfiler())  # no profiler, as Lightning's default, without its cost per hook
-    callbacks = [best, last, TrainingPictures(), SafeInterrupt()]
+    callbacks = [best, last, TrainingPictures(), SafeInterrupt(), SpawnedProcesses(run / "train.log", verbose, summary)]
     if kwargs.get("enable_progress_bar", True):
         # Redrawn every 10 steps, not every step: the bar costs 0.3 ms a draw, a step 5 ms.
         callbacks.append(ProgressBar(refresh_rate=10))
@@ -277,8 +278,9 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
     if trainer.interrupted:  # Lightning versions that return from fit instead
         raise KeyboardInterrupt
 
-    metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": trainer.global_step,
-               "epoch": epochs_done(trainer.global_step, steps_per_epoch(trainer, data))}
+    step = trainer.global_step or saved_step(run)  # 0 where fit ran in other processes (ddp_spawn, ddp_fork)
+    metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": step,
+               "epoch": epochs_done(step, steps_per_epoch(trainer, data))}
     if metrics["val_elbo"] is None and (run / "metrics.json").is_file():  # a finished run resumed: no new epoch
         metrics["val_elbo"] = json.loads((run / "metrics.json").read_text()).get("val_elbo")
     watch = module.divergence
@@ -301,10 +303,29 @@ def steps_per_epoch(trainer, data) -> int:
     """Optimizer steps in one epoch of this run: its training batches (after trainer.limit_train_batches)
     over trainer.accumulate_grad_batches; from the training split where fit had no epoch to set up
     (a finished run resumed)."""
+    from vae_cli.data import Batches
+
     batches = trainer.num_training_batches
     if not math.isfinite(batches) or batches <= 0:
-        batches = len(data.train_dataloader())
+        # one process's share of the split (this process may not have joined the others: ddp_spawn),
+        # limited as Lightning limits it (data_connector._parse_num_batches)
+        world = trainer.num_nodes * trainer.num_devices
+        batches = len(Batches(data.load()["train"], data.batch_size, data.mode, shuffle=False, world_size=world))
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def saved_step(run: Path) -> int:
+    """The optimizer steps last.ckpt holds: what a run trained where fit ran in processes of its own
+    (ddp_spawn and ddp_fork start them, and this one's trainer counts none)."""
+    import torch
+
+    path = run / "checkpoints" / "last.ckpt"
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # noqa: BLE001 - none written (a run stopped before its first epoch ended)
+        return 0
 
 
 def epochs_done(steps: int, per_epoch: int) -> float:
