@@ -165,6 +165,31 @@ def test_folder_dataset_decodes_resizes_and_skips_unreadable_files(tmp_path, cap
     assert rgb["train"].shape[1:] == (3, 32, 32)
 
 
+def test_folder_images_of_16_and_32_bits_and_links(tmp_path, capsys):
+    """16-bit greyscale is scaled to 8 bits (PIL's convert("L") clipped it: all white); 32-bit integer
+    and float images, whose range is unknown, are skipped by name; linked folders are read (a link
+    back up is no loop) and a broken link is named, not dropped without a word."""
+    ramp = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    Image.fromarray(ramp * 4369).save(tmp_path / "wide.png")                   # 0 .. 65535
+    Image.fromarray((ramp * 17).astype(np.uint8)).save(tmp_path / "narrow.png")  # the same ramp, 0 .. 255
+    Image.fromarray(ramp.astype(np.float32) / 15).save(tmp_path / "float.tiff")
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    other.mkdir()
+    Image.fromarray((ramp * 17).astype(np.uint8)).save(other / "linked.png")
+    (tmp_path / "more").symlink_to(other)
+    (other / "back").symlink_to(tmp_path)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    files = sources.image_files(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["float.tiff", "gone.png", "more/linked.png",
+                                                                     "narrow.png", "wide.png"]
+    x, skipped = sources.decode_images(files, 4, 4, 1)
+    assert len(x) == 3 and sorted(Path(s).name for s in skipped) == ["float.tiff", "gone.png"]
+    assert torch.equal(x[2], x[1]) and torch.equal(x[2], x[0])  # 16 bits scaled: the 8-bit ramp exactly
+    err = capsys.readouterr().err
+    assert "float.tiff: pixel mode F (32-bit floats) has no fixed range" in err
+    assert "gone.png: a link to a file that does not exist" in err
+
+
 def test_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()

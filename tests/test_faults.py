@@ -14,7 +14,7 @@ import torch
 from conftest import TINY, run_main
 
 from vae_cli import cli
-from vae_cli.errors import memory_message, out_of_memory
+from vae_cli.errors import first_line, memory_message, out_of_memory
 
 
 def one_line_error(capsys) -> str:
@@ -220,6 +220,32 @@ def test_a_folder_run_names_its_folder_absolutely(tmp_path, monkeypatch, data_di
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert run_main("reconstruct", f"run={run}", "n=2", f"out={elsewhere / 'r.png'}") == 0
+
+
+def test_a_folder_changed_since_training_is_refused(tmp_path, monkeypatch, data_dir, capsys):
+    """The hold-out is a seeded draw over the folder's files: one image more reshuffles it, and the
+    "test" images would include training images. Each command that reads the images, and resume,
+    refuse; the folder as it was works again; sample reads no image and works throughout."""
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        Image.fromarray((torch.rand(12, 12, generator=g) * 255).byte().numpy(), "L").save(images / f"{i}.png")
+    run = tmp_path / "run"
+    assert run_main("train", "dataset=folder", f"dataset.path={images}", "dataset.shape=[1,12,12]",
+                    f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0", f"hydra.run.dir={run}") == 0
+    shutil.copy(images / "0.png", images / "extra.png")
+    capsys.readouterr()
+    for command in (["evaluate", "k=2", "estimators=[iwae]"], ["reconstruct", "n=2"], ["traverse", "dims=1"]):
+        assert run_main(command[0], f"run={run}", *command[1:], f"data_dir={data_dir}") == 2, command
+        assert f"dataset.path='{images}' has changed since this run trained" in capsys.readouterr().err
+    assert run_main("train", f"resume={run}") == 2
+    assert "resuming would train on held-out images" in capsys.readouterr().err
+    assert run_main("sample", f"run={run}", "n=2") == 0
+    (images / "extra.png").unlink()
+    assert run_main("evaluate", f"run={run}", "k=2", "estimators=[iwae]", f"data_dir={data_dir}") == 0
 
 
 def test_the_vamp_prior_over_a_flow_is_said_to_be_slow(conf, caplog):
@@ -533,3 +559,11 @@ def test_a_checkpoint_an_earlier_version_trained_with_an_ignored_setting_still_l
     assert (run / "samples" / "sample-001.png").is_file()
     assert run_main("train", "+dataset.val_fraction=0.2", "--cfg", "job") == 2  # a new run: refused
     assert "dataset.val_fraction=0.2 is not allowed with dataset.name=mnist" in one_line_error(capsys)
+
+
+def test_a_long_message_is_cut_at_a_word():
+    """A cache's torch error was cut mid-word ("If yo); decoding the images again")."""
+    e = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory\nmore")
+    assert first_line(e) == "PytorchStreamReader failed reading zip archive: failed finding central directory"
+    assert first_line(e, 60) == "PytorchStreamReader failed reading zip archive: failed..."
+    assert len(first_line(RuntimeError("x" * 500), 100)) == 100 and first_line(RuntimeError("short"), 100) == "short"
