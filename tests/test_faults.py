@@ -567,3 +567,36 @@ def test_a_long_message_is_cut_at_a_word():
     assert first_line(e) == "PytorchStreamReader failed reading zip archive: failed finding central directory"
     assert first_line(e, 60) == "PytorchStreamReader failed reading zip archive: failed..."
     assert len(first_line(RuntimeError("x" * 500), 100)) == 100 and first_line(RuntimeError("short"), 100) == "short"
+
+
+def test_of_two_trainings_into_one_new_folder_the_second_writes_nothing(tmp_path, monkeypatch, data_dir, capsys):
+    """Both saw the folder free; the first took it. The second was refused only inside its task,
+    after Hydra had written its own config over the first one's (.hydra/config.yaml): a resume
+    before the first checkpoint would have rebuilt the wrong model. It is now held before Hydra starts."""
+    import fcntl
+
+    from vae_cli import checks
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the first run's config")
+    monkeypatch.setattr(checks, "run_marker", lambda folder: None)  # as both found it a moment ago
+    with open(run / "train.log", "a") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_main("train", f"data_dir={data_dir}", *TINY, f"hydra.run.dir={run}") == 2
+    assert "that run is being trained now by another `vae train`" in capsys.readouterr().err
+    assert (run / ".hydra" / "config.yaml").read_text() == "the first run's config"
+    assert (run / "train.log").read_text() == ""
+
+
+def test_a_claimed_folder_interrupted_before_hydra_goes(tmp_path, monkeypatch):
+    """Ctrl-C between the claim and Hydra's start: the empty train.log would mark the folder as a run."""
+    from vae_cli import checks, runs
+
+    run = tmp_path / "new" / "run"
+    monkeypatch.setattr(checks, "NEW_FOLDERS", {run.parent.resolve(), run.resolve()})
+    monkeypatch.setattr(runs, "_HELD", {})
+    runs.claim_run_folder(run, "hydra.run.dir")
+    assert (run / "train.log").is_file()
+    runs.drop_claims()
+    assert not (tmp_path / "new").exists()

@@ -192,8 +192,9 @@ def _class_rules_unresolved(raw: dict[str, Any]) -> None:
             pass
 
 
-def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False) -> None:
-    """Compose every variant of the command line and check its values; raise UserError on the first problem."""
+def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False) -> list[tuple[str, Path]]:
+    """Compose every variant of the command line and check its values; raise UserError on the first
+    problem. Returns the new run (or sweep) folders that vae train will write, each with its key=value."""
     keys = [override_key(o) for o in overrides]
     if command == "train" and "resume" in keys:
         # A later value overrides an earlier one in Hydra (what scripts that append overrides rely on),
@@ -233,6 +234,7 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
                 folders.append(check_output_folder(cfg, multirun))
     for shown, folder in dict.fromkeys(folders):  # every value passed: can the folder Hydra writes be made?
         _try_to_create(shown, folder)
+    return list(dict.fromkeys(folders))
 
 
 def _likelihood(config: dict[str, Any]) -> str | None:

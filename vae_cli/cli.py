@@ -227,6 +227,12 @@ def interrupted(resume: str | None = None) -> NoReturn:
     except ValueError:  # not the main thread
         pass
     _close_bars()
+    try:
+        from vae_cli.runs import drop_claims
+
+        drop_claims()
+    except Exception:  # noqa: BLE001 - interrupted while importing: nothing was claimed
+        pass
     message = _stop_message(resume)
     with _report_lock:  # the watchdog (below) prints the line only if this has not
         try:
@@ -410,7 +416,15 @@ def _main(argv: list[str] | None) -> None:
         from vae_cli.checks import check_command_line
 
         try:
-            check_command_line(config_dir(), command, overrides, multirun=multirun)
+            folders = check_command_line(config_dir(), command, overrides, multirun=multirun)
+            if command == "train" and not multirun and any(o.startswith("hydra.run.dir=") and "${" not in o
+                                                           for o in overrides):
+                # a folder named by hand, which another command may name too: held before Hydra writes
+                # there (a default folder is new to the microsecond, and stamped by Hydra itself)
+                from vae_cli.runs import claim_run_folder
+
+                for shown_as, folder in folders:
+                    claim_run_folder(folder, shown_as)
         except UserError as e:
             if os.environ.get("VAE_DEBUG"):
                 raise

@@ -8,6 +8,7 @@ checkpoint copied anywhere still loads.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -89,6 +90,32 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return ckpt
 
 
+_HELD: dict[Path, Any] = {}  # run folders this process claimed before Hydra started (claim_run_folder)
+
+
+def claim_run_folder(run: Path, shown: str) -> None:
+    """Take run_lock's lock on a new run folder now, before Hydra writes its .hydra/ there, and hold it
+    until the process ends: of two `vae train` started into one folder at once, the second is
+    refused before it writes anything (it had overwritten the first one's saved config)."""
+    lock = run_lock(run, shown)
+    lock.__enter__()  # released by the system when the process ends
+    _HELD[run.resolve()] = lock
+
+
+def drop_claims() -> None:
+    """Ctrl-C before Hydra wrote into a claimed folder: the empty train.log goes, and the folder where
+    this command made it (else the folder would be taken for a run: "holds a run already")."""
+    from vae_cli.checks import NEW_FOLDERS
+
+    for run in _HELD:
+        log_file = run / "train.log"
+        if (run / ".hydra").exists() or not log_file.is_file() or log_file.stat().st_size:
+            continue  # the run has begun: its own interrupt handling keeps what it needs
+        log_file.unlink()
+        if run in NEW_FOLDERS:
+            remove_empty([run, *itertools.takewhile(lambda d: d in NEW_FOLDERS, run.parents)])
+
+
 @contextmanager
 def run_lock(run: Path, shown: str) -> Iterator[None]:
     """Hold the run folder for one `vae train`: an advisory lock on RUN/train.log (the file every
@@ -96,7 +123,7 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
     ends. A second training into the same folder, such as resume=RUN while RUN still trains, is
     refused instead of writing the same checkpoints and events at once. Lightning's other DDP
     processes (rank > 0) train in rank 0's folder, under its lock."""
-    if not first_process():
+    if not first_process() or run.resolve() in _HELD:  # rank 0's folder; or claimed by this process already
         yield
         return
     try:
