@@ -600,3 +600,34 @@ def test_a_claimed_folder_interrupted_before_hydra_goes(tmp_path, monkeypatch):
     assert (run / "train.log").is_file()
     runs.drop_claims()
     assert not (tmp_path / "new").exists()
+
+
+def test_a_finished_run_resumed_reports_its_last_validation(trained_run, tmp_path, capsys):
+    """Stopped during its test evaluation, a run has its checkpoints and no metrics.json: resumed, it
+    said "val ELBO: none (no validation epoch ...)" though epoch 2 was validated."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval", "metrics.json"))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    score = next(float(s["current_score"]) for s in ckpt["callbacks"].values() if s.get("monitor") == "val/elbo")
+    assert run_main("train", f"resume={run}") == 0
+    assert f"val ELBO:      {score:.2f} nats/example" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["val_elbo"] == pytest.approx(score)
+
+
+def test_a_last_checkpoint_of_another_run_is_refused_on_resume(trained_run, tmp_path, capsys):
+    """Copied into a run, another run's last.ckpt was resumed with its own config and metrics.json
+    then mixed the two runs' figures."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    saved.model.latent_dim = 7   # this run's own config; its last.ckpt now holds another model
+    OmegaConf.save(saved, run / ".hydra" / "config.yaml")
+    metrics = (run / "metrics.json").read_text()
+    assert run_main("train", f"resume={run}") == 2
+    assert "its checkpoints/last.ckpt is not this run's (model.latent_dim is 4 there, 7 in .hydra/config.yaml)" \
+        in capsys.readouterr().err
+    assert (run / "metrics.json").read_text() == metrics

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel
 from vae_cli.errors import UserError, first_line
 from vae_cli.logs import log
 from vae_cli.run_config import TrainSettings
-from vae_cli.settings import TARGETS, check_untrusted, register_resolvers
+from vae_cli.settings import TARGETS, check_untrusted, register_resolvers, show
 from vae_cli.typed import STRICT, MatmulPrecision, Seed, Text
 
 OUTPUTS = Path("outputs")
@@ -172,20 +172,44 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
         raise UserError(f"resume={str(run_dir)!r} is not a folder{_missing(run)}: give a run folder under outputs/")
     check_not_training(run, f"resume={str(run_dir)}")
     ckpt = run / "checkpoints" / "last.ckpt"
-    if ckpt.is_file():
-        return load_checkpoint(ckpt)["vae_cli"]["config"], ckpt
     saved = run / ".hydra" / "config.yaml"
+    if ckpt.is_file():
+        config = load_checkpoint(ckpt)["vae_cli"]["config"]
+        if saved.is_file():
+            _check_same_run(run_dir, config, _saved_config(run_dir, saved))
+        return config, ckpt
     if not saved.is_file():
         raise UserError(f"resume={str(run_dir)!r} has neither checkpoints/last.ckpt nor .hydra/config.yaml: "
                         "is it a `vae train` run folder?")
+    return check_config(_saved_config(run_dir, saved), f"resume={str(run_dir)!r}"), None
+
+
+def _saved_config(run_dir: str | Path, saved: Path) -> Any:
+    """RUN/.hydra/config.yaml, resolved."""
     from omegaconf import OmegaConf
 
     register_resolvers()
     try:
-        config = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        return OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     except Exception as e:
         raise UserError(f"resume={str(run_dir)!r}: its .hydra/config.yaml cannot be read ({first_line(e)})") from None
-    return check_config(config, f"resume={str(run_dir)!r}"), None
+
+
+def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any) -> None:
+    """Refuse a last.ckpt whose model or optimizer differ from the run's own config: a checkpoint of
+    another run, copied in. Resumed, it had trained that model, and metrics.json mixed both runs."""
+    def difference(a: Any, b: Any, at: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return next((d for k in dict.fromkeys([*a, *b]) if (d := difference(a.get(k), b.get(k), f"{at}.{k}"))), None)
+        return None if a == b else f"{at} is {show(a)} there, {show(b)} in .hydra/config.yaml"
+
+    if not isinstance(saved, dict):
+        return
+    for key in ("model", "optimizer"):
+        found = difference(config.get(key), saved.get(key), key)
+        if found:
+            raise UserError(f"resume={str(run_dir)!r}: its checkpoints/last.ckpt is not this run's ({found}): put "
+                            "the run's own last.ckpt back, or train a new run")
 
 
 def newest_run(root: str | Path = OUTPUTS) -> Path:

@@ -281,8 +281,8 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
     step = trainer.global_step or saved_step(run)  # 0 where fit ran in other processes (ddp_spawn, ddp_fork)
     metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": step,
                "epoch": epochs_done(step, steps_per_epoch(trainer, data))}
-    if metrics["val_elbo"] is None and (run / "metrics.json").is_file():  # a finished run resumed: no new epoch
-        metrics["val_elbo"] = json.loads((run / "metrics.json").read_text()).get("val_elbo")
+    if metrics["val_elbo"] is None and resume_ckpt is not None:  # a finished run resumed: no new epoch
+        metrics["val_elbo"] = saved_val_elbo(resume_ckpt)
     watch = module.divergence
     if watch.diverged_epoch is not None:  # the last model may not be the one to measure: say where the best is
         metrics.update(best_val_elbo=watch.best, best_epoch=watch.best_epoch, diverged_epoch=watch.diverged_epoch,
@@ -314,6 +314,19 @@ def steps_per_epoch(trainer, data) -> int:
         limit = trainer.limit_train_batches
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+def saved_val_elbo(ckpt: Path) -> float | None:
+    """The val ELBO of the last validation before ckpt was saved: the score its val/elbo
+    ModelCheckpoint had then (a run stopped during its test evaluation wrote no metrics.json)."""
+    import torch
+
+    try:
+        states = torch.load(ckpt, map_location="cpu", weights_only=True).get("callbacks", {})
+        score = next(s["current_score"] for s in states.values() if s.get("monitor") == "val/elbo")
+        return float(score) if score is not None else None
+    except Exception:  # noqa: BLE001 - no such callback state (not ours, or no validation yet)
+        return None
 
 
 def saved_step(run: Path) -> int:
