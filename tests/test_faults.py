@@ -631,3 +631,22 @@ def test_a_last_checkpoint_of_another_run_is_refused_on_resume(trained_run, tmp_
     assert "its checkpoints/last.ckpt is not this run's (model.latent_dim is 4 there, 7 in .hydra/config.yaml)" \
         in capsys.readouterr().err
     assert (run / "metrics.json").read_text() == metrics
+
+
+def test_a_moved_run_keeps_tracking_its_best_checkpoint(tmp_path, recwarn):
+    """Resumed where it was moved or copied to, a run's checkpoint state names the old folder:
+    Lightning kept only best_model_path (the old folder's file), said so on the terminal, and the
+    next best was saved beside the old one, which nothing removed any more."""
+    from vae_cli.callbacks import ModelCheckpoint
+
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    best = str(old / "best-epoch=3-step=80.ckpt")
+    state = {"monitor": "val/elbo", "best_model_score": torch.tensor(-100.0), "best_model_path": best,
+             "current_score": torch.tensor(-101.0), "dirpath": str(old), "best_k_models": {best: torch.tensor(-100.0)},
+             "kth_best_model_path": best, "kth_value": torch.tensor(-100.0), "last_model_path": ""}
+    callback = ModelCheckpoint(dirpath=new, monitor="val/elbo", mode="max")
+    callback.load_state_dict(state)
+    moved = str(new / "best-epoch=3-step=80.ckpt")
+    assert callback.best_model_path == moved and list(callback.best_k_models) == [moved]
+    assert callback.kth_best_model_path == moved and float(callback.best_model_score) == -100.0
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]

@@ -196,6 +196,7 @@ class ModelCheckpoint(_ModelCheckpoint):
     (monitor, mode, the save triggers) are fixed in __init__, so the key cannot change. The class
     keeps Lightning's class name, and with it the same key, under which a checkpoint stores this
     callback's state (best score, best path): runs saved before this class existed resume as before.
+    A run resumed in a folder it was moved or copied to keeps tracking its files there.
     """
 
     @property
@@ -211,3 +212,19 @@ class ModelCheckpoint(_ModelCheckpoint):
         # state, the step, the clock) always ends in "nothing to save"; it is skipped.
         if self._every_n_train_steps >= 1 or self._train_time_interval is not None:
             super().on_train_batch_end(trainer, pl_module, *args)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A run folder moved or copied, then resumed: Lightning keeps only best_model_path (the old
+        # folder's file) and warns, so the best checkpoint here was no longer tracked (a new best left
+        # the old one beside it) and the summary could name a file of the old folder. The files are
+        # here now, under the same names: their paths are moved to this folder.
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            def here(path: Any) -> Any:
+                moved = isinstance(path, str) and Path(path).parent == Path(old)
+                return str(Path(self.dirpath) / Path(path).name) if moved else path
+
+            state_dict = {k: here(v) for k, v in state_dict.items()}
+            state_dict["best_k_models"] = {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}
+            state_dict["dirpath"] = self.dirpath
+        super().load_state_dict(state_dict)
