@@ -399,3 +399,15 @@ def test_a_bad_cache_in_the_users_own_folder_is_reported_once(trained_run, data_
     run_split(_config_with_data_dir(trained_run, str(mine)), "test")     # the run's folder is the user's own
     assert len([x for x in capsys.readouterr().err.splitlines() if "is not valid" in x]) == 1
     assert sources.load_cache(mine / "mnist.pt") is not None             # rebuilt there
+
+
+def test_a_plain_pickle_as_checkpoint_is_one_line(tmp_path):
+    """torch.load(weights_only=True) warned about the pickle protocol (two lines) before the refusal."""
+    import pickle
+
+    from conftest import vae
+
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    r = vae("sample", f"ckpt={tmp_path / 'plain.pkl'}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "is not a vae-cli checkpoint" in r.stderr

@@ -177,6 +177,9 @@ def quiet_warnings() -> None:
     # under DDP the epoch's sums are added up across processes before they are logged (VAEModule._log_epoch):
     # Lightning's advice to pass sync_dist=True would average values that are already the whole data's
     warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+    # torch.load(weights_only=True) of a file that is no checkpoint (a plain pickle given as ckpt=):
+    # the one-line refusal says what it is
+    warnings.filterwarnings("ignore", message=".*Detected pickle protocol .* in the checkpoint.*")
 
 
 def join_run_log(log_file: str, verbose: bool, summary: bool) -> None:
