@@ -405,8 +405,6 @@ def test_a_plain_pickle_as_checkpoint_is_one_line(tmp_path):
     """torch.load(weights_only=True) warned about the pickle protocol (two lines) before the refusal."""
     import pickle
 
-    from conftest import vae
-
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}, protocol=4))
     r = vae("sample", f"ckpt={tmp_path / 'plain.pkl'}", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
