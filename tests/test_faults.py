@@ -650,3 +650,27 @@ def test_a_moved_run_keeps_tracking_its_best_checkpoint(tmp_path, recwarn):
     assert callback.best_model_path == moved and list(callback.best_k_models) == [moved]
     assert callback.kth_best_model_path == moved and float(callback.best_model_score) == -100.0
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def test_a_picture_sweep_stopped_by_ctrl_c_leaves_no_hydra_folder(trained_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a sweep's second job: multirun/DATE/TIME (multirun.yaml, empty job folders) stayed,
+    since Hydra calls no end-of-sweep callback then."""
+    from vae_cli import pictures
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    sample, calls = pictures.sample, []
+
+    def stopped_in_the_second(cfg):
+        calls.append(cfg.n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(cfg)
+
+    monkeypatch.setattr(pictures, "sample", stopped_in_the_second)
+    assert run_main("sample", "-m", f"run={run}", "n=4,8") == 130
+    assert "vae: interrupted" in capsys.readouterr().err
+    assert calls == [4, 8] and list(work.iterdir()) == []

@@ -229,9 +229,11 @@ def interrupted(resume: str | None = None) -> NoReturn:
     _close_bars()
     try:
         from vae_cli.runs import drop_claims
+        from vae_cli.sweep import tidy_interrupted
 
         drop_claims()
-    except Exception:  # noqa: BLE001 - interrupted while importing: nothing was claimed
+        tidy_interrupted()
+    except Exception:  # noqa: BLE001 - interrupted while importing: nothing was claimed or swept
         pass
     message = _stop_message(resume)
     with _report_lock:  # the watchdog (below) prints the line only if this has not

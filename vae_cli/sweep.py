@@ -41,18 +41,30 @@ def tidy(sweep_dir: Path, start: Path) -> None:
     remove_empty(d for d in [folder, *folder.parents] if start in d.parents)
 
 
-class TidySweep(Callback):
-    """At the end of a sweep of a command that writes no run folder (conf/from_run.yaml): ``tidy``
-    Hydra's default sweep folder. A callback, so it runs in the process that launched the jobs,
-    whichever launcher ran them."""
+_UNTIDY: list[tuple[Path, Path]] = []  # (sweep folder, the command's folder) of a sweep under way (TidySweep)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+
+def tidy_interrupted() -> None:
+    """Ctrl-C during a sweep: ``tidy`` its folder as its end would have (called by the CLI's interrupt)."""
+    while _UNTIDY:
+        tidy(*_UNTIDY.pop())
+
+
+class TidySweep(Callback):
+    """At the end of a sweep of a command that writes no run folder (conf/from_run.yaml), or when it
+    is interrupted (``tidy_interrupted``): ``tidy`` Hydra's default sweep folder. A callback, so it
+    runs in the process that launched the jobs, whichever launcher ran them."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from vae_cli.checks import override_key
 
         given = any(override_key(o) == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
         if config.hydra.output_subdir is None and not given:  # a folder of the user's own is left as it is
             cwd = Path(config.hydra.runtime.cwd)
-            tidy(cwd / str(config.hydra.sweep.dir), cwd)
+            _UNTIDY.append((cwd / str(config.hydra.sweep.dir), cwd))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        tidy_interrupted()
 
 
 def summarize(sweep_dir: Path, elsewhere: dict[Path, tuple[str, list[str]]] | None = None) -> list[dict[str, Any]]:
