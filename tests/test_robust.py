@@ -409,3 +409,12 @@ def test_a_plain_pickle_as_checkpoint_is_one_line(tmp_path):
     r = vae("sample", f"ckpt={tmp_path / 'plain.pkl'}", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "is not a vae-cli checkpoint" in r.stderr
+
+
+def test_a_ctrl_c_after_the_command_is_done_is_ignored():
+    """Once the command has returned (its outputs written), a Ctrl-C could only interrupt the
+    interpreter's exit: it printed a traceback from an atexit callback."""
+    code = ("import signal, sys; sys.argv = ['vae', '--help']; from vae_cli import cli; cli.console(); "
+            "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stderr

@@ -237,13 +237,20 @@ def interrupted(resume: str | None = None) -> NoReturn:
         pass
     message = _stop_message(resume)
     with _report_lock:  # the watchdog (below) prints the line only if this has not
+        if not _quiet_rank():
+            # written here, not through the logger: after the command (Hydra's teardown) its
+            # terminal handler may be gone, and the process ended with 130 and no word
+            try:
+                sys.stderr.write(f"vae: {message}\n")  # one write (logs.say)
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001 - a closed stream: the exit code says it
+                pass
         try:
             from vae_cli.logs import FILE_ONLY, log
 
-            log.warning(message, extra=FILE_ONLY if _quiet_rank() else None)
-        except Exception:  # interrupted while importing: print it plainly
-            if not _quiet_rank():
-                print(f"vae: {message}", file=sys.stderr, flush=True)
+            log.warning(message, extra=FILE_ONLY)  # the run's log file
+        except Exception:  # noqa: BLE001 - interrupted while importing: the terminal has the line
+            pass
         _stop["reported"] = True
     sys.exit(130)
 
@@ -378,6 +385,9 @@ def console() -> None:
     _collector["paused"] = True
     try:
         main()
+        # Done, its outputs written: a Ctrl-C from here on would only interrupt the interpreter's
+        # exit (a traceback from an atexit callback), so it is ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     finally:
         if _collector["paused"]:  # main() ended before the command ran: the collector as it was
             _collector["paused"] = False
