@@ -5,6 +5,7 @@ Every run writes under pytest's tmp_path; nothing touches the network or ~/.cach
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -32,6 +33,18 @@ LONGEST_FIRST = ["test_train.py", "test_scale.py", "test_settings.py", "test_rob
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
+
+@pytest.fixture(autouse=True)
+def _no_closed_log_streams():
+    """A command run in-process leaves Hydra's console handler on the root logger, bound to the
+    stream of the test that ran it; capsys closes that stream when its test ends, and a later sweep
+    logs through the handler ("Launching 2 jobs locally") before Hydra sets up the job's logging."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
+            root.removeHandler(handler)
 
 
 # Tiny overrides for a real `vae train` that takes seconds on a CPU.

@@ -90,30 +90,29 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return ckpt
 
 
-_HELD: dict[Path, Any] = {}  # run folders this process claimed before Hydra started (claim_run_folder)
+_HELD: dict[Path, tuple[Any, list[Path]]] = {}  # claimed before Hydra started (claim_run_folder): lock, folders made
 
 
 def claim_run_folder(run: Path, shown: str) -> None:
     """Take run_lock's lock on a new run folder now, before Hydra writes its .hydra/ there, and hold it
     until the process ends: of two `vae train` started into one folder at once, the second is
     refused before it writes anything (it had overwritten the first one's saved config)."""
+    run = run.resolve()
+    made = list(itertools.takewhile(lambda d: not d.exists(), [run, *run.parents]))
     lock = run_lock(run, shown)
     lock.__enter__()  # released by the system when the process ends
-    _HELD[run.resolve()] = lock
+    _HELD[run] = (lock, made)
 
 
 def drop_claims() -> None:
-    """Ctrl-C before Hydra wrote into a claimed folder: the empty train.log goes, and the folder where
-    this command made it (else the folder would be taken for a run: "holds a run already")."""
-    from vae_cli.checks import NEW_FOLDERS
-
-    for run in _HELD:
+    """Ctrl-C before Hydra wrote into a claimed folder: the empty train.log goes, and the folders the
+    claim made (else the folder would be taken for a run: "holds a run already")."""
+    for run, (_, made) in _HELD.items():
         log_file = run / "train.log"
         if (run / ".hydra").exists() or not log_file.is_file() or log_file.stat().st_size:
             continue  # the run has begun: its own interrupt handling keeps what it needs
         log_file.unlink()
-        if run in NEW_FOLDERS:
-            remove_empty([run, *itertools.takewhile(lambda d: d in NEW_FOLDERS, run.parents)])
+        remove_empty(made)
 
 
 @contextmanager
