@@ -248,6 +248,9 @@ BAD = [
     ("train", ["kl_warmup_steps=-1"], "kl_warmup_steps=-1 is not allowed: expected an integer >= 0"),
     ("train", ["scheduler=cosine", "scheduler.final=2"], "scheduler.final=2 is not allowed: expected a finite number from 0 to 1"),
     # output folders
+    ("train", ["-m", "seed=0,1", "hydra.sweep.subdir=ld${model.latent_dim}"],     # a job trained over the other's run
+     "hydra.sweep.subdir='ld${model.latent_dim}' names the folder 'ld20' for two jobs (they differ in seed=1)"),
+    ("train", ["-m", "model.latent_dim=2,3", "hydra.sweep.subdir=same"], "names the folder 'same' for two jobs"),
     ("train", ["hydra.run.dir=/etc/hostname"], "hydra.run.dir='/etc/hostname' is a file: give a new folder"),
     ("train", ["hydra.run.dir=/etc/hostname/run"], "hydra.run.dir='/etc/hostname/run' cannot be created"),
 ]

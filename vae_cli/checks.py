@@ -9,6 +9,7 @@ whose one line names the value and what is allowed; nothing has been written whe
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -53,6 +54,16 @@ def options(conf_dir: str, group: str) -> list[str]:
 
 def _variants(overrides: list[str], multirun: bool = True) -> list[list[str]]:
     """One override list per value of every sweep (``a=1,2``), the others at their first value."""
+    choices = _choices(overrides, multirun)
+    base = [c[0] for c in choices]
+    out = [base]
+    for i, c in enumerate(choices):
+        out += [base[:i] + [v] + base[i + 1 :] for v in c[1:]]
+    return out
+
+
+def _choices(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Each override as the list of key=value it sweeps over (one, where it is no sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -72,11 +83,32 @@ def _variants(overrides: list[str], multirun: bool = True) -> list[list[str]]:
             choices.append([f"{o.get_key_element()}={v}" for v in values])
         else:
             choices.append([o.input_line])
-    base = [c[0] for c in choices]
-    out = [base]
-    for i, c in enumerate(choices):
-        out += [base[:i] + [v] + base[i + 1 :] for v in c[1:]]
-    return out
+    return choices
+
+
+JOBS_CHECKED = 32  # a sweep's job folders are compared up to this many jobs (each composed: ~0.2 s)
+
+
+def _check_job_folders(conf_dir: str, command: str, overrides: list[str]) -> None:
+    """A hydra.sweep.subdir that names one folder for two jobs: the later would train over the
+    earlier's run (its checkpoints, metrics and config) and the summary show one row."""
+    subdir = next((o.split("=", 1)[1] for o in overrides if override_key(o) == "hydra.sweep.subdir"), None)
+    if subdir is None or "hydra.job.num" in subdir or "override_dirname" in subdir:
+        return  # a folder per job by construction
+    jobs = list(itertools.islice(itertools.product(*_choices(overrides, True)), JOBS_CHECKED))
+    seen: dict[str, list[str]] = {}
+    for job in map(list, jobs):
+        try:
+            name = str(OmegaConf.select(compose(conf_dir, command, job, hydra=True), "hydra.sweep.subdir",
+                                        throw_on_resolution_failure=True))
+        except Exception:  # noqa: BLE001 - it names what only the job knows: Hydra's own checks apply
+            return
+        if name in seen:
+            differ = " ".join(o for o in job if o not in seen[name]) or "the same values"
+            raise UserError(f"hydra.sweep.subdir={subdir!r} names the folder {name!r} for two jobs (they differ in "
+                            f"{differ}): the later would train over the earlier's run; make it differ per job, "
+                            "e.g. with ${hydra.job.num}")
+        seen[name] = job
 
 
 def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) -> str:
@@ -216,6 +248,8 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         if others:
             raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}")
     _check_sweep_settings(overrides, multirun)
+    if multirun and command == "train":
+        _check_job_folders(conf_dir, command, overrides)
     schema = load(SCHEMAS[command])
     folders: list[tuple[str, Path]] = []
     for variant in _variants(overrides, multirun):
