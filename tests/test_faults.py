@@ -673,3 +673,16 @@ def test_a_picture_sweep_stopped_by_ctrl_c_leaves_no_hydra_folder(trained_run, t
     assert run_main("sample", "-m", f"run={run}", "n=4,8") == 130
     assert "vae: interrupted" in capsys.readouterr().err
     assert calls == [4, 8] and list(work.iterdir()) == []
+
+
+def test_commands_printed_for_pasting_quote_a_folder_with_a_space(tmp_path):
+    """`vae evaluate run=/tmp/sp ace` and `tensorboard --logdir /tmp/sp ace/tensorboard` fail pasted."""
+    from vae_cli.train import report
+
+    run = tmp_path / "sp ace"
+    with pytest.MonkeyPatch.context() as m:
+        lines = []
+        m.setattr("vae_cli.train.log.info", lambda text, **kw: lines.append(text))
+        report(run, {"val_elbo": -100.0, "step": 4, "epoch": 1})
+    assert f"measure it with: vae evaluate run='{run}'" in lines[-2]
+    assert lines[-1].endswith(f"tensorboard --logdir '{run}/tensorboard'")

@@ -78,10 +78,16 @@ def test_verbose_shows_lightning_and_the_bar_shows_one_decimal(tmp_path, data_di
     r = vae("train", f"resume={run}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not [word for word in NOISE if word in r.stdout + r.stderr], r.stdout + r.stderr
-    assert "trained:       1 epoch, 4 steps (resumed)" in r.stdout
+    assert "trained:       1 epoch, 4 steps (nothing left to train: it had finished)" in r.stdout
     assert f"val ELBO:      {first['val_elbo']:.2f} nats/example" in r.stdout
     assert f"test log p(x): {first['test_log_px']:.2f}" in r.stdout
     assert "exists and is not empty" not in r.stderr
+    # and nothing logged twice: the test figures and the KL histogram (never the sanity check's
+    # untrained model, step 0) once each
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("test/elbo")] == [4]
+    assert [e.step for e in acc.Histograms("val/kl_per_dim")] == [4]
 
 
 def test_the_summary_says_when_the_test_evaluation_was_skipped(tmp_path, capsys):

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -494,7 +495,7 @@ def check_output_folder(cfg: DictConfig, multirun: bool) -> tuple[str, Path]:
         taken = next((f"{p.name}/{m}" for p in folder.iterdir() if (m := run_marker(p))), None)
     if taken is not None:
         raise UserError(f"{shown} holds a run already ({taken}): choose a new folder"
-                        + ("" if multirun else f" (or continue it with resume={folder})"))
+                        + ("" if multirun else f" (or continue it with resume={shlex.quote(str(folder))})"))
     parent = folder
     while not parent.exists():
         parent = parent.parent

@@ -205,11 +205,13 @@ def _resume_hint(command: str, cfg) -> str | None:
     if command != "train":
         return None
     try:
+        from vae_cli.train import shell
+
         if cfg.get("resume"):
-            return f"vae train resume={cfg.resume}"
+            return f"vae train resume={shell(cfg.resume)}"
         from hydra.core.hydra_config import HydraConfig
 
-        return f"vae train resume={HydraConfig.get().runtime.output_dir}"
+        return f"vae train resume={shell(HydraConfig.get().runtime.output_dir)}"
     except Exception:  # no run folder known: nothing to suggest
         return None
 

@@ -197,7 +197,7 @@ class VAEModule(pl.LightningModule):
         kl_dims = units.kl_per_dim()
         logger = self.logger
         if kl_dims is not None and logger is not None and self.trainer.is_global_zero and \
-                hasattr(logger.experiment, "add_histogram"):
+                not self.trainer.sanity_checking and hasattr(logger.experiment, "add_histogram"):  # not the untrained model's
             logger.experiment.add_histogram(f"{split}/kl_per_dim", kl_dims, self.global_step)
         if split == "val" and not self.trainer.sanity_checking:
             if self.trainer.is_global_zero:

@@ -267,6 +267,7 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         # fork. With it, every Adam step asks NVML whether CUDA is there (dlopen and all): 0.3 ms a
         # step, a tenth of the step of a small model on a CPU. Nothing forks here, so it goes.
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    resumed_at = saved_step(run) if resume_ckpt is not None else None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
     except SystemExit:
@@ -279,6 +280,13 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         raise KeyboardInterrupt
 
     step = trainer.global_step or saved_step(run)  # 0 where fit ran in other processes (ddp_spawn, ddp_fork)
+    if step == resumed_at and (run / "metrics.json").is_file():
+        # A finished run resumed: nothing trained, and its test figures stand (a second evaluation
+        # would log test/* and the hyperparameters to TensorBoard again, at the same step).
+        metrics = json.loads((run / "metrics.json").read_text())
+        if trainer.is_global_zero:
+            report(run, metrics, resumed="nothing left to train: it had finished")
+        return metrics
     metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": step,
                "epoch": epochs_done(step, steps_per_epoch(trainer, data))}
     if metrics["val_elbo"] is None and resume_ckpt is not None:  # a finished run resumed: no new epoch
@@ -384,19 +392,28 @@ def test_metrics(model, data, config: dict[str, Any], trainer, progress: bool = 
 ESTIMATOR_NAMES = {"iwae": "IWAE", "ais": "AIS", "exact": "exact (quadrature)", "refined": "IWAE, refined proposal"}
 
 
-def report(run: Path, metrics: dict[str, Any], resumed: bool = False) -> None:
-    """The last lines a user reads, the same block for every run: where it is, how it went, how to look at it."""
+def shell(path: str | Path) -> str:
+    """A path as a command line pasted into a shell needs it (a folder with a space in its name)."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> None:
+    """The last lines a user reads, the same block for every run: where it is, how it went, how to look
+    at it. ``resumed``: True, or what the resume did (shown in brackets after the steps)."""
     rows = [("run folder", str(run))]
     if "step" in metrics:
         epochs, steps = metrics["epoch"], metrics["step"]
         trained = f"{epochs:g} epoch{'s' * (epochs != 1)}, {steps} step{'s' * (steps != 1)}"
-        rows.append(("trained", trained + (" (resumed)" if resumed else "")))
+        note = (resumed if isinstance(resumed, str) else "resumed") if resumed else ""
+        rows.append(("trained", trained + (f" ({note})" if note else "")))
     val = metrics.get("val_elbo")
     rows.append(("val ELBO", f"{val:.2f} nats/example (last epoch)" if val is not None
                  else "none (no validation epoch, so no best checkpoint" +
                  ("; last.ckpt is kept)" if (run / "checkpoints" / "last.ckpt").is_file() else ")")))
     if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
-        where = f": vae evaluate ckpt={metrics['best_checkpoint']}" if metrics.get("best_checkpoint") else ""
+        where = f": vae evaluate ckpt={shell(metrics['best_checkpoint'])}" if metrics.get("best_checkpoint") else ""
         rows.append(("best val ELBO", f"{metrics['best_val_elbo']:.2f} nats/example (epoch {metrics['best_epoch']}; "
                                       f"diverged at epoch {metrics['diverged_epoch']}){where}"))
     if "test_log_px" in metrics:
@@ -409,8 +426,8 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool = False) -> None:
         if metrics.get("test_bits_per_dim") is not None:
             rows.append(("bits/dim", f"{metrics['test_bits_per_dim']:.3f} (of log p(x))"))
     else:
-        rows.append(("test", f"skipped (eval.k=0); measure it with: vae evaluate run={run}"))
-    rows.append(("TensorBoard", f"tensorboard --logdir {run / 'tensorboard'}"))
+        rows.append(("test", f"skipped (eval.k=0); measure it with: vae evaluate run={shell(run)}"))
+    rows.append(("TensorBoard", f"tensorboard --logdir {shell(run / 'tensorboard')}"))
     width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:  # on stdout, and in the run's train.log
         log.info(f"{label + ':':<{width}} {value}", extra=STDOUT)
