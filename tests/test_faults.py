@@ -686,3 +686,14 @@ def test_commands_printed_for_pasting_quote_a_folder_with_a_space(tmp_path):
         report(run, {"val_elbo": -100.0, "step": 4, "epoch": 1})
     assert f"measure it with: vae evaluate run='{run}'" in lines[-2]
     assert lines[-1].endswith(f"tensorboard --logdir '{run}/tensorboard'")
+
+
+def test_an_out_name_with_a_dot_keeps_it_in_the_file_beside():
+    """out=figs/lr0.001 gif=true wrote lr0.gif beside it (a name nobody gave), and lr0.002 was then
+    refused because that lr0.gif existed."""
+    from vae_cli.runs import beside
+
+    assert beside(Path("figs/lr0.001"), ".gif", (".png",)) == Path("figs/lr0.001.gif")
+    assert beside(Path("figs/a.png"), ".gif", (".png",)) == Path("figs/a.gif")
+    assert beside(Path("e/lr0.01"), ".png", (".json", ".png")) == Path("e/lr0.01.png")
+    assert beside(Path("e/r.json"), ".png", (".json", ".png")) == Path("e/r.png")

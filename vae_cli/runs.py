@@ -351,7 +351,7 @@ def check_out(out: str | None, gif: bool = False, suffixes: tuple[str, ...] = ("
         return
     path = Path(out).expanduser()
     _check_out_name(out, path, (*suffixes, ".gif") if gif else suffixes)  # out=a.gif with gif=true: name the PNG
-    for p in [path, path.with_suffix(".gif")] if gif else [path]:
+    for p in [path, beside(path, ".gif", suffixes)] if gif else [path]:
         if p.exists():
             raise UserError(f"out={out!r}: {str(p)!r} exists already; choose a new name (nothing was overwritten)")
     folder = path.parent
@@ -381,7 +381,7 @@ def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple
     if out is not None:
         base = Path(out).expanduser()
         _check_out_name(out, base, suffixes)
-        paths = [base] + [base.with_suffix(s) for s in suffixes[1:]]
+        paths = [base] + [beside(base, s, suffixes) for s in suffixes[1:]]
     else:
         try:
             default_dir.mkdir(parents=True, exist_ok=True)
@@ -436,6 +436,13 @@ def remove_empty(folders: Iterable[Path]) -> None:
 
 
 OTHER_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg", ".pdf", ".eps"}
+
+
+def beside(base: Path, suffix: str, suffixes: tuple[str, ...]) -> Path:
+    """The output with ``suffix`` that goes beside out=base: base's own suffix replaced where it is an
+    output's (a.png: a.gif), else added (lr0.001: lr0.001.gif, not lr0.gif, a name nobody gave)."""
+    own = base.suffix.lower() in (*suffixes, ".gif")
+    return base.with_suffix(suffix) if own else base.with_name(base.name + suffix)
 
 
 def _check_out_name(out: str, base: Path, suffixes: tuple[str, ...]) -> None:
