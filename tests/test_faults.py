@@ -697,3 +697,20 @@ def test_an_out_name_with_a_dot_keeps_it_in_the_file_beside():
     assert beside(Path("figs/a.png"), ".gif", (".png",)) == Path("figs/a.gif")
     assert beside(Path("e/lr0.01"), ".png", (".json", ".png")) == Path("e/lr0.01.png")
     assert beside(Path("e/r.json"), ".png", (".json", ".png")) == Path("e/r.png")
+
+
+def test_relative_paths_with_chdir_mean_the_launch_folder(tmp_path, monkeypatch, data_dir):
+    """hydra.job.chdir=true runs the job in its run folder: data_dir=dd (the user's cache, beside
+    them) was read there, and the dataset fetched again into RUN/dd."""
+    from vae_cli.runs import load_checkpoint
+
+    shutil.copytree(data_dir, tmp_path / "dd")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert run_main("train", "hydra.job.chdir=true", "data_dir=dd", *TINY, "trainer.max_epochs=1", "eval.k=0",
+                    f"hydra.run.dir={run}") == 0
+    assert not (run / "dd").exists()
+    config = load_checkpoint(run / "checkpoints" / "last.ckpt")["vae_cli"]["config"]
+    assert config["dataset"]["data_dir"] == str(tmp_path / "dd")
+    assert run_main("sample", "hydra.job.chdir=true", "run=run", "n=2", "out=s.png") == 0
+    assert (tmp_path / "s.png").is_file()

@@ -143,11 +143,13 @@ def _task(command: str):
     module_name, fn_name = COMMANDS[command][0].split(":")
 
     def task(cfg) -> None:
-        from vae_cli.logs import attach_run_log, file_only
+        from vae_cli.logs import attach_run_log, file_only, quiet_warnings
 
         _sweep["jobs"] += 1
 
+        quiet_warnings()  # again: a launcher's worker process (joblib) never ran _main
         attach_run_log()  # Hydra has just configured logging: the run's log file is on the root logger
+        _paths_from_launch_folder(cfg)
         resume = _resume_hint(command, cfg)
         _stop["message"] = _stop_message(resume)  # for a shutdown cut short (_exit_now)
         try:
@@ -188,6 +190,29 @@ def _task(command: str):
             _stop["message"] = "interrupted"  # a sweep's next job sets its own
 
     return task
+
+
+PATH_SETTINGS = ("run", "ckpt", "out", "data_dir", "resume")  # read from where the command ran
+
+
+def _paths_from_launch_folder(cfg) -> None:
+    """With hydra.job.chdir=true the job runs in its own output folder; a relative path given on the
+    command line means the folder the command ran in, as Hydra's to_absolute_path reads it (a
+    relative data_dir had fetched the dataset again into every run's folder)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import to_absolute_path
+    from omegaconf import open_dict
+
+    try:
+        if not HydraConfig.get().job.chdir:
+            return
+    except Exception:  # noqa: BLE001 - outside Hydra (a command called directly)
+        return
+    for key in PATH_SETTINGS:
+        value = cfg.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            with open_dict(cfg):
+                cfg[key] = to_absolute_path(os.path.expanduser(value))
 
 
 def _task_overrides() -> list[str]:
