@@ -247,6 +247,9 @@ BAD = [
     ("sample", ["nrow=1.0"], "nrow=1.0 is not allowed: expected an integer > 0"),
     ("train", ["kl_warmup_steps=-1"], "kl_warmup_steps=-1 is not allowed: expected an integer >= 0"),
     ("train", ["scheduler=cosine", "scheduler.final=2"], "scheduler.final=2 is not allowed: expected a finite number from 0 to 1"),
+    # glob() is Hydra's, expanded against the config groups (it ended in a traceback)
+    ("sample", ["-m", "temperature=glob(*)"], "'temperature=glob(*)': glob() sweeps over the options of a config group"),
+    ("train", ["-m", "likelihood=glob(x*)"], "'likelihood=glob(x*)' matches none of likelihood's options: bernoulli, gaussian"),
     # output folders
     ("train", ["-m", "seed=0,1", "hydra.sweep.subdir=ld${model.latent_dim}"],     # a job trained over the other's run
      "hydra.sweep.subdir='ld${model.latent_dim}' names the folder 'ld20' for two jobs (they differ in seed=1)"),
@@ -291,3 +294,11 @@ def test_eval_batch_size_past_the_test_split_is_not_held_against_memory(conf):
     check_command_line(conf, "train", ["eval.k=5000", "eval.batch_size=100000000", "eval.limit=3"])
     with pytest.raises(UserError, match="eval.k=100000000 with batches of 3 examples needs about"):
         check_command_line(conf, "train", ["eval.k=100000000", "eval.limit=3"])
+
+
+def test_a_glob_sweep_over_a_config_group_is_checked_option_by_option(conf):
+    from vae_cli.checks import _variants
+
+    assert _variants(["likelihood=glob(*)", "seed=1"], conf_dir=conf) == [["likelihood=bernoulli", "seed=1"],
+                                                                       ["likelihood=gaussian", "seed=1"]]
+    check_command_line(conf, "train", ["likelihood=glob(*)"], multirun=True)

@@ -53,9 +53,9 @@ def options(conf_dir: str, group: str) -> list[str]:
     return sorted(p.stem for p in Path(conf_dir, group).glob("*.yaml"))
 
 
-def _variants(overrides: list[str], multirun: bool = True) -> list[list[str]]:
+def _variants(overrides: list[str], multirun: bool = True, conf_dir: str | None = None) -> list[list[str]]:
     """One override list per value of every sweep (``a=1,2``), the others at their first value."""
-    choices = _choices(overrides, multirun)
+    choices = _choices(overrides, multirun, conf_dir)
     base = [c[0] for c in choices]
     out = [base]
     for i, c in enumerate(choices):
@@ -63,9 +63,11 @@ def _variants(overrides: list[str], multirun: bool = True) -> list[list[str]]:
     return out
 
 
-def _choices(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """Each override as the list of key=value it sweeps over (one, where it is no sweep)."""
+def _choices(overrides: list[str], multirun: bool, conf_dir: str | None = None) -> list[list[str]]:
+    """Each override as the list of key=value it sweeps over (one, where it is no sweep); a glob()
+    over a config group's options (conf_dir/GROUP/*.yaml) as the options it matches."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
     parser = OverridesParser.create()
     for o in overrides:
@@ -79,7 +81,17 @@ def _choices(overrides: list[str], multirun: bool) -> list[list[str]]:
     for o in parsed:
         if o.is_sweep_override() and not multirun:
             raise UserError(f"{o.input_line!r} is a sweep: add -m to run one job per value")
-        if o.is_sweep_override():
+        if o.is_sweep_override() and o.value_type == ValueType.GLOB_CHOICE_SWEEP:
+            # Hydra expands it against its config loader, which only the running app has
+            found = options(conf_dir, o.key_or_group) if conf_dir else []
+            if not found:
+                raise UserError(f"{o.input_line!r}: glob() sweeps over the options of a config group, and "
+                                f"{o.key_or_group!r} is not one")
+            values = o.value().filter(found)
+            if not values:
+                raise UserError(f"{o.input_line!r} matches none of {o.key_or_group}'s options: {', '.join(found)}")
+            choices.append([f"{o.get_key_element()}={v}" for v in values])
+        elif o.is_sweep_override():
             values = list(o.sweep_string_iterator())
             choices.append([f"{o.get_key_element()}={v}" for v in values])
         else:
@@ -96,7 +108,7 @@ def _check_job_folders(conf_dir: str, command: str, overrides: list[str]) -> Non
     subdir = next((o.split("=", 1)[1] for o in overrides if override_key(o) == "hydra.sweep.subdir"), None)
     if subdir is None or "hydra.job.num" in subdir or "override_dirname" in subdir:
         return  # a folder per job by construction
-    jobs = list(itertools.islice(itertools.product(*_choices(overrides, True)), JOBS_CHECKED))
+    jobs = list(itertools.islice(itertools.product(*_choices(overrides, True, conf_dir)), JOBS_CHECKED))
     seen: dict[str, list[str]] = {}
     for job in map(list, jobs):
         try:
@@ -253,7 +265,7 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         _check_job_folders(conf_dir, command, overrides)
     schema = load(SCHEMAS[command])
     folders: list[tuple[str, Path]] = []
-    for variant in _variants(overrides, multirun):
+    for variant in _variants(overrides, multirun, conf_dir):
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
         config = resolved(cfg)
         validate(config, schema)
