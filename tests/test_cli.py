@@ -151,3 +151,31 @@ def test_main_in_process_leaves_the_collector_alone(trained_run, tmp_path, enabl
         assert gc.isenabled() == enabled and gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+
+def test_hydra_flags_that_ended_in_tracebacks(capsys, tmp_path):
+    """--help and --info with a bad override went straight to Hydra (a traceback); shell completion
+    read the sub-command as an override; --version printed Hydra's version."""
+    assert run_main("train", "--help", "model=bogus") == 2
+    assert capsys.readouterr().err.strip() == "vae: error: model='bogus' does not exist: choose one of conv, ladder, mlp, resnet"
+    assert run_main("train", "--info", "config", "bogus=3") == 2
+    assert "unknown setting 'bogus'" in capsys.readouterr().err
+    assert run_main("train", "--shell-completion") == 2
+    assert "shell completion is not supported by vae" in capsys.readouterr().err
+    for args in (["--version"], ["train", "--version"]):
+        assert run_main(*args) == 0
+        assert capsys.readouterr().out.startswith("vae-cli ")
+    # --cfg shows the config of a named run folder without making it
+    assert run_main("train", "--cfg", "job", f"hydra.run.dir={tmp_path / 'shown'}") == 0
+    assert not (tmp_path / "shown").exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    code = "import sys; sys.argv = ['vae', '--help']; from vae_cli import cli; cli.console()"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # as `vae --help | head -0` leaves
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 1) and "Traceback" not in err, err

@@ -124,16 +124,20 @@ def _parses(parser, override: str) -> bool:
         return False
 
 
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info's optional value
+
+
 def split_overrides(args: list[str]) -> tuple[list[str], bool]:
     """The key=value overrides among Hydra's arguments, and whether a flag asks only for information."""
     overrides, info, skip = [], False, False
-    for a in args:
+    for i, a in enumerate(args):
         if skip:
             skip = False
         elif a in _FLAGS_WITH_VALUE:
             skip = True
         elif a in _INFO_FLAGS:
             info = True
+            skip = a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES
         elif not a.startswith("-"):
             overrides.append(a)
     return overrides, info
@@ -411,7 +415,11 @@ def console() -> None:
     gc.disable()
     _collector["paused"] = True
     try:
-        main()
+        try:
+            main()
+        except BrokenPipeError:  # `vae --help | head`: the reader left; no traceback (Python's own recipe)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         # Done, its outputs written: a Ctrl-C from here on would only interrupt the interpreter's
         # exit (a traceback from an atexit callback), so it is ignored.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -440,6 +448,11 @@ def _main(argv: list[str] | None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
+    if "--version" in argv:  # Hydra's own flag would print Hydra's version
+        from vae_cli import __version__
+
+        print(f"vae-cli {__version__}")
+        return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
@@ -451,23 +464,26 @@ def _main(argv: list[str] | None) -> None:
     if multirun and shown:  # Hydra would raise a ValueError with a traceback
         fail(f"-m and {shown[0]} together: {shown[0]} shows one run's config, so drop -m (a sweep's runs "
              f"differ only by the swept values) or {shown[0]}")
-    if not info:
-        from vae_cli.checks import check_command_line
+    if {"--shell-completion", "-sc"} & set(rest):  # Hydra's completion reads the sub-command as an override
+        fail("shell completion is not supported by vae: `vae COMMAND --help` lists the settings")
+    # checked also under --help, --info and --cfg: they show the config these overrides make
+    from vae_cli.checks import check_command_line
 
-        try:
-            folders = check_command_line(config_dir(), command, overrides, multirun=multirun)
-            if command == "train" and not multirun and any(o.startswith("hydra.run.dir=") and "${" not in o
-                                                           for o in overrides):
-                # a folder named by hand, which another command may name too: held before Hydra writes
-                # there (a default folder is new to the microsecond, and stamped by Hydra itself)
-                from vae_cli.runs import claim_run_folder
+    shows_only = info or bool({"--cfg", "-c"} & set(rest))
+    named = any(o.startswith("hydra.run.dir=") and "${" not in o for o in overrides)
+    try:
+        folders = check_command_line(config_dir(), command, overrides, multirun=multirun)
+        if command == "train" and not multirun and not shows_only and named:
+            # a folder named by hand, which another command may name too: held before Hydra writes
+            # there (a default folder is new to the microsecond, and stamped by Hydra itself)
+            from vae_cli.runs import claim_run_folder
 
-                for shown_as, folder in folders:
-                    claim_run_folder(folder, shown_as)
-        except UserError as e:
-            if os.environ.get("VAE_DEBUG"):
-                raise
-            fail(str(e))
+            for shown_as, folder in folders:
+                claim_run_folder(folder, shown_as)
+    except UserError as e:
+        if os.environ.get("VAE_DEBUG"):
+            raise
+        fail(str(e))
 
     from hydra._internal.utils import _run_hydra, get_args_parser
 
