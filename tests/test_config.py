@@ -197,6 +197,11 @@ BAD = [
     ("sample", ["+temprature=2"], "unknown setting 'temprature': did you mean temperature?"),
     ("sample", ["temprature=2"], "unknown setting 'temprature': did you mean temperature?"),
     ("evaluate", ["+kk=3"], "unknown setting 'kk'"),
+    # a setting of another option of the group; a group given with +; a launcher that is not there
+    ("train", ["likelihood.sigma=0.1"], "likelihood.sigma is a setting of likelihood=gaussian: choose it first"),
+    ("train", ["prior.components=5"], "prior.components is a setting of prior=vamp"),
+    ("train", ["+experiment=ladder_cpu"], "+experiment=ladder_cpu: experiment is in the config already; drop the +"),
+    ("train", ["hydra/launcher=bogus"], "hydra/launcher='bogus' does not exist: choose one of basic, joblib,"),
     # no look-alike: the settings allowed where the key would sit
     ("sample", ["split=train"], "unknown setting 'split'"),      # sample and manifold read no images
     ("manifold", ["data_dir=/tmp"], "unknown setting 'data_dir'"),

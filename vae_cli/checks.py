@@ -99,6 +99,7 @@ def _choices(overrides: list[str], multirun: bool, conf_dir: str | None = None) 
     return choices
 
 
+LAUNCHER_EXTRAS = {"joblib": "joblib", "submitit_local": "submitit", "submitit_slurm": "submitit"}  # pyproject extras
 JOBS_CHECKED = 32  # a sweep's job folders are compared up to this many jobs (each composed: ~0.2 s)
 
 
@@ -130,8 +131,14 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
     m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
     if m:
         group, value = m.groups()
+        if group == "hydra/launcher":
+            extra = LAUNCHER_EXTRAS.get(value)
+            if extra:
+                return f"{group}={value} is not installed: pip install 'vae-cli[{extra}]' (see the README, Scaling out)"
+            return (f"{group}={value!r} does not exist: choose one of basic, {', '.join(LAUNCHER_EXTRAS)} "
+                    "(the last three with pip install 'vae-cli[joblib]' or 'vae-cli[submitit]')")
         if group.startswith("hydra/"):
-            return f"{group}={value} is not installed (see the README: pip install 'vae-cli[{value}]')"
+            return f"{group}={value!r} does not exist here (Hydra's plugins add options to its groups)"
         allowed = options(conf_dir, group)
         return f"{group}={value!r} does not exist: choose one of {', '.join(allowed)}"
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
@@ -140,9 +147,15 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
         config = _config_without(conf_dir, command, overrides, key)
         if known_argument(config, key):
             return f"{key} is not in the config yet: add it with +{key}=VALUE"
+        elsewhere = _option_with(conf_dir, command, overrides, key)
+        if elsewhere:
+            return f"{key} is a setting of {elsewhere}: choose it first ({elsewhere} {key}=VALUE)"
         parent = key.rpartition(".")[0]
         accepted = [f"{parent}.{a}" if parent else a for a in arguments(config, parent)]
         return f"unknown setting {key!r}{suggest(key, list(dict.fromkeys(dotted_keys(config) + accepted)))}"
+    m = re.search(r"Multiple values for (\S+)\. To override a value use 'override \S+: ([^']+)'", text)
+    if m:  # +experiment=X where the defaults list has experiment already
+        return f"+{m.group(1)}={m.group(2)}: {m.group(1)} is in the config already; drop the + ({m.group(1)}={m.group(2)})"
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
     if m:
         return f"+{m.group(1)}: that setting exists already; drop the +"
@@ -150,6 +163,23 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
     if m and e.__cause__ is not None:  # OmegaConf says why: "Value 'maybe' is not a valid bool (type str)"
         return f"{m.group(1)} is not allowed: {first_line(e.__cause__)}"
     return text.splitlines()[0]
+
+
+def _option_with(conf_dir: str, command: str, overrides: list[str], key: str) -> str | None:
+    """The option of a config group that has ``key`` (likelihood.sigma: likelihood=gaussian), where the
+    one chosen has not; None when no option has it."""
+    group, _, rest = key.partition(".")
+    if not rest:
+        return None
+    others = [o for o in overrides if override_key(o) not in (key, group)]
+    for option in options(conf_dir, group):
+        try:
+            config = OmegaConf.to_container(_compose(conf_dir, command, [*others, f"{group}={option}"]), resolve=False)
+        except Exception:  # noqa: BLE001 - that option does not compose with the rest: not the answer
+            continue
+        if OmegaConf.select(OmegaConf.create(config), key, default=None) is not None:
+            return f"{group}={option}"
+    return None
 
 
 def _config_without(conf_dir: str, command: str, overrides: list[str], key: str) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def _resume_hint(command: str, cfg) -> str | None:
     if command != "train":
         return None
     try:
-        from vae_cli.train import shell
+        from vae_cli.logs import shell
 
         if cfg.get("resume"):
             return f"vae train resume={shell(cfg.resume)}"

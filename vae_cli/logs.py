@@ -13,6 +13,7 @@ with ``vae train verbose=true`` (``lightning_verbose``).
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import warnings
 
@@ -22,6 +23,11 @@ log = logging.getLogger("vae_cli")
 LIGHTNING = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 STDOUT = {"stdout": True}           # extra=STDOUT: a plain line on stdout (the final report)
 FILE_ONLY = {"terminal": False}     # extra=FILE_ONLY: the log file only (the terminal has it already)
+
+
+def shell(path: object) -> str:
+    """A path as a command line pasted into a shell needs it (a folder with a space in its name)."""
+    return shlex.quote(str(path))
 
 
 def say(line: str, stream=None) -> None:

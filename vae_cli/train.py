@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vae_cli.errors import UserError, first_line
-from vae_cli.logs import STDOUT, log
+from vae_cli.logs import STDOUT, log, shell
 from vae_cli.run_config import TrainSettings, trainer_arguments  # noqa: F401  (the settings of this command)
 
 
@@ -390,13 +390,6 @@ def test_metrics(model, data, config: dict[str, Any], trainer, progress: bool = 
 
 
 ESTIMATOR_NAMES = {"iwae": "IWAE", "ais": "AIS", "exact": "exact (quadrature)", "refined": "IWAE, refined proposal"}
-
-
-def shell(path: str | Path) -> str:
-    """A path as a command line pasted into a shell needs it (a folder with a space in its name)."""
-    import shlex
-
-    return shlex.quote(str(path))
 
 
 def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> None:
