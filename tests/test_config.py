@@ -202,6 +202,11 @@ BAD = [
     ("train", ["prior.components=5"], "prior.components is a setting of prior=vamp"),
     ("train", ["+experiment=ladder_cpu"], "+experiment=ladder_cpu: experiment is in the config already; drop the +"),
     ("train", ["hydra/launcher=bogus"], "hydra/launcher='bogus' does not exist: choose one of basic, joblib,"),
+    # ~KEY of a setting vae-cli reads itself failed once the run had started (~eval.k: a KeyError traceback)
+    ("train", ["~beta"], "~beta: vae train reads beta itself, so it cannot be removed; set it instead (beta=VALUE)"),
+    ("train", ["~eval.k"], "~eval.k: vae train reads eval.k itself"),
+    ("train", ["~eval.limit"], "~eval.limit: vae train reads eval.limit itself"),   # its value is null
+    ("evaluate", ["~k"], "~k: vae evaluate reads k itself"),
     # no look-alike: the settings allowed where the key would sit
     ("sample", ["split=train"], "unknown setting 'split'"),      # sample and manifold read no images
     ("manifold", ["data_dir=/tmp"], "unknown setting 'data_dir'"),
@@ -307,3 +312,7 @@ def test_a_glob_sweep_over_a_config_group_is_checked_option_by_option(conf):
     assert _variants(["likelihood=glob(*)", "seed=1"], conf_dir=conf) == [["likelihood=bernoulli", "seed=1"],
                                                                        ["likelihood=gaussian", "seed=1"]]
     check_command_line(conf, "train", ["likelihood=glob(*)"], multirun=True)
+
+
+def test_removing_a_class_argument_leaves_the_class_default(conf):
+    check_command_line(conf, "train", ["~optimizer.lr", "~trainer.max_epochs"])

@@ -290,6 +290,7 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         others = [o for o, k in zip(overrides, keys) if k not in ("resume", "verbose") and not k.startswith("hydra")]
         if others:
             raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}")
+    _check_removals(conf_dir, command, overrides)
     _check_sweep_settings(overrides, multirun)
     if multirun and command == "train":
         _check_job_folders(conf_dir, command, overrides)
@@ -328,6 +329,24 @@ UNUSED_WITH = [
     ("train", "likelihood=gaussian", lambda c: _likelihood(c) == "gaussian", ("dataset.binarize",),
      "a Gaussian likelihood dequantizes the 8-bit pixels, it binarizes none"),
 ]
+
+
+def _check_removals(conf_dir: str, command: str, overrides: list[str]) -> None:
+    """~KEY takes a setting out of the config: fine for a class's argument (the class's default then
+    applies), not for a setting vae-cli reads itself (~beta, ~eval.k failed once the run had started)."""
+    for o in overrides:
+        if not o.startswith("~"):
+            continue
+        key = override_key(o)
+        parent = key.rpartition(".")[0]
+        config = OmegaConf.create(_config_without(conf_dir, command, overrides, key))
+        node = OmegaConf.select(config, parent) if parent else config
+        absent = object()
+        if OmegaConf.select(config, key, default=absent) is absent:
+            continue  # nothing there to remove: Hydra's own message
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            raise UserError(f"{o}: vae {command} reads {key} itself, so it cannot be removed; set it instead "
+                            f"({key}=VALUE)")
 
 
 def _check_used(command: str, config: dict[str, Any], overrides: list[str]) -> None:
