@@ -207,6 +207,7 @@ BAD = [
     ("train", ["~eval.k"], "~eval.k: vae train reads eval.k itself"),
     ("train", ["~eval.limit"], "~eval.limit: vae train reads eval.limit itself"),   # its value is null
     ("evaluate", ["~k"], "~k: vae evaluate reads k itself"),
+    ("train", ["seed=${oc.env:HOME}"], 'for a number write seed="${oc.decode:${oc.env:NAME}}", quoted)'),
     # no look-alike: the settings allowed where the key would sit
     ("sample", ["split=train"], "unknown setting 'split'"),      # sample and manifold read no images
     ("manifold", ["data_dir=/tmp"], "unknown setting 'data_dir'"),

@@ -299,7 +299,14 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     for variant in _variants(overrides, multirun, conf_dir):
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
         config = resolved(cfg)
-        validate(config, schema)
+        try:
+            validate(config, schema)
+        except UserError as e:
+            key = str(e).split("=", 1)[0]
+            if any(override_key(o) == key and "oc.env:" in o and "oc.decode" not in o for o in variant):
+                raise UserError(f"{e} (${{oc.env:NAME}} is text; for a number write "
+                                f"{key}=\"${{oc.decode:${{oc.env:NAME}}}}\", quoted)") from None
+            raise
         _check_used(command, config, variant)
         if command != "train" and config.get("data_dir") is not None:  # where the commands that read a model cache data
             _check_data_dir(str(config["data_dir"]))
