@@ -714,3 +714,16 @@ def test_relative_paths_with_chdir_mean_the_launch_folder(tmp_path, monkeypatch,
     assert config["dataset"]["data_dir"] == str(tmp_path / "dd")
     assert run_main("sample", "hydra.job.chdir=true", "run=run", "n=2", "out=s.png") == 0
     assert (tmp_path / "s.png").is_file()
+
+
+def test_default_output_names_count_up_from_the_highest(tmp_path):
+    """With sample-005 and sample-999 there, the next default was sample-001: a newer picture with a lower number."""
+    from vae_cli.runs import claim_outputs
+
+    for n in (5, 999):
+        (tmp_path / f"sample-{n:03d}.png").write_bytes(b"")
+    (tmp_path / "interpolate-007.png").write_bytes(b"")
+    assert claim_outputs(None, tmp_path, "sample", (".png",)) == [tmp_path / "sample-1000.png"]
+    assert claim_outputs(None, tmp_path, "interpolate", (".png", ".gif")) == [tmp_path / "interpolate-008.png",
+                                                                              tmp_path / "interpolate-008.gif"]
+    assert claim_outputs(None, tmp_path / "new", "sample", (".png",)) == [tmp_path / "new" / "sample-001.png"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -390,7 +391,10 @@ def claim_outputs(out: str | None, default_dir: Path, stem: str, suffixes: tuple
                             "move it, or give out=FILE") from None
         except OSError as e:
             raise UserError(f"cannot create the output folder {str(default_dir)!r}: {_problem(e)}; give out=FILE") from None
-    i = 1
+    # after the highest number there (not in a gap: a newer output never gets a lower number)
+    taken = [int(m.group(1)) for p in (default_dir.iterdir() if out is None else ())
+             if (m := re.fullmatch(rf"{re.escape(stem)}-(\d+)\.\w+", p.name))]
+    i = max(taken, default=0) + 1
     while True:
         if out is None:
             paths = [default_dir / f"{stem}-{i:03d}{s}" for s in suffixes]
