@@ -384,7 +384,7 @@ def test_objective_start_on_max_time_with_several_processes_is_refused():
     (["objective=iwae", "objective.start=1"], "objective.start=1 is not allowed"),
     (["objective=iwae", "objective.start=0.5", "trainer.max_epochs=-1"], "objective.start=0.5 needs the run's end"),
     (["free_bits=-1"], "free_bits=-1"),
-    (["objective.k=3"], "unknown setting 'objective.k'"),
+    (["objective.k=3"], "objective.k is a setting of objective=iwae: choose it first"),
 ])
 def test_objective_mistakes_are_one_line(tmp_path, data_dir, args, message, capsys):
     assert run_main("train", f"data_dir={data_dir}", *TINY, *args, f"hydra.run.dir={tmp_path / 'x'}") == 2
