@@ -120,7 +120,9 @@ def build_trainer(trainer_kwargs: dict[str, Any], run: Path, logger: Any, verbos
     show_model_summary(summary)
     kwargs.setdefault("enable_model_summary", True)
     kwargs.setdefault("profiler", NoProfiler())  # no profiler, as Lightning's default, without its cost per hook
-    callbacks = [best, last, TrainingPictures(), SafeInterrupt(), SpawnedProcesses(run / "train.log", verbose, summary)]
+    callbacks = [best, last, TrainingPictures(), SafeInterrupt()]
+    if "spawn" in str(kwargs.get("strategy")):  # only there: every callback is called at every step's hooks
+        callbacks.append(SpawnedProcesses(run / "train.log", verbose, summary))
     if kwargs.get("enable_progress_bar", True):
         # Redrawn every 10 steps, not every step: the bar costs 0.3 ms a draw, a step 5 ms.
         callbacks.append(ProgressBar(refresh_rate=10))
