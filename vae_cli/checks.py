@@ -267,9 +267,11 @@ def _class_rules_unresolved(raw: dict[str, Any]) -> None:
             pass
 
 
-def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False) -> list[tuple[str, Path]]:
+def check_command_line(conf_dir: str, command: str, overrides: list[str], multirun: bool = False,
+                       values_only: bool = False) -> list[tuple[str, Path]]:
     """Compose every variant of the command line and check its values; raise UserError on the first
-    problem. Returns the new run (or sweep) folders that vae train will write, each with its key=value."""
+    problem. Returns the new run (or sweep) folders that vae train will write, each with its key=value.
+    ``values_only`` (for --help and --info, which run nothing): not what this machine has, nor the folders."""
     keys = [override_key(o) for o in overrides]
     if command == "train" and "resume" in keys:
         # A later value overrides an earlier one in Hydra (what scripts that append overrides rely on),
@@ -308,6 +310,8 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
                                 f"{key}=\"${{oc.decode:${{oc.env:NAME}}}}\", quoted)") from None
             raise
         _check_used(command, config, variant)
+        if values_only:
+            continue
         if command != "train" and config.get("data_dir") is not None:  # where the commands that read a model cache data
             _check_data_dir(str(config["data_dir"]))
         if command == "train":

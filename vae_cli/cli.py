@@ -472,7 +472,9 @@ def _main(argv: list[str] | None) -> None:
     shows_only = info or bool({"--cfg", "-c"} & set(rest))
     named = any(o.startswith("hydra.run.dir=") and "${" not in o for o in overrides)
     try:
-        folders = check_command_line(config_dir(), command, overrides, multirun=multirun)
+        # --help or --info alone: nothing to check (the values are the config's own); quick, no torch
+        folders = [] if info and not overrides else \
+            check_command_line(config_dir(), command, overrides, multirun=multirun, values_only=info)
         if command == "train" and not multirun and not shows_only and named:
             # a folder named by hand, which another command may name too: held before Hydra writes
             # there (a default folder is new to the microsecond, and stamped by Hydra itself)
