@@ -215,7 +215,8 @@ BAD = [
     # a setting that another's value leaves unused (interpolate source=prior reads no image)
     ("interpolate", ["source=prior", "split=val"], "split=val is not used with source=prior (the ends are draws of p(z)"),
     ("interpolate", ["source=prior", "index=3"], "index=3 is not used with source=prior"),
-    ("interpolate", ["-m", "source=data,prior", "data_dir=/tmp"], "data_dir=/tmp is not used with source=prior"),
+    ("interpolate", ["source=prior", "data_dir=/tmp"], "data_dir=/tmp is not used with source=prior"),
+    ("interpolate", ["-m", "source=prior", "split=val,test"], "split=val is not used with source=prior"),  # by no job
     ("train", ["likelihood=gaussian", "dataset.binarize=static"],
      "dataset.binarize=static is not used with likelihood=gaussian (a Gaussian likelihood dequantizes"),
     ("sample", ["steps=2"], "unknown setting 'steps'; the settings at the top level are run, ckpt, out,"),
@@ -317,3 +318,20 @@ def test_a_glob_sweep_over_a_config_group_is_checked_option_by_option(conf):
 
 def test_removing_a_class_argument_leaves_the_class_default(conf):
     check_command_line(conf, "train", ["~optimizer.lr", "~trainer.max_epochs"])
+
+
+@pytest.mark.parametrize("command,overrides", [
+    ("train", ["likelihood=gaussian", "dataset.binarize=none"]),            # what a Gaussian implies
+    ("train", ["likelihood=bernoulli,gaussian", "dataset.binarize=static"]),  # used by the Bernoulli jobs
+    ("interpolate", ["source=prior,data", "split=val"]),                      # used by the data jobs
+    ("train", ["~objective"]),                                                # the ELBO is the fallback
+])
+def test_settings_used_by_some_value_or_job_are_not_refused(conf, command, overrides):
+    check_command_line(conf, command, overrides, multirun=any("," in o for o in overrides))
+
+
+def test_a_run_folder_is_checked_as_hydra_makes_it(conf, tmp_path, monkeypatch):
+    """~ and $VAR in hydra.run.dir are not expanded by Hydra (~/x is ./~/x): the checked folder is that one."""
+    monkeypatch.chdir(tmp_path)
+    (folder,) = check_command_line(conf, "train", ['hydra.run.dir="~/runs/t1"'])  # quoted, as the CLI does
+    assert folder[1] == tmp_path / "~" / "runs" / "t1"

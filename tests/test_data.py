@@ -171,6 +171,7 @@ def test_folder_images_of_16_and_32_bits_and_links(tmp_path, capsys):
     back up is no loop) and a broken link is named, not dropped without a word."""
     ramp = np.arange(16, dtype=np.uint16).reshape(4, 4)
     Image.fromarray(ramp * 4369).save(tmp_path / "wide.png")                   # 0 .. 65535
+    Image.frombytes("I;16B", (4, 4), (ramp * 4369).astype(">u2").tobytes()).save(tmp_path / "wide-be.tiff")
     Image.fromarray((ramp * 17).astype(np.uint8)).save(tmp_path / "narrow.png")  # the same ramp, 0 .. 255
     Image.fromarray(ramp.astype(np.float32) / 15).save(tmp_path / "float.tiff")
     other = tmp_path.parent / f"{tmp_path.name}-other"
@@ -181,10 +182,10 @@ def test_folder_images_of_16_and_32_bits_and_links(tmp_path, capsys):
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
     files = sources.image_files(tmp_path)
     assert [f.relative_to(tmp_path).as_posix() for f in files] == ["float.tiff", "gone.png", "more/linked.png",
-                                                                     "narrow.png", "wide.png"]
+                                                                     "narrow.png", "wide-be.tiff", "wide.png"]
     x, skipped = sources.decode_images(files, 4, 4, 1)
-    assert len(x) == 3 and sorted(Path(s).name for s in skipped) == ["float.tiff", "gone.png"]
-    assert torch.equal(x[2], x[1]) and torch.equal(x[2], x[0])  # 16 bits scaled: the 8-bit ramp exactly
+    assert len(x) == 4 and sorted(Path(s).name for s in skipped) == ["float.tiff", "gone.png"]
+    assert all(torch.equal(x[i], x[0]) for i in range(4))  # 16 bits, either byte order, scaled: the 8-bit ramp
     err = capsys.readouterr().err
     assert "float.tiff: pixel mode F (32-bit floats) has no fixed range" in err
     assert "gone.png: a link to a file that does not exist" in err
@@ -312,3 +313,17 @@ def test_an_unwritable_cache_folder_is_not_an_error(tmp_path, monkeypatch, capsy
     (tmp_path / "ro").write_text("a file where the cache folder should be")
     assert data.load_splits("mnist", str(tmp_path / "ro"))["train"].shape == (6, 1, 28, 28)
     assert "could not write the cache" in capsys.readouterr().err
+
+
+def test_a_folder_cache_of_another_decoder_is_decoded_again(tmp_path, monkeypatch):
+    """A cache made before 16-bit images were scaled held them clipped white, under the same key."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), i * 60, dtype=np.uint8)).save(images / f"{i}.png")
+    data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
+    decoded = []
+    monkeypatch.setattr(sources, "decode_images", lambda *a: decoded.append(1) or (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), []))
+    monkeypatch.setattr(sources, "DECODER", sources.DECODER + 1)
+    data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
+    assert decoded == [1]

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, run_main
@@ -727,3 +728,43 @@ def test_default_output_names_count_up_from_the_highest(tmp_path):
     assert claim_outputs(None, tmp_path, "interpolate", (".png", ".gif")) == [tmp_path / "interpolate-008.png",
                                                                               tmp_path / "interpolate-008.gif"]
     assert claim_outputs(None, tmp_path / "new", "sample", (".png",)) == [tmp_path / "new" / "sample-001.png"]
+
+
+def test_a_run_whose_config_reads_the_environment_resumes_without_it(tmp_path, monkeypatch, data_dir):
+    """The mismatch check resolved .hydra/config.yaml: without LR set it could not be read, with another
+    LR the run's own checkpoint was called another run's. The checkpoint's config is the run's."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("LR", "0.002")
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
+                    'optimizer.lr="${oc.decode:${oc.env:LR}}"', f"hydra.run.dir={run}") == 0
+    monkeypatch.delenv("LR")
+    assert run_main("train", f"resume={run}") == 0
+    monkeypatch.setenv("LR", "0.01")
+    assert run_main("train", f"resume={run}") == 0
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--cfg=job"], ["-cjob"], ["-i"]])
+def test_a_named_folder_is_not_claimed_by_a_command_that_stops_or_only_shows(tmp_path, capsys, args):
+    """The claim came before Hydra's arguments were read: a bad flag, or one that only shows the
+    config, left the folder with an empty train.log, taken for a run afterwards."""
+    run_main("train", f"hydra.run.dir={tmp_path / 'run'}", *args)
+    capsys.readouterr()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_with_its_images_in_a_linked_folder_trains(tmp_path, data_dir):
+    from PIL import Image
+
+    from vae_cli.checks import check_train_here
+    from vae_cli.cli import config_dir
+    from vae_cli.checks import compose, resolved
+
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), i * 60, dtype=np.uint8)).save(real / f"{i}.png")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "data").symlink_to(real)
+    config = resolved(compose(str(config_dir()), "train", ["dataset=folder", f"dataset.path={tmp_path / 'imgs'}",
+                                                           "dataset.shape=[1,8,8]", f"data_dir={data_dir}"], hydra=True))
+    check_train_here(config)  # "holds no images" before: the check did not follow the link

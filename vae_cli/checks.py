@@ -298,6 +298,7 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         _check_job_folders(conf_dir, command, overrides)
     schema = load(SCHEMAS[command])
     folders: list[tuple[str, Path]] = []
+    unused: list[str | None] = []
     for variant in _variants(overrides, multirun, conf_dir):
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
         config = resolved(cfg)
@@ -309,7 +310,9 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
                 raise UserError(f"{e} (${{oc.env:NAME}} is text; for a number write "
                                 f"{key}=\"${{oc.decode:${{oc.env:NAME}}}}\", quoted)") from None
             raise
-        _check_used(command, config, variant)
+        unused.append(_unused(command, config, variant))
+        if not multirun and unused[-1]:
+            raise UserError(unused[-1])
         if values_only:
             continue
         if command != "train" and config.get("data_dir") is not None:  # where the commands that read a model cache data
@@ -321,6 +324,8 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
             # Lightning's DDP launcher re-runs this command line per rank, into rank 0's folder
             if config.get("resume") is None and first_process():
                 folders.append(check_output_folder(cfg, multirun))
+    if unused and all(unused):  # a sweep: refused where no job uses it (likelihood=bernoulli,gaussian may binarize)
+        raise UserError(unused[0])
     for shown, folder in dict.fromkeys(folders):  # every value passed: can the folder Hydra writes be made?
         _try_to_create(shown, folder)
     return list(dict.fromkeys(folders))
@@ -332,14 +337,17 @@ def _likelihood(config: dict[str, Any]) -> str | None:
 
 
 # Settings that one value of another makes meaningless: (command, that value as shown, a test of the
-# config for it, the settings unused then, why). Given on the command line with that value, they
-# would be accepted and ignored.
+# config for it, the settings unused then with the values that still say what happens, why). Given
+# on the command line with that value, they would be accepted and ignored.
 UNUSED_WITH = [
-    ("interpolate", "source=prior", lambda c: c.get("source") == "prior", ("split", "data_dir", "index"),
-     "the ends are draws of p(z), no image is read"),
-    ("train", "likelihood=gaussian", lambda c: _likelihood(c) == "gaussian", ("dataset.binarize",),
+    ("interpolate", "source=prior", lambda c: c.get("source") == "prior",
+     {"split": (), "data_dir": (), "index": ()}, "the ends are draws of p(z), no image is read"),
+    ("train", "likelihood=gaussian", lambda c: _likelihood(c) == "gaussian", {"dataset.binarize": ("none",)},
      "a Gaussian likelihood dequantizes the 8-bit pixels, it binarizes none"),
 ]
+
+
+REMOVABLE = {"objective", "scheduler"}  # read with a fallback: the ELBO, a constant learning rate
 
 
 def _check_removals(conf_dir: str, command: str, overrides: list[str]) -> None:
@@ -355,19 +363,21 @@ def _check_removals(conf_dir: str, command: str, overrides: list[str]) -> None:
         absent = object()
         if OmegaConf.select(config, key, default=absent) is absent:
             continue  # nothing there to remove: Hydra's own message
-        if not (isinstance(node, DictConfig) and "_target_" in node):
+        if not (isinstance(node, DictConfig) and "_target_" in node) and key not in REMOVABLE:
             raise UserError(f"{o}: vae {command} reads {key} itself, so it cannot be removed; set it instead "
                             f"({key}=VALUE)")
 
 
-def _check_used(command: str, config: dict[str, Any], overrides: list[str]) -> None:
-    """Refuse a setting given on the command line that the value of another leaves unused."""
+def _unused(command: str, config: dict[str, Any], overrides: list[str]) -> str | None:
+    """Why a setting given on the command line is one the value of another leaves unused, or None."""
     for cmd, value, holds, unused, why in UNUSED_WITH:
         if cmd != command or not holds(config):
             continue
-        given = [o for o in overrides if override_key(o) in unused]
-        if given:
-            raise UserError(f"{given[0]} is not used with {value} ({why}): drop it")
+        for o in overrides:
+            key = override_key(o)
+            if key in unused and o.split("=", 1)[-1] not in unused[key]:
+                return f"{o} is not used with {value} ({why}): drop it"
+    return None
 
 
 def _check_sweep_settings(overrides: list[str], multirun: bool) -> None:
@@ -402,12 +412,17 @@ def check_train_here(config: dict[str, Any]) -> None:
     dataset = config["dataset"]
     if dataset["name"] == "folder":
         from vae_cli.data import IMAGE_SUFFIXES
+        from vae_cli.sources import image_files
 
         path = dataset["path"]
         root = Path(str(path)).expanduser()
         if not root.is_dir():
             raise UserError(f"dataset.path={path!r} is not a folder: give a folder of images")
-        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
+        try:
+            found = image_files(root)  # as the run reads it: linked folders too
+        except OSError:
+            found = [root]  # unreadable: the run says so itself, naming the file
+        if not found:
             raise UserError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     check_trainer_here(config["trainer"])
     _check_trainer(config["trainer"])
@@ -557,7 +572,7 @@ def check_output_folder(cfg: DictConfig, multirun: bool) -> tuple[str, Path]:
         raise UserError(f"{key}: {first_line(e)}") from None
     if not value or not str(value).strip():
         raise UserError(f"{key} is empty: give a new folder")
-    folder = Path(os.path.expandvars(str(value))).expanduser().absolute()
+    folder = Path(str(value)).absolute()  # as Hydra makes it: no ~ or $VAR expanded (~/x is ./~/x)
     NEW_FOLDERS.update(d.resolve() for d in (folder, *folder.parents) if not d.exists())  # outputs/DATE/TIME, ...
     shown = f"{key}={str(folder)!r}"
     if folder.exists() and not folder.is_dir():

@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Hydra flags that take a value (the value is not an override).
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun"}
-_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc", "--version"}
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--version"}
 
 
 def config_dir() -> str:
@@ -78,6 +78,8 @@ def fail(message: str) -> NoReturn:
     """Print one line and exit 2: the end of every user mistake."""
     _close_bars()
     print(f"vae: error: {message}", file=sys.stderr)
+    if "vae_cli.runs" in sys.modules:  # a folder claimed for this run, nothing written there yet: it goes
+        sys.modules["vae_cli.runs"].drop_claims()
     sys.exit(2)
 
 
@@ -469,19 +471,10 @@ def _main(argv: list[str] | None) -> None:
     # checked also under --help, --info and --cfg: they show the config these overrides make
     from vae_cli.checks import check_command_line
 
-    shows_only = info or bool({"--cfg", "-c"} & set(rest))
-    named = any(o.startswith("hydra.run.dir=") and "${" not in o for o in overrides)
     try:
         # --help or --info alone: nothing to check (the values are the config's own); quick, no torch
         folders = [] if info and not overrides else \
             check_command_line(config_dir(), command, overrides, multirun=multirun, values_only=info)
-        if command == "train" and not multirun and not shows_only and named:
-            # a folder named by hand, which another command may name too: held before Hydra writes
-            # there (a default folder is new to the microsecond, and stamped by Hydra itself)
-            from vae_cli.runs import claim_run_folder
-
-            for shown_as, folder in folders:
-                claim_run_folder(folder, shown_as)
     except UserError as e:
         if os.environ.get("VAE_DEBUG"):
             raise
@@ -498,6 +491,17 @@ def _main(argv: list[str] | None) -> None:
     parser = get_args_parser()
     parser.error = lambda message: fail(f"{message} (see `vae {command} --help`)")  # argparse's usage block, as one line
     args = parser.parse_args(rest)
+    runs_job = not (args.help or args.hydra_help or args.info or args.cfg or multirun)  # not only shown
+    if command == "train" and runs_job and any(o.startswith("hydra.run.dir=") and "${" not in o for o in overrides):
+        # a folder named by hand, which another command may name too: held before Hydra writes there
+        # (a default folder is new to the microsecond, and stamped by Hydra itself)
+        from vae_cli.runs import claim_run_folder
+
+        try:
+            for shown_as, folder in folders:
+                claim_run_folder(folder, shown_as)
+        except UserError as e:
+            fail(str(e))
     if _collector["paused"]:  # by console(), for the start-up: what exists now stays for the run
         _collector["paused"] = False
         gc.freeze()

@@ -176,7 +176,7 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     if ckpt.is_file():
         config = load_checkpoint(ckpt)["vae_cli"]["config"]
         if saved.is_file():
-            _check_same_run(run_dir, config, _saved_config(run_dir, saved))
+            _check_same_run(run_dir, config, _saved_config(run_dir, saved, resolve=False))
         return config, ckpt
     if not saved.is_file():
         raise UserError(f"resume={str(run_dir)!r} has neither checkpoints/last.ckpt nor .hydra/config.yaml: "
@@ -184,14 +184,17 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     return check_config(_saved_config(run_dir, saved), f"resume={str(run_dir)!r}"), None
 
 
-def _saved_config(run_dir: str | Path, saved: Path) -> Any:
-    """RUN/.hydra/config.yaml, resolved."""
+def _saved_config(run_dir: str | Path, saved: Path, resolve: bool = True) -> Any:
+    """RUN/.hydra/config.yaml, resolved (or as written, its ${...} left as text: for a comparison that
+    must not depend on this shell's environment); None for a file unreadable when it is only compared."""
     from omegaconf import OmegaConf
 
     register_resolvers()
     try:
-        return OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        return OmegaConf.to_container(OmegaConf.load(saved), resolve=resolve)
     except Exception as e:
+        if not resolve:
+            return None
         raise UserError(f"resume={str(run_dir)!r}: its .hydra/config.yaml cannot be read ({first_line(e)})") from None
 
 
@@ -201,6 +204,8 @@ def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any) -> 
     def difference(a: Any, b: Any, at: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):
             return next((d for k in dict.fromkeys([*a, *b]) if (d := difference(a.get(k), b.get(k), f"{at}.{k}"))), None)
+        if isinstance(b, str) and "${" in b:  # resolved when the run started (an env var, another key): not judged
+            return None
         return None if a == b else f"{at} is {show(a)} there, {show(b)} in .hydra/config.yaml"
 
     if not isinstance(saved, dict):

@@ -300,6 +300,9 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
 # --------------------------------------------------------------------------- folder of images
 
 
+DECODER = 2  # decode_images' version, part of a folder cache's key
+
+
 class UnknownRange(ValueError):
     """An image whose pixel values have no fixed range (PIL's modes I and F)."""
 
@@ -309,10 +312,11 @@ def to_8_bit(im: "Image.Image") -> "Image.Image":
     modes as they are. PIL's own convert("L") clips 16-bit values at 255: a white image."""
     from PIL import Image
 
-    if im.mode.startswith("I;16"):
-        wide = torch.frombuffer(bytearray(im.tobytes("raw", "I;16")), dtype=torch.int16).view(torch.uint16)
-        scaled = (wide.to(torch.float32) / 257).round().to(torch.uint8)  # 65535 / 257 = 255
-        return Image.frombytes("L", im.size, scaled.numpy().tobytes())
+    if im.mode.startswith("I;16"):  # I;16, I;16L, I;16B: numpy reads each byte order
+        import numpy as np
+
+        scaled = np.rint(np.asarray(im, dtype=np.float64) / 257).astype(np.uint8)  # 65535 / 257 = 255
+        return Image.fromarray(scaled, "L")
     if im.mode in ("I", "F"):  # 32-bit integers or floats: 0..1, 0..255 and 0..65535 are all in use
         raise UnknownRange(f"pixel mode {im.mode} (32-bit {'floats' if im.mode == 'F' else 'integers'}) has no "
                            "fixed range; save it as an 8- or 16-bit image")
@@ -424,7 +428,9 @@ def load_folder(
         raise UserError(f"dataset.path={path!r} cannot be read ({e.strerror or first_line(e)}: {e.filename})") from None
     if not files:
         raise UserError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    key = hashlib.sha1(repr((str(root.resolve()), height, width, channels, stats)).encode()).hexdigest()
+    # DECODER: how files become pixels; a cache decoded otherwise (16-bit images clipped white,
+    # before version 2) is not this one, and is decoded again
+    key = hashlib.sha1(repr((str(root.resolve()), height, width, channels, stats, DECODER)).encode()).hexdigest()
     name = f"{key[:16]}.pt"
     shape = (channels, height, width)
     found = None
