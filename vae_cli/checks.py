@@ -331,9 +331,10 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     return list(dict.fromkeys(folders))
 
 
-def _likelihood(config: dict[str, Any]) -> str | None:
-    target = (config.get("likelihood") or {}).get("_target_") if isinstance(config.get("likelihood"), dict) else None
-    return target.rsplit(".", 1)[-1].lower() if isinstance(target, str) else None
+def _gaussian(config: dict[str, Any]) -> bool:
+    from vae_cli.data import likelihood_name  # here: torch is loaded by the checks already, not by `vae --help`
+
+    return likelihood_name(config) == "gaussian"
 
 
 # Settings that one value of another makes meaningless: (command, that value as shown, a test of the
@@ -342,7 +343,7 @@ def _likelihood(config: dict[str, Any]) -> str | None:
 UNUSED_WITH = [
     ("interpolate", "source=prior", lambda c: c.get("source") == "prior",
      {"split": (), "data_dir": (), "index": ()}, "the ends are draws of p(z), no image is read"),
-    ("train", "likelihood=gaussian", lambda c: _likelihood(c) == "gaussian", {"dataset.binarize": ("none",)},
+    ("train", "likelihood=gaussian", _gaussian, {"dataset.binarize": ("none",)},
      "a Gaussian likelihood dequantizes the 8-bit pixels, it binarizes none"),
 ]
 

@@ -78,6 +78,7 @@ class VAEModule(pl.LightningModule):
         self._timer = None                        # Lightning's Timer callback, where trainer.max_time is set
         self._elbo = ELBO()                       # trained on until objective.start (objective=iwae)
         self._graph_objective: Objective | None = None  # the objective the captured graph runs
+        self.resumed: dict[str, float | int | None] = {}  # the checkpoint fit resumed from: its step and val ELBO
 
     def __setattr__(self, name: str, value: object) -> None:
         # Lightning sets _current_fx_name before and after every hook call, about 44 times a training
@@ -395,6 +396,7 @@ class VAEModule(pl.LightningModule):
             checkpoint["vae_cli"]["data"] = digests
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resumed = {"step": checkpoint.get("global_step"), "val_elbo": last_val_elbo(checkpoint)}
         trained = checkpoint.get("vae_cli", {}).get("data")
         now = getattr(self._trainer.datamodule, "digests", None) if self._trainer is not None else None
         if isinstance(trained, dict) and now and trained != now:  # resume: the datamodule is set up already
@@ -404,3 +406,13 @@ class VAEModule(pl.LightningModule):
         state = checkpoint.get("vae_cli", {}).get("divergence")
         if state is not None:  # a resumed run compares with its best before the resume
             self.divergence.load_state_dict(state)
+
+
+def last_val_elbo(checkpoint: dict) -> float | None:
+    """The val ELBO of the last validation before the checkpoint was saved: the score its val/elbo
+    ModelCheckpoint had then (a finished run resumed validates nothing; one stopped during its test
+    evaluation has no metrics.json to read it from)."""
+    states = checkpoint.get("callbacks")
+    scores = [s.get("current_score") for s in states.values() if isinstance(s, dict) and s.get("monitor") == "val/elbo"] \
+        if isinstance(states, dict) else []
+    return float(scores[0]) if scores and scores[0] is not None else None

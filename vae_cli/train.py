@@ -269,7 +269,6 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         # fork. With it, every Adam step asks NVML whether CUDA is there (dlopen and all): 0.3 ms a
         # step, a tenth of the step of a small model on a CPU. Nothing forks here, so it goes.
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
-    resumed_at = saved_step(run) if resume_ckpt is not None else None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
     except SystemExit:
@@ -282,7 +281,7 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         raise KeyboardInterrupt
 
     step = trainer.global_step or saved_step(run)  # 0 where fit ran in other processes (ddp_spawn, ddp_fork)
-    if step == resumed_at and (run / "metrics.json").is_file():
+    if step == module.resumed.get("step") and (run / "metrics.json").is_file():
         # A finished run resumed: nothing trained, and its test figures stand (a second evaluation
         # would log test/* and the hyperparameters to TensorBoard again, at the same step).
         metrics = json.loads((run / "metrics.json").read_text())
@@ -292,7 +291,7 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
     metrics = {"val_elbo": _metric(trainer, "val/elbo"), "step": step,
                "epoch": epochs_done(step, steps_per_epoch(trainer, data))}
     if metrics["val_elbo"] is None and resume_ckpt is not None:  # a finished run resumed: no new epoch
-        metrics["val_elbo"] = saved_val_elbo(resume_ckpt)
+        metrics["val_elbo"] = module.resumed.get("val_elbo")
     watch = module.divergence
     if watch.diverged_epoch is not None:  # the last model may not be the one to measure: say where the best is
         metrics.update(best_val_elbo=watch.best, best_epoch=watch.best_epoch, diverged_epoch=watch.diverged_epoch,
@@ -324,19 +323,6 @@ def steps_per_epoch(trainer, data) -> int:
         limit = trainer.limit_train_batches
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-
-
-def saved_val_elbo(ckpt: Path) -> float | None:
-    """The val ELBO of the last validation before ckpt was saved: the score its val/elbo
-    ModelCheckpoint had then (a run stopped during its test evaluation wrote no metrics.json)."""
-    import torch
-
-    try:
-        states = torch.load(ckpt, map_location="cpu", weights_only=True).get("callbacks", {})
-        score = next(s["current_score"] for s in states.values() if s.get("monitor") == "val/elbo")
-        return float(score) if score is not None else None
-    except Exception:  # noqa: BLE001 - no such callback state (not ours, or no validation yet)
-        return None
 
 
 def saved_step(run: Path) -> int:
