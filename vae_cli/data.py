@@ -175,9 +175,14 @@ def check_digest(config: dict, split: str, x: torch.Tensor, trained: dict | None
     expected = trained.get(split) if isinstance(trained, dict) else None
     if not isinstance(expected, str) or split_digests({split: x})[split] == expected:
         return  # a run saved before checkpoints kept digests, or the same images
-    raise UserError(f"dataset.path={config['dataset'].get('path')!r} has changed since this run trained: its {split} "
-                    "images are not the ones the run had (images added, removed or edited reshuffle the hold-out, so "
-                    "training images would be read as held-out ones); restore the folder, or train a new run")
+    raise UserError(folder_changed(config, f"its {split} images are not the ones the run had, and training images "
+                                           "would be read as held-out ones"))
+
+
+def folder_changed(config: dict, what: str) -> str:
+    """The line for a run's folder dataset that differs from the one it trained on, saying ``what`` follows."""
+    return (f"dataset.path={config['dataset'].get('path')!r} has changed since this run trained (images added, "
+            f"removed or edited reshuffle the hold-out): {what}; restore the folder, or train a new run")
 
 
 def likelihood_name(config: dict) -> str:

@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 
 from vae_cli.collapse import CollapseMonitor, DivergenceMonitor, UnitStats
+from vae_cli.data import folder_changed
 from vae_cli.errors import UserError, first_line
 from vae_cli.graphs import StepGraph, graph_blocker
 from vae_cli.logs import FILE_ONLY, log
@@ -400,9 +401,7 @@ class VAEModule(pl.LightningModule):
         trained = checkpoint.get("vae_cli", {}).get("data")
         now = getattr(self._trainer.datamodule, "digests", None) if self._trainer is not None else None
         if isinstance(trained, dict) and now and trained != now:  # resume: the datamodule is set up already
-            raise UserError(f"dataset.path={self.config['dataset'].get('path')!r} has changed since this run trained "
-                            "(images added, removed or edited reshuffle the hold-out): resuming would train on "
-                            "held-out images; restore the folder, or train a new run")
+            raise UserError(folder_changed(self.config, "resuming would train on held-out images"))
         state = checkpoint.get("vae_cli", {}).get("divergence")
         if state is not None:  # a resumed run compares with its best before the resume
             self.divergence.load_state_dict(state)

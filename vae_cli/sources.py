@@ -422,8 +422,8 @@ def load_folder(
                         "must be where the run was trained from")
     try:
         files = image_files(root)
-        stats = [(str(f), *(lambda st: (st.st_size, st.st_mtime_ns))(f.stat() if f.exists() else f.lstat()))
-                 for f in files]
+        stats = [(str(f), st.st_size, st.st_mtime_ns) for f in files
+                 for st in [f.stat() if f.exists() else f.lstat()]]  # a broken link: the link's own
     except OSError as e:
         raise UserError(f"dataset.path={path!r} cannot be read ({e.strerror or first_line(e)}: {e.filename})") from None
     if not files:
