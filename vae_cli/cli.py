@@ -262,10 +262,10 @@ def interrupted(resume: str | None = None) -> NoReturn:
     _close_bars()
     try:
         from vae_cli.runs import drop_claims
-        from vae_cli.sweep import tidy_interrupted
+        from vae_cli.sweep import tidy_pending
 
         drop_claims()
-        tidy_interrupted()
+        tidy_pending()
     except Exception:  # noqa: BLE001 - interrupted while importing: nothing was claimed or swept
         pass
     message = _stop_message(resume)

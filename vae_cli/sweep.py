@@ -44,15 +44,16 @@ def tidy(sweep_dir: Path, start: Path) -> None:
 _UNTIDY: list[tuple[Path, Path]] = []  # (sweep folder, the command's folder) of a sweep under way (TidySweep)
 
 
-def tidy_interrupted() -> None:
-    """Ctrl-C during a sweep: ``tidy`` its folder as its end would have (called by the CLI's interrupt)."""
+def tidy_pending() -> None:
+    """``tidy`` the folders of the sweeps under way: at a sweep's end (TidySweep), or at a Ctrl-C during
+    it (the CLI's interrupt), which Hydra ends with no callback."""
     while _UNTIDY:
         tidy(*_UNTIDY.pop())
 
 
 class TidySweep(Callback):
     """At the end of a sweep of a command that writes no run folder (conf/from_run.yaml), or when it
-    is interrupted (``tidy_interrupted``): ``tidy`` Hydra's default sweep folder. A callback, so it
+    is interrupted (``tidy_pending``): ``tidy`` Hydra's default sweep folder. A callback, so it
     runs in the process that launched the jobs, whichever launcher ran them."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -64,7 +65,7 @@ class TidySweep(Callback):
             _UNTIDY.append((cwd / str(config.hydra.sweep.dir), cwd))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        tidy_interrupted()
+        tidy_pending()
 
 
 def summarize(sweep_dir: Path, elsewhere: dict[Path, tuple[str, list[str]]] | None = None) -> list[dict[str, Any]]:
