@@ -23,28 +23,34 @@ SCALES = get_args(Scale)
 
 
 class _BernoulliLogProb(torch.autograd.Function):
-    """log Bernoulli(x; sigmoid(l)) = x l - softplus(l), elementwise, for x in [0, 1].
+    """log Bernoulli(x; sigmoid(l)) = x l - softplus(l) for x in [0, 1], summed over the last ``dims``
+    dims (0: elementwise). logits carry the broadcast shape; x broadcasts against them.
 
     The same numbers as torch's Bernoulli.log_prob (-BCE with logits), computed as
-    x l - max(l, 0) - log(1 + exp(-|l|)), with the backward g (x - sigmoid(l)) in one expression.
-    Why: on a CPU, torch's BCE, softplus and log1p kernels cost ~5 ns an element (log1p is not
-    vectorised), 10% of a training step of the default mlp and more of an IWAE evaluation, while
-    exp and log are vectorised. log(1 + e) instead of log1p(e), e in (0, 1], errs by at most one
-    float32 rounding of 1 + e (6e-8 nats a pixel); tests/test_model.py compares both.
+    -[(max(l, 0) - x l) + log(1 + exp(-|l|))]: both bracketed terms are >= 0 for x in [0, 1], so
+    the sum over pixels cancels nothing. Why by hand: on a CPU, torch's BCE, softplus and log1p
+    kernels cost ~5 ns an element on some CPUs (log1p is not vectorised there), while exp and log
+    are; and the sum inside the function lets the backward be one in-place expression,
+    (sigmoid(l) - x) * -g, with no tensor of pixels allocated but the gradient itself (README,
+    Speed). log(1 + e) instead of log1p(e), e in (0, 1], errs by at most one float32 rounding of
+    1 + e (6e-8 nats a pixel); tests/test_model.py compares with torch's values and gradients.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, x: torch.Tensor, dims: int) -> torch.Tensor:
         ctx.save_for_backward(logits, x)
-        softplus = logits.abs().neg_().exp_().add_(1).log_().add_(logits.clamp(min=0))  # log(1 + e^l), stable
-        return torch.mul(x, logits).sub_(softplus)
+        ctx.dims = dims
+        nll = logits.clamp(min=0).addcmul_(x, logits, value=-1)             # max(l, 0) - x l >= 0
+        nll.add_(logits.abs().neg_().exp_().add_(1).log_())                # + log(1 + e^-|l|) >= 0
+        return (nll.sum(tuple(range(-dims, 0))) if dims else nll).neg_()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         logits, x = ctx.saved_tensors
-        grad_logits = grad * (x - torch.sigmoid(logits)) if ctx.needs_input_grad[0] else None
-        grad_x = grad * logits if ctx.needs_input_grad[1] else None
-        return grad_logits, grad_x
+        g = grad.reshape(grad.shape + (1,) * ctx.dims)                      # (..., 1, 1, 1) for an image
+        grad_logits = torch.sigmoid(logits).sub_(x).mul_(g.neg()) if ctx.needs_input_grad[0] else None
+        grad_x = (g * logits).sum_to_size(x.shape) if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_x, None
 
 
 class BernoulliLogits(_Bernoulli):
@@ -60,14 +66,17 @@ class BernoulliLogits(_Bernoulli):
         return super().expand(batch_shape, _instance=self._get_checked_instance(BernoulliLogits, _instance))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_sum(value, 0)
+
+    def log_prob_sum(self, value: torch.Tensor, dims: int) -> torch.Tensor:
+        """log_prob(value) summed over its last ``dims`` dims, in one function (ImageDistribution)."""
         logits = self.logits
         if logits.shape != value.shape:
             logits, value = broadcast_all(logits, value)  # expanded views, no copies
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            # In float32, as autocast runs torch's BCE: in half precision 1 + e rounds to 1 for
-            # |l| > 6 or so, and sigmoid(l) to 1, which would bias the value and zero the gradient.
-            logits, value = logits.float(), value.float()
-        return _BernoulliLogProb.apply(logits, value)
+        # In float32 at least, as autocast runs torch's BCE: in half precision 1 + e rounds to 1 for
+        # |l| > 6 or so, and sigmoid(l) to 1, which would bias the value and zero the gradient.
+        dtype = torch.promote_types(torch.promote_types(logits.dtype, value.dtype), torch.float32)
+        return _BernoulliLogProb.apply(logits.to(dtype), value.to(dtype), dims)
 
 
 class ImageDistribution(Independent):
@@ -79,6 +88,8 @@ class ImageDistribution(Independent):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         n = self.reinterpreted_batch_ndims  # 3 here; sum(dim=()) would sum every dim
+        if n and isinstance(self.base_dist, BernoulliLogits):
+            return self.base_dist.log_prob_sum(value, n)
         lp = self.base_dist.log_prob(value)
         return lp.sum(dim=tuple(range(-n, 0))) if n else lp
 
