@@ -174,6 +174,31 @@ def test_active_units_count_the_dimensions_the_mean_moves_along():
     assert r["latent_dim"] == 3 and len(r["kl_per_dim"]) == 3 and 0 <= r["active_units"] <= 3
 
 
+@pytest.mark.parametrize("kept", [1, 3, 256])
+def test_an_epochs_sums_are_its_batches_however_often_they_are_added(monkeypatch, kept):
+    """VAEModule keeps each batch's terms and adds them up every KEPT_BATCHES batches and at the
+    epoch's end: the sums (elbo, recon, kl, objective) and the example count are those of the
+    batches themselves, a last smaller batch included."""
+    import vae_cli.module as module
+
+    monkeypatch.setattr(module, "KEPT_BATCHES", kept)
+    model, x = tiny_mlp()
+    batches = [x[i:i + 3] for i in range(0, len(x), 3)]                       # sizes 3, 3, ..., and the rest
+    m = VAEModule(model, torch.optim.Adam)
+    torch.manual_seed(0)
+    want = torch.zeros(4, dtype=torch.float64)
+    for b in batches:
+        t = m.objective.terms(model, b)
+        r, k = t.recon.double().sum(), t.kl.double().sum()
+        want += torch.stack([r - k, r, k, t.objective.double() * len(b)])
+    torch.manual_seed(0)
+    for b in batches:
+        m.step(b, "val")
+    got = m._add_batches("val")
+    assert m._counts["val"] == len(x) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5)
+
+
 def test_collapse_monitor_warns_once_and_only_on_collapse(caplog):
     caplog.set_level(logging.WARNING, logger="vae_cli")
     healthy = CollapseMonitor(after=10, window=5)

@@ -91,19 +91,20 @@ class CollapseMonitor:
     def __init__(self, kl_floor: float = KL_FLOOR, after: int = CHECK_AFTER, window: int = WINDOW) -> None:
         self.kl_floor, self.after, self.window = kl_floor, after, window
         self.warned = False
-        self._kl: torch.Tensor | None = None    # the window's KL sum, on the device (no host sync a step)
-        self._n = 0
+        # The window's batches' KLs, kept as they are on the device and summed once at the window's
+        # end: no host sync, and no op, a step.
+        self._kl: list[torch.Tensor] = []
 
     def train_step(self, step: int, kl: torch.Tensor) -> None:
-        """Every training step (step: optimizer steps before this one), kl: (B,) this batch."""
+        """Every training step (step: optimizer steps before this one), kl: (B,) this batch, detached
+        and not written to later (kept until the window's end)."""
         if self.warned:
             return
-        s = kl.detach().sum()
-        self._kl = s if self._kl is None else self._kl + s
-        self._n += len(kl)
+        self._kl.append(kl)
         if step + 1 >= self.after and (step + 1) % self.window == 0:
-            mean = float(self._kl) / self._n
-            self._kl, self._n = None, 0
+            window = torch.cat(self._kl)
+            mean = float(window.sum()) / len(window)
+            self._kl = []
             if mean < self.kl_floor:
                 self.warn(f"the training KL averaged {mean:.2g} nats over steps {step + 2 - self.window}-{step + 1}")
 

@@ -41,6 +41,21 @@ class NonFiniteLoss(UserError):
         )
 
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a batch's recon (B,), kl (B,), objective (): detached
+KEPT_BATCHES = 256  # batches kept at most before their sums are taken (VAEModule.step)
+
+
+def batch_sums(batches: list[Batch]) -> torch.Tensor:
+    """(elbo, recon, kl, objective) summed over the batches' examples, (4,); the objective, a batch
+    mean, weighed by the batch's size. In float32 at least: a 16-bit sum of a batch overflows (-540 x 128)."""
+    recon = batches[0][0] if len(batches) == 1 else torch.cat([b[0] for b in batches])  # (N,)
+    kl = batches[0][1] if len(batches) == 1 else torch.cat([b[1] for b in batches])     # (N,)
+    wide = torch.promote_types(recon.dtype, torch.float32)
+    r, k = recon.sum(dtype=wide), kl.sum(dtype=wide)
+    objective = torch.stack([b[2].to(wide) * len(b[0]) for b in batches]).sum()
+    return torch.stack([r - k, r, k, objective])
+
+
 class VAEModule(pl.LightningModule):
     """Trains a VAE; logs split/elbo, split/recon, split/kl, split/objective (nats per example)."""
 
@@ -67,6 +82,7 @@ class VAEModule(pl.LightningModule):
             raise UserError(str(e)) from None
         self.config = config  # the run's resolved config, stored in every checkpoint
         self._sums: dict[str, torch.Tensor] = {}  # split -> (elbo, recon, kl, objective) summed this epoch, on the device
+        self._batches: dict[str, list[Batch]] = {}  # split -> the batches not yet added to _sums (_add_batches)
         self._counts: dict[str, int] = {}         # split -> examples this epoch (a host int: no copy to the device)
         self._checked_step = 0                    # the optimizer step of the last finiteness check
         self.bar_metrics: dict[str, float] = {}   # the latest per-step values the progress bar shows (log_train_step)
@@ -121,37 +137,55 @@ class VAEModule(pl.LightningModule):
         start = self.objective.start
         return self._elbo if start > 0 and self.progress() < start else self.objective
 
-    def terms(self, x: torch.Tensor, train: bool, objective: Objective | None = None) -> tuple[Terms, torch.Tensor]:
-        """The objective's terms on a batch (by default this step's), and the batch's sums (elbo,
-        recon, kl, objective), (4,)."""
+    def terms(self, x: torch.Tensor, train: bool, objective: Objective | None = None) -> Terms:
+        """The objective's terms on a batch (by default this step's)."""
         if objective is None:
             objective = self.training_objective() if train else self.objective
-        t = objective.terms(self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
-        wide = torch.promote_types(t.recon.dtype, torch.float32)  # a 16-bit sum of a batch overflows (-540 x 128)
-        recon, kl = t.recon.sum(dtype=wide), t.kl.sum(dtype=wide)
-        return t, torch.stack([recon - kl, recon, kl, t.objective.to(wide) * len(x)])
+        return objective.terms(self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
 
     def step(self, x: torch.Tensor, split: str) -> torch.Tensor:
         """The one step shared by train, val and test: the objective, the ELBO terms, logs."""
-        t, sums = self.terms(x, split == "train")
-        self.record(split, sums, t.kl, len(x))
+        t = self.terms(x, split == "train")
+        # The batch's terms are kept as they are and summed with the others every log_every_n_steps
+        # steps, every KEPT_BATCHES batches and at the epoch's end (_add_batches): their sums at
+        # every step took 10 small ops, 27 us a step on a 2-core CPU (README, Speed).
+        batches = self._batches.setdefault(split, [])
+        batches.append((t.recon, t.kl, t.objective))
+        if len(batches) >= KEPT_BATCHES:
+            self._add_batches(split)
+        self._counts[split] = self._counts.get(split, 0) + len(x)
+        if split == "train":
+            self._after_train_batch(t.kl, lambda: float(t.recon.sum() - t.kl.sum()) / len(x))
         if split == "val":
             self._units.setdefault(split, UnitStats()).add(t.mean, t.kl_dims)
         return t.loss
 
     def record(self, split: str, sums: torch.Tensor, kl: torch.Tensor, n: int) -> None:
-        """Add a batch's sums (4,) and KLs (B,) to the epoch's."""
-        # Sums per epoch, kept on the device: one add a step instead of Lightning's per-step logging
-        # machinery, which cost as much as the model itself here (README, Speed). Nothing here reads
-        # a value back to the host, so a GPU never waits for Python (no sync a step). A new tensor,
-        # never sums itself: a replayed graph overwrites its outputs at the next step.
+        """Add a batch's sums (4,) and KLs (B,) to the epoch's: a step replayed as a CUDA graph."""
+        # A new tensor, never sums itself: a replayed graph overwrites its outputs at the next step.
         self._sums[split] = self._sums[split] + sums if split in self._sums else sums.clone()
         self._counts[split] = self._counts.get(split, 0) + n
-        if split == "train":
-            if self.trainer.is_global_zero:  # one warning, not one per process; reads the KL every 50 steps
-                self.collapse.train_step(self.global_step, kl)
-            if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-                self.log_train_step(float(sums[0]) / n)  # read back once every log_every_n_steps
+        self._after_train_batch(kl.clone(), lambda: float(sums[0]) / n)
+
+    def _after_train_batch(self, kl: torch.Tensor, elbo: Callable[[], float]) -> None:
+        """What each training batch adds: its KLs (B,) to the collapse monitor, its ELBO (read when
+        called) to the logs every log_every_n_steps steps."""
+        # Nothing here reads a value back to the host but every log_every_n_steps steps, so a GPU
+        # never waits for Python at a step; the sums per epoch replace Lightning's per-step logging
+        # machinery, which cost as much as the model itself here (README, Speed).
+        if self.trainer.is_global_zero:  # one warning, not one per process; reads the KL every 50 steps
+            self.collapse.train_step(self.global_step, kl)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log_train_step(elbo())
+
+    def _add_batches(self, split: str) -> torch.Tensor | None:
+        """The split's sums (elbo, recon, kl, objective) this epoch, (4,), with the batches kept since
+        the last call added: one cat and four sums for them all. None before any batch."""
+        batches = self._batches.pop(split, None)
+        if batches:
+            added = batch_sums(batches)
+            self._sums[split] = self._sums[split] + added if split in self._sums else added
+        return self._sums.get(split)
 
     def log_train_step(self, elbo: float) -> None:
         """train/elbo_step, and train/kl_weight and train/lr where they change, to the loggers at
@@ -175,7 +209,8 @@ class VAEModule(pl.LightningModule):
     def _log_epoch(self, split: str) -> None:
         """split/elbo, split/recon, split/kl, split/objective: means over the epoch's examples, summed
         over all processes; for val, the active units and the KL per dimension too."""
-        sums = self._sums.pop(split, None)
+        sums = self._add_batches(split)
+        self._sums.pop(split, None)
         if sums is None:
             return
         sums = torch.cat([sums, sums.new_tensor([self._counts.pop(split)])])
@@ -230,7 +265,7 @@ class VAEModule(pl.LightningModule):
         is not held up; a non-finite model is still never saved (ModelCheckpoint runs after these
         hooks). Every earlier check passed, so the first non-finite loss came after the last one.
         """
-        sums = self._sums.get("train")
+        sums = self._add_batches("train")
         if sums is None:  # no training step yet this epoch
             return
         finite, first = bool(torch.isfinite(sums[3])), self._checked_step
@@ -349,8 +384,8 @@ class VAEModule(pl.LightningModule):
 
     def _graph_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the graph records besides backward and the update: loss, sums (4,), kl (B,)."""
-        t, sums = self.terms(x, train=True, objective=self._graph_objective)
-        return t.loss, sums, t.kl
+        t = self.terms(x, train=True, objective=self._graph_objective)
+        return t.loss, batch_sums([(t.recon, t.kl, t.objective)]), t.kl
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         if self._graph is None:
