@@ -95,7 +95,7 @@ def test_the_summary_says_when_the_test_evaluation_was_skipped(tmp_path, capsys)
 
     report(tmp_path, {"val_elbo": -100.04, "step": 4, "epoch": 1})
     out = capsys.readouterr().out.splitlines()
-    assert out[2] == "val ELBO:    -100.04 nats/example (last epoch)"
+    assert out[2] == "val ELBO:    -100.04 nats/example (last validation)"
     assert out[3] == f"test:        skipped (eval.k=0); measure it with: vae evaluate run={tmp_path}"
     assert out[-1].startswith("TensorBoard: tensorboard --logdir")
 
@@ -346,6 +346,22 @@ def test_last_checkpoint_is_the_last_epoch_even_when_validation_gets_no_better(t
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=3", "optimizer.lr=1e-12",
                     "eval.k=0", f"hydra.run.dir={run}") == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3 * 4
+
+
+@pytest.mark.parametrize("validation", [["+trainer.check_val_every_n_epoch=2"], ["+trainer.check_val_every_n_epoch=5"],
+                                        ["+trainer.val_check_interval=0.5", "+trainer.max_steps=9"]])
+def test_last_checkpoint_is_the_last_step_wherever_validation_runs(tmp_path, data_dir, validation, capsys):
+    """Validation every other epoch, never (5 > 3 epochs), twice an epoch with a stop mid-epoch:
+    last.ckpt holds the last step trained, and a resume of the finished run has nothing to train."""
+    run = tmp_path / "val"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=3", "eval.k=0", *validation,
+                    f"hydra.run.dir={run}") == 0
+    steps = json.loads((run / "metrics.json").read_text())["step"]
+    assert steps == (9 if "+trainer.max_steps=9" in validation else 3 * 4)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
+    capsys.readouterr()
+    assert run_main("train", f"resume={run}") == 0
+    assert "nothing left to train" in capsys.readouterr().out
 
 
 def test_the_model_summary_alone_when_asked_for(tmp_path, data_dir, capsys):

@@ -110,9 +110,13 @@ def build_trainer(trainer_kwargs: dict[str, Any], run: Path, logger: Any, verbos
         monitor="val/elbo", mode="max", save_top_k=1,
     )
     # A checkpoint of its own for "last": ModelCheckpoint's save_last only writes when the best
-    # improves, which would make last.ckpt the best one and resume from the wrong step.
+    # improves, which would make last.ckpt the best one and resume from the wrong step. Saved at
+    # the end of every training epoch (after its validation, if any), and so at the end of fit:
+    # left to Lightning, it is saved after each validation instead wherever validation is not once
+    # an epoch (check_val_every_n_epoch > 1, val_check_interval), and last.ckpt then missed the
+    # epochs trained since, or was never written.
     last = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+                           enable_version_counter=False, save_on_train_epoch_end=True)
     kwargs = dict(trainer_kwargs)
     # The summary table goes to RUN/train.log, and to the terminal only when asked for: verbose=true,
     # or trainer.enable_model_summary=true (false: no table at all).
@@ -390,7 +394,7 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> N
         note = (resumed if isinstance(resumed, str) else "resumed") if resumed else ""
         rows.append(("trained", trained + (f" ({note})" if note else "")))
     val = metrics.get("val_elbo")
-    rows.append(("val ELBO", f"{val:.2f} nats/example (last epoch)" if val is not None
+    rows.append(("val ELBO", f"{val:.2f} nats/example (last validation)" if val is not None
                  else "none (no validation epoch, so no best checkpoint" +
                  ("; last.ckpt is kept)" if (run / "checkpoints" / "last.ckpt").is_file() else ")")))
     if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
