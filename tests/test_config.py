@@ -161,6 +161,9 @@ BAD = [
     ("train", ["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 is not allowed: expected an integer > 0"),
     ("train", ["trainer.max_epochs=-2"], "trainer.max_epochs=-2 is not allowed: expected an integer >= -1"),
     ("train", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed"),
+    # 0 divided by zero inside fit, with a traceback
+    ("train", ["+trainer.val_check_interval=0"], "trainer.val_check_interval=0 is not allowed: expected a number of "
+                                                 "training batches >= 1, a fraction of the epoch in (0, 1], or a time"),
     ("train", ["seed=-1"], "seed=-1 is not allowed: expected an integer from 0 to 4294967295"),
     ("train", [f"seed={2**64 + 1}"], f"seed={2**64 + 1} is not allowed: expected an integer from 0 to 4294967295"),
     ("train", [f"seed={2**32}"], "is not allowed: expected an integer from 0 to 4294967295"),

@@ -364,6 +364,20 @@ def test_last_checkpoint_is_the_last_step_wherever_validation_runs(tmp_path, dat
     assert "nothing left to train" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("setting, said", [
+    ("+trainer.val_check_interval=100", "`val_check_interval` (100) must be less than or equal to the number of "
+                                        "the training batches (4)"),
+    ("trainer.limit_train_batches=0.01", "You requested to check 0.01 of the `train_dataloader` but 0.01 * 4 < 1")])
+def test_trainer_settings_lightning_judges_inside_fit_are_one_line(tmp_path, data_dir, setting, said):
+    """Settings that Lightning refuses only once it sees the data, before the first step: one line,
+    exit 2, and no half-made run left in the folder (the same command again was refused)."""
+    run = tmp_path / "run"
+    r = vae("train", f"data_dir={data_dir}", *TINY, setting, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"vae: error: trainer settings: {said}")
+    assert not run.exists()
+
+
 def test_the_model_summary_alone_when_asked_for(tmp_path, data_dir, capsys):
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
                     "trainer.enable_model_summary=true", f"hydra.run.dir={tmp_path / 'table'}") == 0

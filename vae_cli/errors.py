@@ -37,6 +37,14 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:") + "..."
 
 
+def raised_in(error: BaseException, function: str) -> bool:
+    """Whether the error was raised in a function of that name (the innermost frame of its traceback)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == function
+
+
 _ALLOCATE = re.compile(r"allocate ([0-9.]+) (bytes|[KMGT]i?B)", re.IGNORECASE)
 
 

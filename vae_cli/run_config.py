@@ -25,6 +25,10 @@ Precision = Annotated[
     Field(description="one of 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true, 64-true, transformer-engine, "
                       "transformer-engine-float16, 16, 32, 64, bf16")]
 Limit = Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, le=1)] | None
+ValCheckInterval = Annotated[
+    PosInt | Annotated[float, Field(gt=0, le=1)] | Text | dict[str, NonNegInt],
+    Field(description='a number of training batches >= 1, a fraction of the epoch in (0, 1], or a time '
+                      '("DD:HH:MM:SS", or {hours: 1})')]
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # Trainer arguments `vae train` sets itself.
 OWN_TRAINER_ARGUMENTS = {"logger", "callbacks", "plugins", "default_root_dir", "enable_checkpointing"}
@@ -50,6 +54,7 @@ class TrainerSettings(BaseModel):
     limit_test_batches: Limit = None
     log_every_n_steps: PosInt | None = None
     check_val_every_n_epoch: PosInt | None = None
+    val_check_interval: ValCheckInterval | None = None  # 0 divided by zero inside fit
     num_sanity_val_steps: Annotated[int, Field(ge=-1)] | None = None
     accumulate_grad_batches: PosInt | None = None
     gradient_clip_val: NonNegFloat | None = None

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vae_cli.errors import UserError, first_line
+from vae_cli.errors import UserError, first_line, raised_in
 from vae_cli.logs import STDOUT, log, shell
 from vae_cli.run_config import TrainSettings, trainer_arguments  # noqa: F401  (the settings of this command)
 
@@ -222,6 +222,7 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
     import pytorch_lightning as pl
     from hydra.utils import instantiate
     from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from vae_cli.module import VAEModule
     from vae_cli.run_config import NO_END, check_nodes, endless
@@ -275,6 +276,14 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+    except (MisconfigurationException, ValueError) as e:
+        # Settings Lightning can only judge once it sees the data, before any step: a fraction
+        # trainer.limit_train_batches of the epoch that is no batch (its MisconfigurationException),
+        # a trainer.val_check_interval of more batches than an epoch has (a ValueError of its
+        # fit loop's setup_data). Any other ValueError is not the user's: it stays as it is.
+        if isinstance(e, MisconfigurationException) or raised_in(e, "setup_data"):
+            raise UserError(f"trainer settings: {first_line(e)}") from None
+        raise
     except SystemExit:
         # Lightning catches Ctrl-C inside fit, shuts down (last.ckpt stays that of the last finished
         # epoch) and calls sys.exit(1): turn it back into the interrupt the CLI reports.
