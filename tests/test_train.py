@@ -293,6 +293,22 @@ def test_nan_loss_stops_with_one_line(tmp_path, data_dir, check_every):
     assert last.endswith("the last good checkpoint is kept" if kept else "no checkpoint had been written yet"), last
 
 
+def test_with_accumulated_batches_each_step_is_logged_and_checked_once(tmp_path, data_dir):
+    """Under trainer.accumulate_grad_batches every batch of a step saw the same global_step: the step's
+    ELBO was logged once per batch, and the finiteness check named steps '4-3'."""
+    run = tmp_path / "acc"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.accumulate_grad_batches=2", "trainer.max_epochs=3",
+                    "eval.k=0", f"hydra.run.dir={run}") == 0                          # 4 batches: 2 steps an epoch
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/elbo_step")] == list(range(6))
+    r = vae("train", f"data_dir={data_dir}", *TINY, "+trainer.accumulate_grad_batches=2", "optimizer=sgd",
+            "optimizer.lr=1e30", f"hydra.run.dir={tmp_path / 'nan'}", cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    first, end = map(int, re.search(r"steps (\d+)-(\d+)", last).groups()) if "steps" in last else (1, 1)
+    assert r.returncode == 2 and first <= end, last
+
+
 def test_resume_after_kill_ends_at_the_same_step(tmp_path, data_dir):
     epochs, run = 40, tmp_path / "crash"
     args = [f"data_dir={data_dir}", *TINY, f"trainer.max_epochs={epochs}", "eval.k=0", f"hydra.run.dir={run}"]

@@ -94,6 +94,7 @@ class CollapseMonitor:
         # The window's batches' KLs, kept as they are on the device and summed once at the window's
         # end: no host sync, and no op, a step.
         self._kl: list[torch.Tensor] = []
+        self._checked = -1  # the step last checked: each batch of a step comes with the same step
 
     def train_step(self, step: int, kl: torch.Tensor) -> None:
         """Every training step (step: optimizer steps before this one), kl: (B,) this batch, detached
@@ -101,7 +102,8 @@ class CollapseMonitor:
         if self.warned:
             return
         self._kl.append(kl)
-        if step + 1 >= self.after and (step + 1) % self.window == 0:
+        if step + 1 >= self.after and (step + 1) % self.window == 0 and step != self._checked:
+            self._checked = step
             window = torch.cat(self._kl)
             mean = float(window.sum()) / len(window)
             self._kl = []

@@ -85,6 +85,7 @@ class VAEModule(pl.LightningModule):
         self._batches: dict[str, list[Batch]] = {}  # split -> the batches not yet added to _sums (_add_batches)
         self._counts: dict[str, int] = {}         # split -> examples this epoch (a host int: no copy to the device)
         self._checked_step = 0                    # the optimizer step of the last finiteness check
+        self._logged_step = -1                    # the optimizer step whose ELBO was last logged (log_train_step)
         self.bar_metrics: dict[str, float] = {}   # the latest per-step values the progress bar shows (log_train_step)
         self._units: dict[str, UnitStats] = {}    # split -> E_q[z] moments and KL per dimension this epoch
         self.collapse = CollapseMonitor()
@@ -173,9 +174,11 @@ class VAEModule(pl.LightningModule):
         # Nothing here reads a value back to the host but every log_every_n_steps steps, so a GPU
         # never waits for Python at a step; the sums per epoch replace Lightning's per-step logging
         # machinery, which cost as much as the model itself here (README, Speed).
+        step = self.global_step  # the same for each batch of a step under trainer.accumulate_grad_batches
         if self.trainer.is_global_zero:  # one warning, not one per process; reads the KL every 50 steps
-            self.collapse.train_step(self.global_step, kl)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.collapse.train_step(step, kl)
+        if (step + 1) % self.trainer.log_every_n_steps == 0 and step != self._logged_step:  # once a step
+            self._logged_step = step
             self.log_train_step(elbo())
 
     def _add_batches(self, split: str) -> torch.Tensor | None:
@@ -281,7 +284,8 @@ class VAEModule(pl.LightningModule):
         return folder is not None and any(Path(folder).glob("*.ckpt"))
 
     def on_train_batch_end(self, outputs: object, batch: torch.Tensor, batch_idx: int) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        step = self.global_step  # once a step, also where several batches make one (accumulate_grad_batches)
+        if step % self.trainer.log_every_n_steps == 0 and step != self._checked_step:
             self.check_finite()
 
     def on_train_epoch_end(self) -> None:
@@ -322,6 +326,7 @@ class VAEModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._graph = None
+        self._checked_step = self.global_step  # a resumed run's steps before this one were checked
         if self.follows_progress():
             self._plan_schedule()
         if not self.cuda_graph:
