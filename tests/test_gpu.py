@@ -79,6 +79,15 @@ def test_evaluation_agrees_on_gpu_and_cpu(tmp_path, data_dir):
     assert abs(cpu["log_px"] - gpu["log_px"]) < 4 * math.hypot(cpu["log_px_se"], gpu["log_px_se"]), (cpu, gpu)
 
 
+def test_pictures_are_made_on_the_gpu(tmp_path, data_dir):
+    """reconstruct with n not a multiple of 8 pads its last row: the padding was made on the CPU."""
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *GPU, "eval.k=0", f"hydra.run.dir={run}") == 0
+    for command, extra in [("reconstruct", "n=10"), ("sample", "n=10"), ("interpolate", "pairs=2"), ("traverse", "steps=3")]:
+        assert run_main(command, f"run={run}", "device=cuda", extra, f"data_dir={data_dir}",
+                        f"out={tmp_path / command}.png") == 0, command
+
+
 def small_vae():
     from vae_cli.likelihoods import Bernoulli
     from vae_cli.model import VAE

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import run_main, vae
 from vae_cli import pictures
+from vae_cli.errors import UserError
 from vae_cli.runs import load_model
 
 CELL = 28 + 2  # an image plus its padding
@@ -201,6 +202,21 @@ def test_gif_and_png_never_overwrite(trained_run, tmp_path):
     assert run_cmd("interpolate", f"run={trained_run}", "pairs=1", "steps=4", "gif=true") == 0
     assert first.read_bytes() == gif_bytes
     assert run_cmd("interpolate", f"run={trained_run}", "gif=true", f"out={tmp_path / 'a.gif'}") == 2
+
+
+def test_gif_frames_wider_than_a_gif_can_hold_are_refused_before_any_work(trained_run, tmp_path, capsys):
+    """pairs=2185 of 28-pixel images side by side: 65,552 pixels, past the GIF's two-byte width. PIL
+    failed with a traceback after the work, and the PNG went with it."""
+    from vae_cli.pictures import GIF_MAX_SIDE, check_gif_width
+
+    check_gif_width(2184, 28)                                             # 65,522 pixels: fits
+    with pytest.raises(UserError, match="pairs=2185 with gif=true makes GIF frames 65552 pixels wide"):
+        check_gif_width(2185, 28)
+    assert GIF_MAX_SIDE == 65535
+    capsys.readouterr()
+    assert run_cmd("interpolate", f"run={trained_run}", "pairs=2185", "steps=2", "gif=true",
+                   f"out={tmp_path / 'wide.png'}") == 2
+    assert "ask for at most 2184 pairs" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -281,6 +281,19 @@ def check_picture_size(count: int, asked: str, config: dict) -> None:
                         f"more than the {have / 1e9:.1f} GB free here: ask for fewer")
 
 
+GIF_MAX_SIDE = 65535  # a GIF keeps a frame's width and height in two bytes each
+
+
+def check_gif_width(pairs: int, width: int, pad: int = 2) -> None:
+    """Refuse, before any work, GIF frames wider than a GIF can be: write_gif sets the pairs side by
+    side, each image ``width`` pixels and ``pad`` apart (grid), which PIL failed on with a traceback."""
+    side = pairs * (width + pad) + pad
+    if side > GIF_MAX_SIDE:
+        most = (GIF_MAX_SIDE - pad) // (width + pad)
+        raise UserError(f"pairs={pairs} with gif=true makes GIF frames {side} pixels wide, more than a GIF can hold "
+                        f"({GIF_MAX_SIDE}): ask for at most {most} pairs, or gif=false for the PNG alone")
+
+
 def _inputs(cfg, config: dict, model: VAE, start: int, count: int, asked: str) -> tuple[torch.Tensor, torch.Tensor]:
     """count images of cfg.split from start (asked: the setting that made count, for an error):
     (model input, grey-level display), both (count, C, H, W)."""
@@ -340,6 +353,8 @@ def interpolate(cfg) -> Path:
     model, config, _, out_dir = _load(cfg)
     check_picture_size(cfg.pairs * (cfg.steps + 2) * (2 if cfg.gif else 1), f"pairs={cfg.pairs} steps={cfg.steps}",
                        config)
+    if cfg.gif:
+        check_gif_width(cfg.pairs, config["dataset"]["shape"][-1])
     with _outputs(cfg, out_dir, "interpolate", gif=bool(cfg.gif)) as paths:
         if cfg.source == "prior":
             z, ends = prior_draws(model, 2 * cfg.pairs, cfg.seed), None
@@ -370,7 +385,7 @@ def reconstruct(cfg) -> Path:
         blocks = [torch.cat([shown[i : i + per_row], recon[i : i + per_row]]) for i in range(0, cfg.n, per_row)]
         if cfg.n % per_row:  # pad the last block so the input and reconstruction rows stay aligned
             last = cfg.n % per_row
-            pad = torch.ones(per_row - last, *shown.shape[1:])
+            pad = shown.new_ones(per_row - last, *shown.shape[1:])  # white, where the pictures are (a GPU)
             blocks[-1] = torch.cat([shown[-last:], pad, recon[-last:], pad])
         return _save(paths, grid(torch.cat(blocks), per_row))
 
