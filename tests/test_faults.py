@@ -134,6 +134,9 @@ def test_out_names_one_file_of_the_right_kind(trained_run, tmp_path, capsys):
         ("evaluate", f"out={tmp_path / 'res.png'}", "name the .json file; the .png is written beside it"),
         ("evaluate", f"out={tmp_path / 'taken.json'}", f"would write {str(tmp_path / 'taken.png')!r} beside it"),
         ("sample", f"out={tmp_path / 'x.jpg'}", "name a .png file"),
+        # the JSON was written under the picture's name (res.gif holding JSON text)
+        ("evaluate", f"out={tmp_path / 'res.gif'}", "name a .json file (it is written as JSON"),
+        ("evaluate", f"out={tmp_path / 'res.jpg'}", "name a .json file"),
         ("sample", f"out={tmp_path}/", "names a folder"),
         ("reconstruct", f"out={tmp_path}", "names a folder"),
     ]
