@@ -285,3 +285,18 @@ def test_the_chunk_refusal_names_auto_as_given(trained_run, monkeypatch, capsys)
     assert run_main("evaluate", f"run={trained_run}", "limit=2", "estimators=iwae", "k=100") == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("vae: error: chunk=auto (") and " here) with k=100 decodes " in line, line
+
+
+def test_the_k_hat_advice_names_what_did_not_run_or_did_not_converge():
+    """With refined and AIS run and no higher than IWAE, the warning told the user to run them."""
+    from vae_cli.evaluate import warnings_for
+
+    def result(*ran: str) -> dict:
+        est = {"iwae": {"khat_bad_share": 0.9, "log_px": -90.0}, **{n: {"log_px": -91.0} for n in ran}}
+        return {"estimators": est, "log_px_estimator": "iwae",
+                "comparison": {"n": 4, "log_px": {n: est[n]["log_px"] for n in est}}}
+
+    assert "run estimators=[refined,ais]" in warnings_for(result())[0]
+    line = warnings_for(result("refined", "ais"))[0]
+    assert "run estimators" not in line and "raise refined.steps and ais.steps" in line, line
+    assert "raise ais.steps" in warnings_for(result("ais"))[0]

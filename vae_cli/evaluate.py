@@ -405,8 +405,14 @@ def warnings_for(out: dict[str, Any]) -> list[str]:
     lines = []
     share = out["estimators"]["iwae"].get("khat_bad_share") or 0.0
     if share > WARN_SHARE:
-        advice = (f"the headline uses {LABELS[out['log_px_estimator']]}" if out["log_px_estimator"] != "iwae"
-                  else "run estimators=[refined,ais] (AIS, or the refined proposal q*) for a trustworthy log p(x)")
+        ran = [name for name in ("refined", "ais") if name in out["estimators"]]
+        if out["log_px_estimator"] != "iwae":
+            advice = f"the headline uses {LABELS[out['log_px_estimator']]}"
+        elif ran:  # they ran and gave no higher estimate: not converged on this model
+            advice = (f"{' and '.join(LABELS[name] for name in ran)} gave no higher estimate here: raise "
+                      f"{' and '.join(f'{name}.steps' for name in ran)}")
+        else:
+            advice = "run estimators=[refined,ais] (AIS, or the refined proposal q*) for a trustworthy log p(x)"
         lines.append(f"Pareto k-hat > {KHAT_BAD} for {100 * share:.0f}% of examples: IWAE's log p(x) cannot be "
                      f"trusted there (q(z|x) misses posterior mass); {advice}")
     refined = out["estimators"].get("refined", {})
