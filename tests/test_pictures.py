@@ -219,6 +219,18 @@ def test_gif_frames_wider_than_a_gif_can_hold_are_refused_before_any_work(traine
     assert "ask for at most 2184 pairs" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+def test_a_sweep_with_one_out_for_several_jobs_is_refused_before_the_first(trained_run, tmp_path, capsys):
+    """The second job found the file taken, after the first had done its work."""
+    for outs in (f"out={tmp_path / 'one.png'}", f"out={tmp_path / 'a.png'},{tmp_path / 'b.png'}"):
+        capsys.readouterr()
+        assert run_cmd("sample", "-m", f"run={trained_run}", "n=4", "seed=0,1", outs) == 2
+        err = capsys.readouterr().err
+        assert "for the 2 jobs of this sweep" in err or "for the 4 jobs of this sweep" in err, err
+        assert not list(tmp_path.glob("*.png"))
+    assert run_cmd("sample", "-m", f"run={trained_run}", "n=4", f"out={tmp_path / 'a.png'},{tmp_path / 'b.png'}") == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a.png", "b.png"]
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_tensorboard_image_keeps_its_channels_and_pixels(tmp_path, channels):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -125,6 +125,20 @@ def _check_job_folders(conf_dir: str, command: str, overrides: list[str]) -> Non
         seen[name] = job
 
 
+def _check_job_outputs(overrides: list[str], conf_dir: str) -> None:
+    """out=FILE in a sweep with more jobs than it names files: the second job found the file taken,
+    after the first had done its work (an evaluation can take an hour)."""
+    choices = _choices(overrides, True, conf_dir)
+    outs = next((c for c in choices if override_key(c[0]) == "out"), None)
+    jobs = math.prod(len(c) for c in choices)
+    if outs is not None and jobs > len(set(outs)):
+        files = len(set(outs))
+        named = outs[0] if files == 1 else f"out with {files} values"
+        raise UserError(f"{named} names {files} file{'s' * (files > 1)} for the {jobs} jobs of this sweep (one job "
+                        "for each combination of the swept values), so a later job would find its file taken: drop out= "
+                        "(each job then writes a new numbered file)")
+
+
 def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) -> str:
     """Hydra's multi-line composition errors, as one line."""
     text = str(e).strip() or first_line(e.__cause__ or e)
@@ -296,6 +310,8 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     _check_sweep_settings(overrides, multirun)
     if multirun and command == "train":
         _check_job_folders(conf_dir, command, overrides)
+    if multirun:
+        _check_job_outputs(overrides, conf_dir)
     schema = load(SCHEMAS[command])
     folders: list[tuple[str, Path]] = []
     unused: list[str | None] = []
