@@ -382,11 +382,12 @@ def test_a_k_too_large_for_this_machine_is_refused_before_the_work(trained_run, 
 
 def test_a_sweep_of_a_picture_command_with_a_failed_job_exits_2(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    taken = tmp_path / "taken.png"
-    taken.write_bytes(b"keep")
-    assert run_main("sample", "-m", f"run={trained_run}", "n=4,8", f"out={taken}") == 2
+    taken = [tmp_path / "taken.png", tmp_path / "taken2.png"]
+    for path in taken:
+        path.write_bytes(b"keep")
+    assert run_main("sample", "-m", f"run={trained_run}", f"out={taken[0]},{taken[1]}") == 2
     assert one_line_error(capsys) == "vae: error: 2 of 2 sweep jobs failed (their errors are above)"
-    assert taken.read_bytes() == b"keep"
+    assert all(path.read_bytes() == b"keep" for path in taken)
 
 
 def test_a_sweep_of_a_picture_command_leaves_no_hydra_folder(trained_run, tmp_path, monkeypatch, capsys):
@@ -401,7 +402,8 @@ def test_a_sweep_of_a_picture_command_leaves_no_hydra_folder(trained_run, tmp_pa
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["sample-001.png", "sample-002.png"]
     assert list(work.iterdir()) == []
     (work / "multirun" / "earlier").mkdir(parents=True)
-    assert run_main("sample", "-m", f"run={run}", "n=4,8", f"out={run / 'samples' / 'sample-001.png'}") == 2
+    taken = f"out={run / 'samples' / 'sample-001.png'},{run / 'samples' / 'sample-002.png'}"  # each job fails
+    assert run_main("sample", "-m", f"run={run}", taken) == 2
     capsys.readouterr()
     assert len(list(work.glob("multirun/*/*/*/error.txt"))) == 2 and (work / "multirun" / "earlier").is_dir()
 
