@@ -135,8 +135,8 @@ def _check_job_outputs(overrides: list[str], conf_dir: str) -> None:
         files = len(set(outs))
         named = outs[0] if files == 1 else f"out with {files} values"
         raise UserError(f"{named} names {files} file{'s' * (files > 1)} for the {jobs} jobs of this sweep (one job "
-                        "for each combination of the swept values), so a later job would find its file taken: drop out= "
-                        "(each job then writes a new numbered file)")
+                        "for each combination of the swept values), so a later job would find its file taken: "
+                        "drop out= (each job then writes a new numbered file)")
 
 
 def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) -> str:

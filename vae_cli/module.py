@@ -212,8 +212,8 @@ class VAEModule(pl.LightningModule):
     def _log_epoch(self, split: str) -> None:
         """split/elbo, split/recon, split/kl, split/objective: means over the epoch's examples, summed
         over all processes; for val, the active units and the KL per dimension too."""
-        sums = self._add_batches(split)
-        self._sums.pop(split, None)
+        self._add_batches(split)
+        sums = self._sums.pop(split, None)
         if sums is None:
             return
         sums = torch.cat([sums, sums.new_tensor([self._counts.pop(split)])])

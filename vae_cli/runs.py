@@ -467,8 +467,9 @@ def _check_out_name(out: str, base: Path, suffixes: tuple[str, ...]) -> None:
     if suffix in suffixes[1:]:
         raise UserError(f"out={out!r}: name the {suffixes[0]} file; the {suffix} is written beside it")
     if suffix in OTHER_IMAGE_SUFFIXES:  # out=figs/lr0.001 stays a name of its own
+        beside = f", the plot beside it as {suffixes[1]}" if len(suffixes) > 1 else ""
         written = "the picture is written as PNG" if suffixes[0] == ".png" else \
-            f"it is written as {suffixes[0][1:].upper()}" + (f", the plot beside it as {suffixes[1]}" if len(suffixes) > 1 else "")
+            f"it is written as {suffixes[0][1:].upper()}{beside}"
         raise UserError(f"out={out!r}: name a {suffixes[0]} file ({written})")
 
 
