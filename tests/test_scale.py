@@ -107,6 +107,15 @@ def test_a_picture_sweep_on_joblib_leaves_no_hydra_folder(tmp_path, trained_run)
     assert len(list((run / "samples").glob("sample-*.png"))) == 2 and list(work.iterdir()) == []
 
 
+def test_a_picture_sweep_on_joblib_with_a_failed_job_exits_2(tmp_path, trained_run):
+    """The failures were counted in the workers' processes: the sweep ended with exit 0."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    r = vae("sample", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "n=4",
+            f"run={trained_run},{tmp_path / 'nope'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == "vae: error: 1 of 2 sweep jobs failed (their errors are above)"
+
+
 def test_submitit_local_executor(tmp_path, data_dir):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "submitit"

@@ -125,12 +125,16 @@ def _check_job_folders(conf_dir: str, command: str, overrides: list[str]) -> Non
         seen[name] = job
 
 
+def sweep_jobs(overrides: list[str], conf_dir: str) -> int:
+    """The jobs of a sweep of Hydra's basic sweeper: one for each combination of the swept values."""
+    return math.prod(len(c) for c in _choices(overrides, True, conf_dir))
+
+
 def _check_job_outputs(overrides: list[str], conf_dir: str) -> None:
     """out=FILE in a sweep with more jobs than it names files: the second job found the file taken,
     after the first had done its work (an evaluation can take an hour)."""
-    choices = _choices(overrides, True, conf_dir)
-    outs = next((c for c in choices if override_key(c[0]) == "out"), None)
-    jobs = math.prod(len(c) for c in choices)
+    outs = next((c for c in _choices(overrides, True, conf_dir) if override_key(c[0]) == "out"), None)
+    jobs = sweep_jobs(overrides, conf_dir)
     if outs is not None and jobs > len(set(outs)):
         files = len(set(outs))
         named = outs[0] if files == 1 else f"out with {files} values"

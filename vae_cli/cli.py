@@ -509,8 +509,14 @@ def _main(argv: list[str] | None) -> None:
     _sweep.update(jobs=0, failed=0)
     _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
                config_name=command)
-    if _sweep["failed"]:  # vae train's sweep summary says so itself (and exits 2) before this
-        fail(f"{_sweep['failed']} of {_sweep['jobs']} sweep jobs failed (their errors are above)")
+    failed, jobs = _sweep["failed"], _sweep["jobs"]
+    if multirun and jobs == 0:  # the jobs ran in a launcher's own processes (joblib): their folders say
+        from vae_cli.checks import sweep_jobs
+        from vae_cli.sweep import failed_jobs
+
+        failed, jobs = failed_jobs(), sweep_jobs(overrides, str(config_dir()))
+    if failed:  # vae train's sweep summary says so itself (and exits 2) before this
+        fail(f"{failed} of {jobs} sweep jobs failed (their errors are above)")
 
 if __name__ == "__main__":
     console()

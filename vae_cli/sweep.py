@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,17 @@ def tidy(sweep_dir: Path, start: Path) -> None:
 
 
 _UNTIDY: list[tuple[Path, Path]] = []  # (sweep folder, the command's folder) of a sweep under way (TidySweep)
+_LAUNCHED: dict[str, Any] = {}  # the last sweep launched from this process: its folder and start time (TidySweep)
+
+
+def failed_jobs() -> int:
+    """How many jobs of the last sweep launched here failed: the error.txt files they wrote in their
+    folders since it began. A launcher such as joblib runs the jobs in processes of its own, whose
+    counts this process never sees."""
+    folder = _LAUNCHED.get("folder")
+    if folder is None or not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.glob(f"*/{FAILED}") if p.stat().st_mtime >= _LAUNCHED["since"])
 
 
 def tidy_pending() -> None:
@@ -60,8 +72,9 @@ class TidySweep(Callback):
         from vae_cli.checks import override_key
 
         given = any(override_key(o) == "hydra.sweep.dir" for o in config.hydra.overrides.hydra)
+        cwd = Path(config.hydra.runtime.cwd)
+        _LAUNCHED.update(folder=cwd / str(config.hydra.sweep.dir), since=time.time())
         if config.hydra.output_subdir is None and not given:  # a folder of the user's own is left as it is
-            cwd = Path(config.hydra.runtime.cwd)
             _UNTIDY.append((cwd / str(config.hydra.sweep.dir), cwd))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
