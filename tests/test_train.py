@@ -394,6 +394,13 @@ def test_trainer_settings_lightning_judges_inside_fit_are_one_line(tmp_path, dat
     assert not run.exists()
 
 
+def test_lightnings_fast_dev_run_trains_and_reports(tmp_path, data_dir):
+    """Its stand-in logger writes no events: the pictures' writer was None (an AttributeError traceback)."""
+    run = tmp_path / "fast"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.fast_dev_run=true", f"hydra.run.dir={run}") == 0
+    assert json.loads((run / "metrics.json").read_text())["step"] == 1
+
+
 def test_the_model_summary_alone_when_asked_for(tmp_path, data_dir, capsys):
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
                     "trainer.enable_model_summary=true", f"hydra.run.dir={tmp_path / 'table'}") == 0

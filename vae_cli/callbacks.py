@@ -91,7 +91,9 @@ def add_image(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:
     point (uint8 in 0-255), goes through the writer's own add_image.
     """
     file_writer = getattr(writer, "_get_file_writer", None)
-    if file_writer is None or not image.is_floating_point():
+    # None also from trainer.fast_dev_run's stand-in logger, whose writer writes nothing
+    events = file_writer() if file_writer is not None and image.is_floating_point() else None
+    if events is None:
         writer.add_image(tag, image, step)
         return
     import io
@@ -102,7 +104,7 @@ def add_image(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:
     pictures.to_pil(image).save(png, format="PNG", compress_level=1)
     c, h, w = image.shape
     picture = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=png.getvalue())
-    file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
+    events.add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
