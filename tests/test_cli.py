@@ -59,9 +59,13 @@ def test_a_config_that_does_not_resolve_is_one_line(tmp_path, capsys, overrides,
     assert not (tmp_path / "run").exists()
 
 
-def test_debug_switch_shows_the_traceback(tmp_path):
+def test_debug_switch_shows_the_traceback(tmp_path, monkeypatch, capsys):
     r = vae("sample", "run=/no/such/run", cwd=tmp_path, env={"VAE_DEBUG": "1"})
     assert r.returncode != 0 and "Traceback" in r.stderr
+    for off in ("0", "false", ""):  # VAE_DEBUG=0 turned it on
+        monkeypatch.setenv("VAE_DEBUG", off)
+        assert run_main("sample", "run=/no/such/run") == 2
+        assert capsys.readouterr().err.startswith("vae: error: run='/no/such/run' is not a folder")
 
 
 def test_evaluate_prints_the_table_and_writes_json(trained_run, tmp_path, capsys):
@@ -162,6 +166,10 @@ def test_hydra_flags_that_ended_in_tracebacks(capsys, tmp_path):
     assert "unknown setting 'bogus'" in capsys.readouterr().err
     assert run_main("train", "--shell-completion") == 2
     assert "shell completion is not supported by vae" in capsys.readouterr().err
+    # another command's config failed inside the run; a missing rerun file started a default training
+    for flag in (["-cn", "evaluate"], ["--config-name=evaluate"], ["-cp", "/tmp"], ["--experimental-rerun", "/no/x.pickle"]):
+        assert run_main("train", *flag) == 2, flag
+        assert capsys.readouterr().err.startswith(f"vae: error: {flag[0].split('=')[0]} is not supported by vae"), flag
     for args in (["--version"], ["train", "--version"]):
         assert run_main(*args) == 0
         assert capsys.readouterr().out.startswith("vae-cli ")

@@ -175,7 +175,7 @@ def _task(command: str):
                 raise UserError(memory_message(e, _task_overrides())) from None
         except UserError as e:
             file_only(f"error: {e}", logging.ERROR)  # a run that stops early says why in its train.log
-            if os.environ.get("VAE_DEBUG"):
+            if debugging():
                 raise
             if _in_sweep():  # one failed job must not end the sweep: note it, go on, report at the end
                 from vae_cli.sweep import record_failure
@@ -294,6 +294,15 @@ def _quiet_rank() -> bool:
     return os.environ.get("LOCAL_RANK", "0") not in ("", "0")
 
 
+# Hydra's flags that pick another config than the command's own (or rerun a pickled one)
+CONFIG_FLAGS = ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "--experimental-rerun")
+
+
+def debugging() -> bool:
+    """VAE_DEBUG set to anything but empty, 0, false or no: tracebacks instead of one line."""
+    return os.environ.get("VAE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 # The jobs of a sweep run in this process (Hydra's basic launcher): how many ran, how many failed.
 _sweep = {"jobs": 0, "failed": 0}
 
@@ -352,7 +361,7 @@ def _watchdog(generation: int) -> None:
 
 def _exit_now() -> NoReturn:
     """End the process without the rest of its shutdown, with interrupted()'s line unless it was printed."""
-    if os.environ.get("VAE_DEBUG"):  # where the shutdown was stuck
+    if debugging():  # where the shutdown was stuck
         import faulthandler
 
         faulthandler.dump_traceback(all_threads=True)
@@ -468,6 +477,12 @@ def _main(argv: list[str] | None) -> None:
              f"differ only by the swept values) or {shown[0]}")
     if {"--shell-completion", "-sc"} & set(rest):  # Hydra's completion reads the sub-command as an override
         fail("shell completion is not supported by vae: `vae COMMAND --help` lists the settings")
+    config_flag = next((a for a in rest if a.split("=", 1)[0] in CONFIG_FLAGS), None)
+    if config_flag is not None:
+        # another command's config (-cn evaluate) failed inside the run with a traceback; a missing
+        # --experimental-rerun file started a default training
+        fail(f"{config_flag.split('=', 1)[0]} is not supported by vae: each command has its own config (conf/COMMAND.yaml); "
+             "change it with key=value settings (`vae COMMAND --help` lists them)")
     # checked also under --help, --info and --cfg: they show the config these overrides make
     from vae_cli.checks import check_command_line
 
@@ -476,7 +491,7 @@ def _main(argv: list[str] | None) -> None:
         folders = [] if info and not overrides else \
             check_command_line(config_dir(), command, overrides, multirun=multirun, values_only=info)
     except UserError as e:
-        if os.environ.get("VAE_DEBUG"):
+        if debugging():
             raise
         fail(str(e))
 
