@@ -161,6 +161,13 @@ BAD = [
     ("train", ["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 is not allowed: expected an integer > 0"),
     ("train", ["trainer.max_epochs=-2"], "trainer.max_epochs=-2 is not allowed: expected an integer >= -1"),
     ("train", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed"),
+    # a run on the basic launcher, the launcher ignored; a model's missing setting blamed on another model
+    ("train", ["hydra/launcher=joblib"], "hydra/launcher=joblib runs the jobs of a sweep: add -m"),
+    ("train", ["model=ladder", "model.latent_dim=5"], "unknown setting 'model.latent_dim': did you mean model.latent_dims?"),
+    ("train", ["likelihood=gaussian", "likelihood.scale=fixed", "likelihood.min_sigma=0.3"],
+     "likelihood.min_sigma=0.3 is not used with likelihood.scale=fixed"),
+    ("train", ["likelihood=gaussian", "trainer.precision=16-true", "+optimizer.eps=1e-4"],
+     "trainer.precision=16-true is not allowed with likelihood=gaussian and a learned sigma"),
     # 0 divided by zero inside fit, with a traceback
     ("train", ["+trainer.val_check_interval=0"], "trainer.val_check_interval=0 is not allowed: expected a number of "
                                                  "training batches >= 1, a fraction of the epoch in (0, 1], or a time"),
@@ -334,7 +341,13 @@ def test_settings_used_by_some_value_or_job_are_not_refused(conf, command, overr
 
 
 def test_a_run_folder_is_checked_as_hydra_makes_it(conf, tmp_path, monkeypatch):
-    """~ and $VAR in hydra.run.dir are not expanded by Hydra (~/x is ./~/x): the checked folder is that one."""
+    """$VAR in hydra.run.dir is not expanded by Hydra: the checked folder is the one it makes. Nor is
+    ~ (~/x is ./~/x, a folder named ~ that rm -rf ~ would take for the home): refused in one line."""
     monkeypatch.chdir(tmp_path)
-    (folder,) = check_command_line(conf, "train", ['hydra.run.dir="~/runs/t1"'])  # quoted, as the CLI does
-    assert folder[1] == tmp_path / "~" / "runs" / "t1"
+    (folder,) = check_command_line(conf, "train", ['hydra.run.dir="runs/$X/t1"'])  # quoted, as the CLI does
+    assert folder[1] == tmp_path / "runs" / "$X" / "t1"
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        with pytest.raises(UserError, match=f"{key}='~/runs/t1': Hydra does not expand ~"):
+            check_command_line(conf, "train", [f'{key}="~/runs/t1"'] + (["seed=1,2"] if "sweep" in key else []),
+                               multirun="sweep" in key)
+    assert not (tmp_path / "~").exists()

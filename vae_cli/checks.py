@@ -165,7 +165,9 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
         config = _config_without(conf_dir, command, overrides, key)
         if known_argument(config, key):
             return f"{key} is not in the config yet: add it with +{key}=VALUE"
-        elsewhere = _option_with(conf_dir, command, overrides, key)
+        # the group's option given by hand (model=ladder): it has no such setting; say which it has
+        chosen = any(override_key(o) == key.partition(".")[0] for o in overrides)
+        elsewhere = None if chosen else _option_with(conf_dir, command, overrides, key)
         if elsewhere:
             return f"{key} is a setting of {elsewhere}: choose it first ({elsewhere} {key}=VALUE)"
         parent = key.rpartition(".")[0]
@@ -365,6 +367,8 @@ UNUSED_WITH = [
      {"split": (), "data_dir": (), "index": ()}, "the ends are draws of p(z), no image is read"),
     ("train", "likelihood=gaussian", _gaussian, {"dataset.binarize": ("none",)},
      "a Gaussian likelihood dequantizes the 8-bit pixels, it binarizes none"),
+    ("train", "likelihood.scale=fixed", lambda c: _gaussian(c) and c["likelihood"].get("scale") == "fixed",
+     {"likelihood.min_sigma": ()}, "min_sigma floors a learned sigma; a fixed one stays at likelihood.sigma"),
 ]
 
 
@@ -410,6 +414,8 @@ def _check_sweep_settings(overrides: list[str], multirun: bool) -> None:
             continue
         key, _, value = o.lstrip("+").partition("=")
         value = value.strip("'\"")
+        if not multirun and key == "hydra/launcher" and value in LAUNCHER_EXTRAS:  # ignored: one local run
+            raise UserError(f"{o} runs the jobs of a sweep: add -m (vae COMMAND -m ...), or drop it")
         if multirun and key == "hydra/launcher" and value == "submitit_slurm" and shutil.which("srun") is None:
             raise UserError(f"{o} needs Slurm, and this machine has no `srun`: run the sweep where Slurm is, or use "
                             "hydra/launcher=submitit_local or joblib")
@@ -491,6 +497,14 @@ def _check_run_plan(config: dict[str, Any]) -> None:
                                          config.get("free_bits", 0.0))
         except ValueError as e:
             raise UserError(str(e)) from None
+    likelihood = config["likelihood"]
+    if precision == "16-true" and _gaussian(config) and likelihood.get("scale", "shared") != "fixed":
+        # the learned sigma's gradient sums a term for every pixel of the batch (128 x 784), past
+        # float16's 65504: inf, then NaN at the first step, at any learning rate
+        raise UserError(f"trainer.precision=16-true is not allowed with likelihood=gaussian and a learned sigma "
+                        f"(likelihood.scale={likelihood.get('scale', 'shared')}): its gradient sums every pixel of the "
+                        "batch and overflows float16; use trainer.precision=bf16-true or 16-mixed, or "
+                        "likelihood.scale=fixed")
     if precision == "16-true" and "eps" in _arguments(optimizer["_target_"]):
         eps = optimizer.get("eps", _arguments(optimizer["_target_"])["eps"].default)
         tiny = torch.finfo(torch.float16).tiny
@@ -593,6 +607,9 @@ def check_output_folder(cfg: DictConfig, multirun: bool) -> tuple[str, Path]:
         raise UserError(f"{key}: {first_line(e)}") from None
     if not value or not str(value).strip():
         raise UserError(f"{key} is empty: give a new folder")
+    if str(value).startswith("~"):  # Hydra expands no ~: it would make a folder named ~ here (rm -rf ~ ...)
+        raise UserError(f"{key}={str(value)!r}: Hydra does not expand ~ (it would make a folder named '~' in "
+                        f"this one); write the path out, e.g. {key}=$HOME{str(value)[1:]}")
     folder = Path(str(value)).absolute()  # as Hydra makes it: no ~ or $VAR expanded (~/x is ./~/x)
     NEW_FOLDERS.update(d.resolve() for d in (folder, *folder.parents) if not d.exists())  # outputs/DATE/TIME, ...
     shown = f"{key}={str(folder)!r}"
