@@ -69,8 +69,10 @@ def test_verbose_shows_lightning_and_the_bar_shows_one_decimal(tmp_path, data_di
     assert r.returncode == 0, r.stderr[-2000:]
     shown = r.stdout + r.stderr
     assert "GPU available" in shown and "Total params" in shown        # the summary table, asked for
-    assert re.search(r"val/elbo=-\d+\.\d[,\]]", r.stdout), r.stdout[-1000:]  # -542.5, not -542.
-    assert re.search(r"train/elbo_step=-\d+\.\d[,\]]", r.stdout), r.stdout[-1000:]  # VAEModule.bar_metrics, one decimal
+    # the bars on stderr (they were on stdout, every redrawn frame around the summary block)
+    assert re.search(r"val/elbo=-\d+\.\d[,\]]", r.stderr), r.stderr[-1000:]  # -542.5, not -542.
+    assert re.search(r"train/elbo_step=-\d+\.\d[,\]]", r.stderr), r.stderr[-1000:]  # VAEModule.bar_metrics, one decimal
+    assert "it/s" not in r.stdout and "\r" not in r.stdout, r.stdout[-1000:]
     assert "test evaluation: IWAE k=8 on 32 examples" in r.stdout
     assert "iwae k=8" in r.stderr and "32/32" in r.stderr               # the test evaluation's own bar
     # a finished run resumed: the same block, the same numbers, and quiet again without verbose

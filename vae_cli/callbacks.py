@@ -5,7 +5,8 @@ and the cheaper dispatch of Lightning's hooks (NoProfiler, ModelCheckpoint)."""
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import sys
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,25 @@ class ProgressBar(TQDMProgressBar):
 
     Strings go into tqdm's postfix as they are (it reformats only numbers), so they show unpadded.
     """
+
+    # On stderr, as tqdm's default and the test evaluation's bar: Lightning's bars write to stdout,
+    # which then held every redrawn frame (carriage returns, cursor moves) around the summary block
+    # in `vae train > log.txt` or `| cat`. stdout carries the summary alone.
+    def init_sanity_tqdm(self) -> Any:
+        with redirect_stdout(sys.stderr):
+            return super().init_sanity_tqdm()
+
+    def init_train_tqdm(self) -> Any:
+        with redirect_stdout(sys.stderr):
+            return super().init_train_tqdm()
+
+    def init_validation_tqdm(self) -> Any:
+        with redirect_stdout(sys.stderr):
+            return super().init_validation_tqdm()
+
+    def init_test_tqdm(self) -> Any:
+        with redirect_stdout(sys.stderr):
+            return super().init_test_tqdm()
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
