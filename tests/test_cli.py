@@ -48,8 +48,9 @@ def test_user_mistake_is_one_line_exit_2_and_writes_nothing(tmp_path):
     (["model=ladder", "posterior=iaf"], "vae: error: posterior=iaf is not allowed with model=ladder: it has "
                                         "its own hierarchical posterior; use the default posterior (posterior=gaussian)"),
     # rules that cannot read an unresolved value leave the resolution error as it was
-    (["dataset.shape=${nope}"], "vae: error: Interpolation key 'nope' not found"),
-    (["likelihood=gaussian", "likelihood.sigma=${nope}"], "vae: error: Interpolation key 'nope' not found"),
+    (["dataset.shape=${nope}"], "vae: error: dataset.shape=${nope}: Interpolation key 'nope' not found"),
+    (["likelihood=gaussian", "likelihood.sigma=${nope}"],
+     "vae: error: likelihood.sigma=${nope}: Interpolation key 'nope' not found"),
 ])
 def test_a_config_that_does_not_resolve_is_one_line(tmp_path, capsys, overrides, expected):
     """A class's own rule explains what broke the resolution where it can (posterior=iaf asks the

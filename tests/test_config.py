@@ -161,6 +161,11 @@ BAD = [
     ("train", ["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 is not allowed: expected an integer > 0"),
     ("train", ["trainer.max_epochs=-2"], "trainer.max_epochs=-2 is not allowed: expected an integer >= -1"),
     ("train", ["trainer.limit_train_batches=1.5"], "trainer.limit_train_batches=1.5 is not allowed"),
+    # Hydra's words, which named neither the setting nor what is allowed
+    ("train", ["likelihood="], "likelihood= needs a value: choose one of bernoulli, gaussian"),
+    ("train", ["scheduler=null"], "scheduler=null: a config group takes one of its options (cosine); to leave it out "
+                                  "write ~scheduler"),
+    ("train", ["seed=${nope}"], "seed=${nope}: Interpolation key 'nope' not found"),
     # a run on the basic launcher, the launcher ignored; a model's missing setting blamed on another model
     ("train", ["hydra/launcher=joblib"], "hydra/launcher=joblib runs the jobs of a sweep: add -m"),
     ("train", ["model=ladder", "model.latent_dim=5"], "unknown setting 'model.latent_dim': did you mean model.latent_dims?"),

@@ -146,6 +146,15 @@ def _check_job_outputs(overrides: list[str], conf_dir: str) -> None:
 def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) -> str:
     """Hydra's multi-line composition errors, as one line."""
     text = str(e).strip() or first_line(e.__cause__ or e)
+    m = re.search(r"Could not find '([\w/]+)/'", text)
+    if m and not m.group(1).startswith("hydra/"):  # likelihood= with no value
+        return f"{m.group(1)}= needs a value: choose one of {', '.join(options(conf_dir, m.group(1)))}"
+    if "Config group override must be a string or a list" in text:  # scheduler=null
+        given = next((o for o in overrides if o.partition("=")[2] in ("null", "None") and
+                      Path(conf_dir, override_key(o)).is_dir()), "a config group set to null")
+        group = override_key(given) if "=" in given else "GROUP"
+        return (f"{given}: a config group takes one of its options ({', '.join(options(conf_dir, group))}); "
+                f"to leave it out write ~{group}")
     m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
     if m:
         group, value = m.groups()
@@ -240,8 +249,16 @@ def compose(conf_dir: str, command: str, overrides: list[str], hydra: bool = Fal
         raise UserError(_explain(e, conf_dir, command, overrides)) from None
 
 
-def resolved(cfg: DictConfig) -> dict[str, Any]:
-    """The config as plain values, interpolations resolved (the hydra node left out)."""
+def _interpolation_error(e: Exception, overrides: list[str]) -> str:
+    """A ${...} that does not resolve, in one line that names the setting: the command line's own
+    where one holds a ${...}, else the config's key whose value failed (OmegaConf's full_key)."""
+    given = next((o for o in overrides if "${" in o), None) or getattr(e, "full_key", None)
+    return f"{given}: {first_line(e)}" if given else first_line(e)
+
+
+def resolved(cfg: DictConfig, overrides: list[str] = ()) -> dict[str, Any]:
+    """The config as plain values, interpolations resolved (the hydra node left out); ``overrides``:
+    the command line's, to name the one whose ${...} fails."""
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)
@@ -249,7 +266,7 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
         _class_rules_unresolved(OmegaConf.to_container(cfg, resolve=False))
-        raise UserError(first_line(e)) from None
+        raise UserError(_interpolation_error(e, overrides)) from None
 
 
 def _class_rules_unresolved(raw: dict[str, Any]) -> None:
@@ -323,7 +340,7 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     unused: list[str | None] = []
     for variant in _variants(overrides, multirun, conf_dir):
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
-        config = resolved(cfg)
+        config = resolved(cfg, variant)
         try:
             validate(config, schema)
         except UserError as e:
