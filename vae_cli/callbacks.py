@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -150,21 +151,22 @@ class ProgressBar(TQDMProgressBar):
     # On stderr, as tqdm's default and the test evaluation's bar: Lightning's bars write to stdout,
     # which then held every redrawn frame (carriage returns, cursor moves) around the summary block
     # in `vae train > log.txt` or `| cat`. stdout carries the summary alone.
+    @staticmethod
+    def _on_stderr(make: Callable[[], Any]) -> Any:
+        with redirect_stdout(sys.stderr):  # Lightning's bars take sys.stdout as their file when made
+            return make()
+
     def init_sanity_tqdm(self) -> Any:
-        with redirect_stdout(sys.stderr):
-            return super().init_sanity_tqdm()
+        return self._on_stderr(super().init_sanity_tqdm)
 
     def init_train_tqdm(self) -> Any:
-        with redirect_stdout(sys.stderr):
-            return super().init_train_tqdm()
+        return self._on_stderr(super().init_train_tqdm)
 
     def init_validation_tqdm(self) -> Any:
-        with redirect_stdout(sys.stderr):
-            return super().init_validation_tqdm()
+        return self._on_stderr(super().init_validation_tqdm)
 
     def init_test_tqdm(self) -> Any:
-        with redirect_stdout(sys.stderr):
-            return super().init_test_tqdm()
+        return self._on_stderr(super().init_test_tqdm)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)

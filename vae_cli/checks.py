@@ -149,10 +149,10 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
     m = re.search(r"Could not find '([\w/]+)/'", text)
     if m and not m.group(1).startswith("hydra/"):  # likelihood= with no value
         return f"{m.group(1)}= needs a value: choose one of {', '.join(options(conf_dir, m.group(1)))}"
-    if "Config group override must be a string or a list" in text:  # scheduler=null
-        given = next((o for o in overrides if o.partition("=")[2] in ("null", "None") and
-                      Path(conf_dir, override_key(o)).is_dir()), "a config group set to null")
-        group = override_key(given) if "=" in given else "GROUP"
+    given = next((o for o in overrides if o.partition("=")[2] in ("null", "None") and
+                  Path(conf_dir, override_key(o)).is_dir()), None)
+    if given and "Config group override must be a string or a list" in text:  # scheduler=null
+        group = override_key(given)
         return (f"{given}: a config group takes one of its options ({', '.join(options(conf_dir, group))}); "
                 f"to leave it out write ~{group}")
     m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)

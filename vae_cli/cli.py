@@ -525,11 +525,13 @@ def _main(argv: list[str] | None) -> None:
     _run_hydra(args=args, args_parser=parser, task_function=_task(command), config_path=config_dir(),
                config_name=command)
     failed, jobs = _sweep["failed"], _sweep["jobs"]
-    if multirun and jobs == 0:  # the jobs ran in a launcher's own processes (joblib): their folders say
+    if multirun:
         from vae_cli.checks import sweep_jobs
         from vae_cli.sweep import failed_jobs
 
-        failed, jobs = failed_jobs(), sweep_jobs(overrides, str(config_dir()))
+        in_folders = failed_jobs()  # read, so that no later sweep of this process reads this one's
+        if jobs == 0:  # the jobs ran in a launcher's own processes (joblib): their folders say
+            failed, jobs = in_folders, sweep_jobs(overrides, str(config_dir()))
     if failed:  # vae train's sweep summary says so itself (and exits 2) before this
         fail(f"{failed} of {jobs} sweep jobs failed (their errors are above)")
 

@@ -49,11 +49,11 @@ _LAUNCHED: dict[str, Any] = {}  # the last sweep launched from this process: its
 def failed_jobs() -> int:
     """How many jobs of the last sweep launched here failed: the error.txt files they wrote in their
     folders since it began. A launcher such as joblib runs the jobs in processes of its own, whose
-    counts this process never sees."""
-    folder = _LAUNCHED.get("folder")
+    counts this process never sees. Read once: the record goes with it."""
+    folder, since = _LAUNCHED.pop("folder", None), _LAUNCHED.pop("since", 0.0)
     if folder is None or not folder.is_dir():
         return 0
-    return sum(1 for p in folder.glob(f"*/{FAILED}") if p.stat().st_mtime >= _LAUNCHED["since"])
+    return sum(1 for p in folder.glob(f"*/{FAILED}") if p.stat().st_mtime >= since)
 
 
 def tidy_pending() -> None:
