@@ -57,7 +57,16 @@ def test_a_sweep_with_cfg_job_is_one_line(capsys):
 def test_an_unknown_command_is_one_line(capsys):
     assert run_main("trian") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["vae: error: unknown command 'trian': choose one of " + ", ".join(cli.COMMANDS)]
+    assert err == ["vae: error: unknown command 'trian': did you mean train? choose one of " + ", ".join(cli.COMMANDS)]
+    assert run_main("bogus") == 2   # nothing close: the list alone
+    assert capsys.readouterr().err.strip() == "vae: error: unknown command 'bogus': choose one of " + ", ".join(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("first", ["help", "--help", "-h"])
+def test_help_before_a_command_shows_that_commands_settings(first, capsys):
+    """vae help train and vae --help train printed the list of commands."""
+    assert run_main(first, "sample") == 0
+    assert capsys.readouterr().out.startswith("vae sample: override any setting below with key=value")
 
 
 @pytest.mark.parametrize("args, said", [

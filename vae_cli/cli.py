@@ -456,6 +456,9 @@ def _main(argv: list[str] | None) -> None:
     from vae_cli.logs import quiet_warnings
 
     quiet_warnings()  # Lightning's chatter that is not the user's business
+    if argv and argv[0] in ("-h", "--help", "help") and len(argv) > 1 and argv[1] in COMMANDS:
+        argv = [argv[1], "--help"]  # vae help train, vae --help train: that command's settings
+        sys.argv = [sys.argv[0], *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -466,7 +469,11 @@ def _main(argv: list[str] | None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        fail(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        fail(f"unknown command {command!r}: " + (f"did you mean {close[0]}? " if close else "")
+             + f"choose one of {', '.join(COMMANDS)}")
     rest = quote_paths(rest)
     sys.argv = [sys.argv[0], command, *rest]
     overrides, info = split_overrides(rest)
