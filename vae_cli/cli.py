@@ -457,8 +457,7 @@ def _main(argv: list[str] | None) -> None:
 
     quiet_warnings()  # Lightning's chatter that is not the user's business
     if argv and argv[0] in ("-h", "--help", "help") and len(argv) > 1 and argv[1] in COMMANDS:
-        argv = [argv[1], "--help"]  # vae help train, vae --help train: that command's settings
-        sys.argv = [sys.argv[0], *argv]
+        argv = [argv[1], "--help"]  # vae help train, vae --help train: that command's settings (sys.argv set below)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -488,8 +487,8 @@ def _main(argv: list[str] | None) -> None:
     if config_flag is not None:
         # another command's config (-cn evaluate) failed inside the run with a traceback; a missing
         # --experimental-rerun file started a default training
-        fail(f"{config_flag.split('=', 1)[0]} is not supported by vae: each command has its own config (conf/COMMAND.yaml); "
-             "change it with key=value settings (`vae COMMAND --help` lists them)")
+        fail(f"{config_flag.split('=', 1)[0]} is not supported by vae: each command has its own config "
+             "(conf/COMMAND.yaml); change it with key=value settings (`vae COMMAND --help` lists them)")
     # checked also under --help, --info and --cfg: they show the config these overrides make
     from vae_cli.checks import check_command_line
 
