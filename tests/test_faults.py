@@ -3,10 +3,13 @@ or works, and nothing saved before changes. (The older fault cases live in test_
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 from conftest import TINY, run_main
 
 from vae_cli import cli
-from vae_cli.errors import first_line, memory_message, out_of_memory
+from vae_cli.errors import disk_full, disk_message, first_line, memory_message, out_of_memory
 
 
 def one_line_error(capsys) -> str:
@@ -113,6 +116,50 @@ def test_memory_errors_are_told_apart_from_other_runtime_errors():
     assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     line = memory_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), ["k=5000", "run=x"])
     assert "tried to allocate 2 GiB" in line and "with k=5000" in line and "run=x" not in line
+
+
+def test_a_full_disk_leaves_the_checkpoint_before_and_names_the_file(tmp_path, monkeypatch):
+    """A write that finds no room: an OSError naming the checkpoint (which the CLI reports in one
+    line), the checkpoint before intact, no temporary file left. Written straight from torch's zip
+    writer, a full disk gave a RuntimeError about an "unexpected pos" instead."""
+    from vae_cli.callbacks import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, target)
+    good = target.read_bytes()
+
+    def no_room(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_room)
+    with pytest.raises(OSError) as e:
+        AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(2)}, target)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    assert disk_full(e.value) and str(target) in disk_message(e.value)
+    assert target.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_full_disk_while_training_is_one_line(data_dir, tmp_path, monkeypatch, capsys):
+    from vae_cli import callbacks
+
+    def no_room(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(callbacks, "torch_save_atomic", no_room)
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1",
+                    f"hydra.run.dir={tmp_path / 'run'}") == 2
+    line = one_line_error(capsys)
+    assert line.startswith("vae: error: no space left on device writing ") and ".ckpt: free some space" in line
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_printing_to_a_full_disk_is_one_line():
+    """`vae --help > /dev/full`: printed outside a command's task, it ended in a traceback."""
+    for args in (["--help"], ["train", "--help"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "vae_cli.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr == "vae: error: could not write the output: No space left on device\n"
 
 
 # --------------------------------------------------------------------------- checkpoints and outputs

@@ -4,6 +4,7 @@ and the cheaper dispatch of Lightning's hooks (NoProfiler, ModelCheckpoint)."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.profilers import PassThroughProfiler
 
 from vae_cli import cli, pictures
+from vae_cli.sources import torch_save_atomic
 
 
 class SafeInterrupt(pl.Callback):
@@ -98,8 +100,6 @@ def add_image(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:
     if events is None:
         writer.add_image(tag, image, step)
         return
-    import io
-
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     png = io.BytesIO()
@@ -110,26 +110,15 @@ def add_image(writer: Any, tag: str, image: torch.Tensor, step: int) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to a temporary file beside it, flush it to disk, then rename it into place.
-
-    os.replace is atomic within a folder, so a kill at any moment leaves either the previous
-    checkpoint or the new one, never half a file. (Lightning's own save goes through a temporary
-    file in the system's temp folder, which is only atomic when that is the same file system.)
+    """Write each checkpoint with sources.torch_save_atomic: to a temporary file beside it, flushed
+    to disk, then renamed into place, so a kill at any moment leaves either the previous checkpoint
+    or the new one, never half a file. (Lightning's own save goes through a temporary file in the
+    system's temp folder, which is only atomic when that is the same file system.) A full disk
+    fails as an OSError naming the checkpoint, which the CLI reports in one line.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        torch_save_atomic(checkpoint, Path(path))
 
 
 def short_number(value: float) -> str:

@@ -166,13 +166,13 @@ def _task(command: str):
                 set_matmul_precision(cfg.matmul_precision)
             try:
                 fn(cfg)
-            except (MemoryError, RuntimeError) as e:  # a size too large for this machine: one line
-                from vae_cli.errors import memory_message, out_of_memory
+            except (MemoryError, RuntimeError, OSError) as e:  # a size too large, a disk too full: one line
+                from vae_cli.errors import disk_full, disk_message, memory_message, out_of_memory
 
-                if not out_of_memory(e):
+                if not (out_of_memory(e) or disk_full(e)):
                     raise
                 file_only(f"error: {first_line(e)}", logging.ERROR)
-                raise UserError(memory_message(e, _task_overrides())) from None
+                raise UserError(memory_message(e, _task_overrides()) if out_of_memory(e) else disk_message(e)) from None
         except UserError as e:
             file_only(f"error: {e}", logging.ERROR)  # a run that stops early says why in its train.log
             if debugging():
@@ -430,6 +430,14 @@ def console() -> None:
             main()
         except BrokenPipeError:  # `vae --help | head`: the reader left; no traceback (Python's own recipe)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        except OSError as e:  # `vae --help > /dev/full`: printing failed outside a command's task
+            from vae_cli.errors import disk_full
+
+            if not disk_full(e):
+                raise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush fails no more
+            print(f"vae: error: could not write the output: {e.strerror}", file=sys.stderr)
             sys.exit(1)
         # Done, its outputs written: a Ctrl-C from here on would only interrupt the interpreter's
         # exit (a traceback from an atexit callback), so it is ignored.

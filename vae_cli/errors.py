@@ -70,6 +70,21 @@ def memory_message(error: BaseException, settings: list[str]) -> str:
             "batch sizes, the model's widths)")
 
 
+def disk_full(error: BaseException) -> bool:
+    """True for a write that found no room: a full disk or a used-up quota. (The checkpoints and
+    caches are serialized in memory before they are written, so this is an OSError there too.)"""
+    import errno
+
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_message(error: OSError) -> str:
+    """One line for a write that found no room, naming the file where the error does."""
+    what = (error.strerror or "no space left on device").lower()
+    where = f" writing {error.filename}" if error.filename else ""
+    return f"{what}{where}: free some space, or write elsewhere (hydra.run.dir=..., out=...)"
+
+
 def sizes_given(settings: list[str]) -> list[str]:
     """The settings that hold a large whole number (10000 or more, also inside a list such as
     model.encoder.channels=[1000000,64]); else every whole-number one (n=64), seeds left out."""

@@ -55,28 +55,44 @@ def data_root(data_dir: str) -> Path:
 # --------------------------------------------------------------------------- cache
 
 
-def save_atomic(obj: dict, path: Path) -> bool:
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written cache.
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, flushed to disk, then renamed into place.
 
-    A cache that cannot be written (a read-only folder, a full disk, a folder in its place) is
-    not an error: the run goes on with the data in memory, and one line says so. Returns
-    whether it was written.
+    os.replace is atomic within a folder, so a kill at any moment leaves either the file before or
+    the new one, never half a file. The object is serialized in memory first, so a full disk fails
+    in the file's write as an OSError naming `path` (written straight to the file, torch's zip
+    writer fails instead with a RuntimeError about an "unexpected pos").
     """
+    data = io.BytesIO()
+    torch.save(obj, data)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is plain public data
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; what is saved here is not secret
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_atomic(obj: dict, path: Path) -> bool:
+    """Write a cache with torch_save_atomic. A cache that cannot be written (a read-only folder,
+    a full disk, a folder in its place) is not an error: the run goes on with the data in memory,
+    and one line says so. Returns whether it was written.
+    """
+    try:
+        torch_save_atomic(obj, path)
         return True
     except OSError as e:
         log.warning(f"could not write the cache {path} ({e.strerror or first_line(e)}); going on without it")
         return False
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _read(path: Path) -> tuple[Any, str | None]:
