@@ -245,6 +245,35 @@ def test_divergence_monitor_warns_once_when_the_elbo_falls_far_below_its_best(ca
     assert quiet.diverged_epoch == 1 and not caplog.records                        # the other processes
 
 
+def test_a_first_epoch_far_below_the_untrained_model_is_a_divergence(caplog):
+    """Adam with lr=10 ruined the model in its first steps (val ELBO -1e12 from epoch 0 on): that
+    epoch became the best, and nothing was said. The untrained model's val ELBO (Lightning's sanity
+    check) is now the first best."""
+    caplog.set_level(logging.WARNING, logger="vae_cli")
+    ruined = DivergenceMonitor()
+    ruined.untrained(-543.5)
+    assert ruined.validation(0, 469, -1e12, lr=10.0, best_checkpoint="best-epoch=0.ckpt") is True
+    line = caplog.records[0].getMessage()
+    assert "fell from -543.50 (the untrained model) to -1e+12 (epoch 0, step 469)" in line and "try 5" in line
+    assert "vae evaluate ckpt" not in line and ruined.best_checkpoint is None   # no checkpoint holds that model
+    assert not ruined.validation(1, 938, -2e12, best_checkpoint="best-epoch=0.ckpt") and ruined.best_checkpoint is None
+    caplog.clear()
+    trains = DivergenceMonitor()
+    trains.untrained(-543.5)
+    assert not any(trains.validation(e, e, v) for e, v in enumerate([-540.0, -200.0, -120.0])) and not caplog.records
+    assert (trains.best, trains.best_epoch) == (-120.0, 2)
+    slow = DivergenceMonitor()                   # a first epoch a little below it (2 batches against all): noise
+    slow.untrained(-543.5)
+    assert not slow.validation(0, 1, -550.0) and not caplog.records
+    resumed = DivergenceMonitor()
+    resumed.load_state_dict(trains.state_dict())
+    resumed.untrained(-90.0)                     # a resumed run's sanity check: its best stands
+    assert (resumed.best, resumed.best_epoch) == (-120.0, 2)
+    nan = DivergenceMonitor()
+    nan.untrained(float("nan"))
+    assert nan.best == -math.inf
+
+
 def test_a_checkpoint_is_called_diverged_only_while_its_model_is_far_below_the_best(caplog, tmp_path):
     watch = DivergenceMonitor()
     for e, v in enumerate([-120.0, -100.0, -900.0]):
@@ -308,6 +337,31 @@ def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best
     assert (state["best_epoch"], state["diverged_epoch"], torch.load(last, weights_only=True)["epoch"]) == (1, 2, 4)
 
 
+def test_a_run_ruined_in_its_first_epoch_is_warned_about(tmp_path, data_dir, capsys, monkeypatch):
+    def blow_up(module):  # before the first step the decoder's weights are scaled by 30: finite, and far worse
+        if module.current_epoch == 0:
+            with torch.no_grad():
+                for p in module.model.decoder.parameters():
+                    p.mul_(30.0)
+
+    monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up, raising=False)
+    run = tmp_path / "ruined"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
+                    f"hydra.run.dir={run}") == 0
+    out, err = capsys.readouterr()
+    said = [line for line in err.splitlines() if "training diverged" in line]
+    assert len(said) == 1 and "(the untrained model) to " in said[0] and "(epoch 0, step 4)" in said[0], err
+    assert "vae evaluate ckpt" not in said[0]     # its only checkpoints hold the ruined model
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["best_epoch"], metrics["diverged_epoch"], metrics["best_checkpoint"]) == (-1, 0, None)
+    assert metrics["best_val_elbo"] > metrics["val_elbo"] + 10
+    summary = [line for line in out.splitlines() if line.startswith("best val ELBO:")]
+    assert len(summary) == 1 and "(the untrained model; diverged at epoch 0)" in summary[0] and "ckpt=" not in summary[0]
+    load_model(run=str(run))
+    said = [line for line in capsys.readouterr().err.splitlines() if "diverged to" in line]
+    assert len(said) == 1 and "of the untrained model (it fell at epoch 0)" in said[0] and "the best model" not in said[0]
+
+
 def test_a_kl_warm_up_to_a_large_beta_is_not_called_diverged(tmp_path, data_dir, capsys, monkeypatch):
     # The val ELBO (KL weight 1) may fall while the weight climbs: the check waits for the warm-up's end.
     monkeypatch.setattr(VAEModule, "on_train_epoch_start",
@@ -318,7 +372,7 @@ def test_a_kl_warm_up_to_a_large_beta_is_not_called_diverged(tmp_path, data_dir,
                     "kl_warmup_steps=100", f"hydra.run.dir={run}") == 0
     assert "training diverged" not in capsys.readouterr().err
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["vae_cli"]["divergence"]
-    assert state["best"] == -math.inf and state["diverged_epoch"] is None
+    assert state["best_epoch"] == DivergenceMonitor.UNTRAINED and state["diverged_epoch"] is None  # no epoch judged
 
 
 def _tb(run):

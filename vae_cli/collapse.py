@@ -140,6 +140,22 @@ class DivergenceMonitor:
         self.last = -math.inf                     # the latest val ELBO
         self.diverged_epoch: int | None = None    # the epoch of the warning; None: no warning
 
+    UNTRAINED = -1  # best_epoch of the untrained model's val ELBO (Lightning's sanity check before the first step)
+
+    def untrained(self, elbo: float) -> None:
+        """The untrained model's val ELBO, from the validation batches Lightning runs before the first
+        step: the first best of a new run. A learning rate that ruins the model in its first steps
+        (Adam with lr=10 reached -1e12) gives a first epoch far below it, which is then called a
+        divergence; without it, that first epoch became the best and no later epoch fell from it."""
+        if self.best == -math.inf and math.isfinite(elbo):  # a new run (a resumed one has its best)
+            self.best, self.best_epoch, self.best_step = elbo, self.UNTRAINED, 0
+
+    def when_best(self) -> str:
+        """Where the best came from, for a message: "epoch 1, step 8", or "the untrained model"."""
+        if self.best_epoch == self.UNTRAINED:
+            return "the untrained model"
+        return f"epoch {self.best_epoch}, step {self.best_step}"
+
     def fallen(self, elbo: float) -> bool:
         """Is elbo far below the best so far?"""
         return elbo < self.best - max(self.drop_nats, self.drop_fraction * abs(self.best))
@@ -150,7 +166,7 @@ class DivergenceMonitor:
         best_checkpoint: where the best model before this epoch is saved; say: print the warning
         (every process keeps the state, one prints). True when it diverged just now."""
         self.last = elbo
-        if best_checkpoint:
+        if best_checkpoint and self.best_epoch != self.UNTRAINED:  # no checkpoint holds the untrained model
             self.best_checkpoint = best_checkpoint
         if elbo > self.best:
             self.best, self.best_epoch, self.best_step = elbo, epoch, step
@@ -162,8 +178,8 @@ class DivergenceMonitor:
             known = lr is not None and math.isfinite(lr)
             lower = f"optimizer.lr={lr:g}, try {lr / 2:g}" if known else "a smaller optimizer.lr"
             keep = f"; the best model so far: vae evaluate ckpt={self.best_checkpoint}" if self.best_checkpoint else ""
-            log.warning(f"training diverged: the validation ELBO fell from {self.best:.2f} (epoch {self.best_epoch}, "
-                        f"step {self.best_step}) to {elbo:.4g} (epoch {epoch}, step {step}); training goes on; "
+            log.warning(f"training diverged: the validation ELBO fell from {self.best:.2f} ({self.when_best()}) "
+                        f"to {elbo:.4g} (epoch {epoch}, step {step}); training goes on; "
                         f"lower the learning rate ({lower}){keep}")
         return True
 

@@ -317,9 +317,10 @@ def warn_if_diverged(checkpoint: dict[str, Any], path: Path) -> None:
     if not watch.fallen(watch.last):  # recovered
         return
     best = watch.best_checkpoint
+    at = "of the untrained model" if watch.best_epoch == watch.UNTRAINED else f"at epoch {watch.best_epoch}"
     keep = f"; the best model: ckpt={best}" if isinstance(best, str) and best.isprintable() else ""
     log.warning(f"ckpt={str(path)!r} holds a model its run diverged to: val ELBO {watch.last:.4g}, against "
-                f"{watch.best:.2f} at epoch {watch.best_epoch} (it fell at epoch {watch.diverged_epoch}){keep}")
+                f"{watch.best:.2f} {at} (it fell at epoch {watch.diverged_epoch}){keep}")
 
 
 def pick_device(device: str) -> torch.device:

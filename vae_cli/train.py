@@ -307,8 +307,9 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         metrics["val_elbo"] = module.resumed.get("val_elbo")
     watch = module.divergence
     if watch.diverged_epoch is not None:  # the last model may not be the one to measure: say where the best is
+        untrained = watch.best_epoch == watch.UNTRAINED  # ruined in its first epoch: no checkpoint holds better
         metrics.update(best_val_elbo=watch.best, best_epoch=watch.best_epoch, diverged_epoch=watch.diverged_epoch,
-                       best_checkpoint=best.best_model_path or watch.best_checkpoint)
+                       best_checkpoint=None if untrained else best.best_model_path or watch.best_checkpoint)
     if trainer.is_global_zero:
         metrics.update(test_metrics(module.model, data, config, trainer,
                                     progress=trainer.progress_bar_callback is not None))
@@ -408,7 +409,8 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> N
                  ("; last.ckpt is kept)" if (run / "checkpoints" / "last.ckpt").is_file() else ")")))
     if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
         where = f": vae evaluate ckpt={shell(metrics['best_checkpoint'])}" if metrics.get("best_checkpoint") else ""
-        rows.append(("best val ELBO", f"{metrics['best_val_elbo']:.2f} nats/example (epoch {metrics['best_epoch']}; "
+        when = "the untrained model" if metrics["best_epoch"] == -1 else f"epoch {metrics['best_epoch']}"
+        rows.append(("best val ELBO", f"{metrics['best_val_elbo']:.2f} nats/example ({when}; "
                                       f"diverged at epoch {metrics['diverged_epoch']}){where}"))
     if "test_log_px" in metrics:
         n = f" on {metrics['test_n']} examples" if "test_n" in metrics else ""
