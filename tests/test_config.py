@@ -283,6 +283,10 @@ BAD = [
     ("train", ["-m", "model.latent_dim=2,3", "hydra.sweep.subdir=same"], "names the folder 'same' for two jobs"),
     ("train", ["hydra.run.dir=/etc/hostname"], "hydra.run.dir='/etc/hostname' is a file: give a new folder"),
     ("train", ["hydra.run.dir=/etc/hostname/run"], "hydra.run.dir='/etc/hostname/run' cannot be created"),
+    # Hydra's own keys: a look-alike among them, or the keys under hydra (the top-level settings were listed)
+    ("train", ["hydra.run.dirr=x"], "unknown setting 'hydra.run.dirr': did you mean hydra.run.dir?"),
+    ("sample", ["hydra.job.chdirr=true"], "unknown setting 'hydra.job.chdirr': did you mean hydra.job.chdir?"),
+    ("train", ["hydra.foo=1"], "unknown setting 'hydra.foo'; the settings under hydra are run, sweep, "),
 ]
 
 

@@ -212,15 +212,18 @@ def _option_with(conf_dir: str, command: str, overrides: list[str], key: str) ->
 
 
 def _config_without(conf_dir: str, command: str, overrides: list[str], key: str) -> dict[str, Any]:
-    """The config composed without the override of ``key`` (unresolved, for suggestions)."""
+    """The config composed without the override of ``key`` (unresolved, for suggestions); Hydra's own
+    node only for a key under it (hydra.foo=1: suggest among hydra.run.dir, hydra.job.chdir, ...)."""
     rest = [o for o in overrides if override_key(o) != key]
+    hydra = key.partition(".")[0] == "hydra"
     for attempt in (rest, []):
         try:
-            cfg = _compose(conf_dir, command, attempt)
+            cfg = _compose(conf_dir, command, attempt, hydra=hydra)
         except Exception:
             continue
         with open_dict(cfg):
-            cfg.pop("hydra", None)
+            if not hydra:
+                cfg.pop("hydra", None)
         return OmegaConf.to_container(cfg, resolve=False)
     return {}
 
