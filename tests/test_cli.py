@@ -188,3 +188,26 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
     p.stdout.close()  # as `vae --help | head -0` leaves
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) in (0, 1) and "Traceback" not in err, err
+
+
+def test_torchs_no_cuda_runtime_line_is_kept_off_the_terminal():
+    """torch.compile on a CPU machine with nvcc on its PATH logged "No CUDA runtime is found, using
+    CUDA_HOME=...": true, and nothing the user asked about. Other lines of that logger still pass."""
+    import logging
+
+    from vae_cli.logs import quiet_warnings
+
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler()
+    catcher.emit = records.append
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addHandler(catcher)
+    try:
+        quiet_warnings()
+        quiet_warnings()                                      # once per command and sweep job: one filter
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(catcher)
+    assert [r.getMessage() for r in records] == ["something else"]
+    assert len(logger.filters) == 1

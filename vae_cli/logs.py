@@ -168,8 +168,15 @@ def lightning_verbose(verbose: bool) -> None:
             quiet.verbose = verbose
 
 
+def _no_cuda_runtime_line(record: logging.LogRecord) -> bool:
+    # torch's C++ builder (torch.compile on a CPU) says it found no CUDA runtime where CUDA_HOME is
+    # set: true on a CPU machine, and nothing the user asked about
+    return "No CUDA runtime is found" not in record.getMessage()
+
+
 def quiet_warnings() -> None:
-    """Python warnings of Lightning's that are not the user's business, in this process."""
+    """Python warnings of Lightning's (and a line of torch's) that are not the user's business, in this process."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_no_cuda_runtime_line)  # added once
     # Lightning's own deprecation chatter
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
