@@ -396,11 +396,21 @@ def test_trainer_settings_lightning_judges_inside_fit_are_one_line(tmp_path, dat
     assert not run.exists()
 
 
-def test_lightnings_fast_dev_run_trains_and_reports(tmp_path, data_dir):
-    """Its stand-in logger writes no events: the pictures' writer was None (an AttributeError traceback)."""
+def test_lightnings_fast_dev_run_trains_and_reports(tmp_path, data_dir, capsys):
+    """Its stand-in logger writes no events: the pictures' writer was None (an AttributeError traceback).
+    It saves no checkpoint (Lightning's choice): the summary says so; and its test evaluation is a
+    batch, as Lightning's loops are (it was the whole test split)."""
     run = tmp_path / "fast"
-    assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.fast_dev_run=true", f"hydra.run.dir={run}") == 0
-    assert json.loads((run / "metrics.json").read_text())["step"] == 1
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.fast_dev_run=true", "eval.batch_size=8",
+                    f"hydra.run.dir={run}") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 1 and metrics["test_n"] == 8
+    out = capsys.readouterr().out
+    assert "checkpoint:" in out and "trainer.fast_dev_run saves none" in out, out
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "+trainer.fast_dev_run=2", "eval.k=0",
+                    f"hydra.run.dir={tmp_path / 'fast2'}") == 0
+    out = capsys.readouterr().out
+    assert "test:" in out and "skipped (eval.k=0)" in out and "vae evaluate" not in out, out
 
 
 def test_the_model_summary_alone_when_asked_for(tmp_path, data_dir, capsys):

@@ -376,6 +376,8 @@ def test_metrics(model, data, config: dict[str, Any], trainer, progress: bool = 
     images = data.load()["test"]
     if config["eval"]["limit"]:
         images = images[: config["eval"]["limit"]]
+    if trainer.fast_dev_run:  # Lightning's check of the code, a batch or N of each loop: so here too
+        images = images[: int(trainer.fast_dev_run) * config["eval"]["batch_size"]]
     # Said before it starts: with k=100 over 10,000 images it is the slowest minute of a short run.
     log.info(f"test evaluation: IWAE k={k} on {len(images)} examples", extra=STDOUT)
     # In float32, as `vae evaluate` rebuilds the model from its checkpoint (trainer.precision=64-true,
@@ -407,6 +409,8 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> N
     rows.append(("val ELBO", f"{val:.2f} nats/example (last validation)" if val is not None
                  else "none (no validation epoch, so no best checkpoint" +
                  ("; last.ckpt is kept)" if (run / "checkpoints" / "last.ckpt").is_file() else ")")))
+    if val is not None and not (run / "checkpoints" / "last.ckpt").is_file():
+        rows.append(("checkpoint", "none (trainer.fast_dev_run saves none), so no command can read this run"))
     if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
         where = f": vae evaluate ckpt={shell(metrics['best_checkpoint'])}" if metrics.get("best_checkpoint") else ""
         when = "the untrained model" if metrics["best_epoch"] == -1 else f"epoch {metrics['best_epoch']}"
@@ -422,7 +426,8 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> N
         if metrics.get("test_bits_per_dim") is not None:
             rows.append(("bits/dim", f"{metrics['test_bits_per_dim']:.3f} (of log p(x))"))
     else:
-        rows.append(("test", f"skipped (eval.k=0); measure it with: vae evaluate run={shell(run)}"))
+        later = f"; measure it with: vae evaluate run={shell(run)}" if (run / "checkpoints" / "last.ckpt").is_file() else ""
+        rows.append(("test", f"skipped (eval.k=0){later}"))
     rows.append(("TensorBoard", f"tensorboard --logdir {shell(run / 'tensorboard')}"))
     width = max(len(label) for label, _ in rows) + 1
     for label, value in rows:  # on stdout, and in the run's train.log
