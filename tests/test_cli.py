@@ -71,7 +71,9 @@ def test_debug_switch_shows_the_traceback(tmp_path, monkeypatch, capsys):
 
 def test_evaluate_prints_the_table_and_writes_json(trained_run, tmp_path, capsys):
     out = tmp_path / "e.json"
-    assert run_main("evaluate", f"run={trained_run}", "k=16", "limit=20", f"out={out}") == 0
+    # the default estimators (IWAE, refined, AIS), each with fewer steps than its default: the same path, in seconds
+    assert run_main("evaluate", f"run={trained_run}", "k=16", "limit=20", "ais.steps=20", "refined.steps=10",
+                    "refined.search=64", f"out={out}") == 0
     printed = capsys.readouterr().out
     assert "log p(x)" in printed and "gap" in printed and "KL(q(z|x) || p(z|x))" in printed
     r = json.loads(out.read_text())
@@ -83,8 +85,8 @@ def test_evaluate_prints_the_table_and_writes_json(trained_run, tmp_path, capsys
     assert r["log_px"] > r["elbo"] and r["gap"] > 0
     assert abs(r["bits_per_dim"]["log_px"] + r["log_px"] / (784 * 0.6931471805599453)) < 1e-9
     # the default name goes in the run folder and never overwrites
-    assert run_main("evaluate", f"run={trained_run}", "k=2", "limit=4") == 0
-    assert run_main("evaluate", f"run={trained_run}", "k=2", "limit=4") == 0
+    assert run_main("evaluate", f"run={trained_run}", "k=2", "limit=4", "estimators=iwae") == 0
+    assert run_main("evaluate", f"run={trained_run}", "k=2", "limit=4", "estimators=iwae") == 0
     assert len(list((trained_run / "eval").glob("test-k2-*.json"))) == 2
     assert run_main("evaluate", f"run={trained_run}", "k=2", f"out={out}") == 2   # exists: refused
 
