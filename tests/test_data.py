@@ -191,6 +191,25 @@ def test_folder_images_of_16_and_32_bits_and_links(tmp_path, capsys):
     assert "gone.png: a link to a file that does not exist" in err
 
 
+def test_hidden_files_and_run_folders_are_not_images_of_the_folder(tmp_path):
+    """Jupyter's .ipynb_checkpoints/ held copies of the images (the same image in both splits), a
+    macOS ._NAME sidecar is no image, and a run started in the image folder wrote its pictures into
+    outputs/DATE/TIME/, which the next command read as images (and refused the folder as changed)."""
+    root = tmp_path / ".data"                       # the folder itself may be hidden
+    (root / "a").mkdir(parents=True)
+    for name in ("a/0.png", "1.png", ".ipynb_checkpoints/1-checkpoint.png", ".hidden.png", "._1.png",
+                 "outputs/2026-12-05/10-00-00/samples/sample-001.png", "outputs/2026-12-05/10-00-00/.hydra/x.png",
+                 "old/checkpoints/x.png", "old/pic.png", "notes/checkpoints/y.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(root / name)
+    (root / "outputs/2026-12-05/10-00-00/.hydra").mkdir(exist_ok=True)
+    (root / "old/train.log").write_text("")        # vae train's folder with its .hydra/ left out
+    assert [f.relative_to(root).as_posix() for f in sources.image_files(root)] == [
+        "1.png", "a/0.png", "notes/checkpoints/y.png"]
+    run = root / "outputs/2026-12-05/10-00-00"    # a run folder named as the dataset: read as it is
+    assert [f.relative_to(run).as_posix() for f in sources.image_files(run)] == ["samples/sample-001.png"]
+
+
 def test_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()

@@ -401,21 +401,34 @@ def _folder_cache(cache: Path, n_files: int, shape: tuple[int, int, int], rebuil
     return obj["images"], obj["skipped"]
 
 
+def run_folder(folder: Path) -> bool:
+    """Whether a folder is a run's (Hydra's .hydra/, or vae train's train.log beside checkpoints/)."""
+    return (folder / ".hydra").is_dir() or ((folder / "train.log").is_file() and (folder / "checkpoints").is_dir())
+
+
 def image_files(root: Path) -> list[Path]:
     """Every file under root with an image suffix, sorted: linked folders are followed (each real
-    folder once, so a link to a parent is no loop) and broken links kept (decode_images names them)."""
+    folder once, so a link to a parent is no loop) and broken links kept (decode_images names them).
+
+    Left out below root: hidden files and folders (a name starting with "."): Jupyter's
+    .ipynb_checkpoints/ copies and macOS's ._NAME sidecars would put the same image in both
+    splits, or a file that is no image; and run folders: a run started in the image folder
+    (outputs/DATE/TIME/) writes its pictures there, which were read as images and changed the
+    folder the run had trained on.
+    """
     def stop(error: OSError) -> None:
         raise error
 
     files, seen = [], set()
     for folder, subfolders, names in os.walk(root, onerror=stop, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen:
+        if real in seen or (folder != str(root) and run_folder(Path(folder))):
             subfolders[:] = []
             continue
         seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
         files += [p for p in map(Path(folder).joinpath, names)
-                  if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
+                  if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
     return sorted(files)
 
 
