@@ -487,6 +487,45 @@ def test_a_model_too_large_to_train_here_is_one_line(tmp_path, monkeypatch, data
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.parametrize("overrides", [[], ["model=conv"], ["model=resnet"], ["model=ladder"], ["prior=vamp"],
+                                       ["posterior=iaf"], ["likelihood=gaussian"], ["dataset=cifar10", "model=conv"]])
+def test_the_parameters_are_counted_before_the_model_is_built(conf, overrides):
+    """On torch's meta device, nothing allocated: the same count as the model built."""
+    from hydra.utils import instantiate
+
+    from vae_cli.checks import compose, resolved
+    from vae_cli.train import parameters_to_build
+
+    model_config = resolved(compose(conf, "train", overrides))["model"]
+    n = parameters_to_build(model_config)
+    if overrides == ["posterior=iaf"]:  # zuko's masks take torch.unique, which the meta device lacks:
+        assert n is None                # counted once built (check_model_size), as before
+        return
+    assert n == sum(p.numel() for p in instantiate(model_config).parameters())
+
+
+def test_a_model_too_large_to_build_is_refused_before_it_is_built(tmp_path, monkeypatch, data_dir, capsys):
+    """'dataset.shape=[3,2048,2048]' made an mlp of 10 billion parameters: its initialisation wrote
+    24 GB until the kernel killed the process, with no word. The count comes first now."""
+    from vae_cli import errors, train
+
+    built_on = []
+    real = train.parameters_to_build
+
+    def count(model_config):
+        n = real(model_config)
+        built_on.append("meta")
+        return n
+
+    monkeypatch.setattr(train, "parameters_to_build", count)
+    monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**6)     # 1 MB free
+    run = tmp_path / "big"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64]", f"hydra.run.dir={run}") == 2
+    line = one_line_error(capsys)
+    assert "model.encoder.hidden=[64]): training them takes about 0.0 GB, beyond the 0.0 GB free" in line
+    assert built_on == ["meta"] and not run.exists()
+
+
 def test_a_run_refused_before_training_in_the_default_folder_leaves_none(tmp_path, monkeypatch, data_dir, capsys):
     """outputs/DATE/TIME-MICROSECONDS is this run's own: it goes, and outputs/DATE/ and outputs/ where
     the command made them; an outputs/ that was there stays, with what it held."""
@@ -547,9 +586,9 @@ def test_a_sweep_keeps_the_folder_of_a_job_refused_before_training(tmp_path, mon
 
     monkeypatch.setattr(errors, "available_memory", lambda device=None: 10**6)
     sweep = tmp_path / "sweep"
-    assert run_main("train", "-m", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64],[48]",
+    assert run_main("train", "-m", f"data_dir={data_dir}", *TINY, "model.encoder.hidden=[64],[32]",
                     f"hydra.sweep.dir={sweep}") == 2
-    assert "1 of 2 sweep jobs failed (job 0" in capsys.readouterr().err         # [48] fits in 1 MB, [64] does not
+    assert "1 of 2 sweep jobs failed (job 0" in capsys.readouterr().err         # [32] fits in 1 MB, [64] does not
     assert "make it smaller" in (sweep / "0" / "error.txt").read_text()   # the summary's error column
 
 

@@ -65,16 +65,34 @@ def check_model_size(model: Any) -> None:
     """Refuse a model whose training state cannot fit: beside its weights, Adam keeps a gradient and two
     moments of every parameter (12 more bytes each in float32), before any activation. Past the
     memory, a model of a million hidden units filled 16 GB for over a minute before anything failed."""
+    check_parameters(sum(p.numel() for p in model.parameters()), next(model.parameters()).device, "more")
+
+
+def check_parameters(n: int, device: Any = None, what: str = "more") -> None:
+    """Refuse n parameters whose weights, gradients and Adam moments (16 bytes each, ``what``="all";
+    12 beyond the weights, "more") exceed the memory free on the device (the host's by default)."""
     from vae_cli.cli import _task_overrides
     from vae_cli.errors import available_memory, sizes_given
 
-    n = sum(p.numel() for p in model.parameters())
-    need, have = 12 * n, available_memory(next(model.parameters()).device)
+    need, have = (16 if what == "all" else 12) * n, available_memory(device)
     if have and need > have:
-        given = sizes_given([o for o in _task_overrides() if o.startswith(("model.", "prior.", "posterior."))])
+        given = sizes_given([o for o in _task_overrides() if o.startswith(("model.", "prior.", "posterior.", "dataset.shape="))])
         raise UserError(f"the model has {n:,} parameters{' (' + ' '.join(given) + ')' if given else ''}: "
-                        f"training them takes about {need / 1e9:.1f} GB more, beyond the {have / 1e9:.1f} GB free "
-                        "here: make it smaller")
+                        f"training them takes about {need / 1e9:.1f} GB{' more' if what == 'more' else ''}, beyond "
+                        f"the {have / 1e9:.1f} GB free here: make it smaller")
+
+
+def parameters_to_build(model_config: dict[str, Any]) -> int | None:
+    """The parameters the model's config builds, counted on torch's meta device: nothing is allocated
+    or initialised. None where the model cannot be built there (it is then checked once built)."""
+    import torch
+    from hydra.utils import instantiate
+
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in instantiate(model_config).parameters())
+    except Exception:  # noqa: BLE001 - a setting the real build reports in its own words
+        return None
 
 
 def warn_if_costly(model: Any) -> None:
@@ -236,6 +254,11 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
     pl.seed_everything(config["seed"], workers=True, verbose=False)
     try:
         data = build_datamodule(config)
+        # Counted before it is built: 'dataset.shape=[3,2048,2048]' makes an mlp of 10 billion
+        # parameters, whose initialisation wrote 24 GB until the kernel killed the process, silently.
+        n = parameters_to_build(config["model"])
+        if n is not None:
+            check_parameters(n, what="all")
         model = instantiate(config["model"])
         objective = instantiate(config.get("objective") or {"_target_": "vae_cli.objectives.ELBO"})
         module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"],
