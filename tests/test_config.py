@@ -360,3 +360,22 @@ def test_a_run_folder_is_checked_as_hydra_makes_it(conf, tmp_path, monkeypatch):
             check_command_line(conf, "train", [f'{key}="~/runs/t1"'] + (["seed=1,2"] if "sweep" in key else []),
                                multirun="sweep" in key)
     assert not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "reconstruct"])
+def test_vae_data_dir_is_checked_by_its_own_name(conf, command, tmp_path, monkeypatch):
+    """An empty VAE_DATA_DIR: train's line said data_dir='' is not allowed, and evaluate read '' as the
+    current folder and fetched MNIST into it. A file there was refused by train as data_dir='...'
+    and accepted by evaluate. A data_dir= given wins over the variable; sample reads no dataset."""
+    monkeypatch.setenv("VAE_DATA_DIR", "")
+    with pytest.raises(UserError, match=r"^VAE_DATA_DIR='' is empty: give a folder, or unset it for ~/.cache/vae-cli$"):
+        check_command_line(conf, command, [])
+    with pytest.raises(UserError, match="VAE_DATA_DIR='' is empty"):
+        check_command_line(conf, command, [], values_only=True)  # under --cfg and --help: the same line
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setenv("VAE_DATA_DIR", str(afile))
+    with pytest.raises(UserError, match=f"^VAE_DATA_DIR='{afile}' is a file: give a folder"):
+        check_command_line(conf, command, [])
+    check_command_line(conf, command, [f"data_dir={tmp_path / 'data'}"], values_only=True)
+    check_command_line(conf, "sample", [])

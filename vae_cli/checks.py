@@ -344,6 +344,12 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     for variant in _variants(overrides, multirun, conf_dir):
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
         config = resolved(cfg, variant)
+        env = os.environ.get("VAE_DATA_DIR")
+        if env is not None and "data_dir" in config and not any(override_key(o) == "data_dir" for o in variant):
+            # data_dir from $VAE_DATA_DIR: named as such (train's line said data_dir='' for an empty
+            # one, and evaluate read '' as the current folder and fetched MNIST into it)
+            if not env.strip() or not values_only:
+                _check_data_dir(env, "VAE_DATA_DIR")
         try:
             validate(config, schema)
         except UserError as e:
@@ -547,17 +553,21 @@ def _arguments(target: str) -> dict[str, Any]:
         return {}
 
 
-def _check_data_dir(value: str) -> None:
-    """data_dir must be a folder that exists or can be made (training makes it anyway)."""
+def _check_data_dir(value: str, name: str = "data_dir") -> None:
+    """data_dir (or the VAE_DATA_DIR it defaults to: ``name``) must be a folder that exists or can be
+    made (training makes it anyway)."""
     from vae_cli.data import data_root
 
+    if not value.strip():  # an empty VAE_DATA_DIR: evaluate fetched MNIST into the current folder
+        raise UserError(f"{name}={value!r} is empty: give a folder" +
+                        (", or unset it for ~/.cache/vae-cli" if name == "VAE_DATA_DIR" else ""))
     root = data_root(value)
     if root.exists() and not root.is_dir():
-        raise UserError(f"data_dir={value!r} is a file: give a folder (it is made if missing)")
+        raise UserError(f"{name}={value!r} is a file: give a folder (it is made if missing)")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"data_dir={value!r} cannot be created ({e.strerror or type(e).__name__}): "
+        raise UserError(f"{name}={value!r} cannot be created ({e.strerror or type(e).__name__}): "
                         "give a folder you can write to") from None
 
 
