@@ -213,3 +213,23 @@ def test_torchs_no_cuda_runtime_line_is_kept_off_the_terminal():
         logger.removeHandler(catcher)
     assert [r.getMessage() for r in records] == ["something else"]
     assert len(logger.filters) == 1
+
+
+def test_a_file_name_that_is_no_utf8_is_logged_escaped(tmp_path, capsys):
+    """A folder image named b'bad\\xff.png' (os.fsdecode: 'bad\\udcff.png'): the run log's handler raised
+    UnicodeEncodeError ("--- Logging error ---" and a traceback on stderr) and lost the line."""
+    import logging
+
+    from vae_cli.logs import attach_run_log, log
+
+    handler = logging.FileHandler(tmp_path / "train.log")   # as Hydra's job logging makes it
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        attach_run_log()
+        log.warning("skipping %s: not a readable image", "/data/bad\udcff.png")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert "skipping /data/bad\\udcff.png: not a readable image" in (tmp_path / "train.log").read_text()
+    assert "Logging error" not in capsys.readouterr().err

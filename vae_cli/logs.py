@@ -35,6 +35,8 @@ def say(line: str, stream=None) -> None:
     separately (stderr to a pipe is write-through), and a Ctrl-C between the two left
     ``vae: interrupted`` at the end of the half-written line."""
     stream = stream or sys.stderr
+    if not line.isprintable():  # a file name that is no UTF-8 ('bad\udcff.png'): escaped, as Python's stderr does
+        line = line.encode("utf-8", "backslashreplace").decode("utf-8")
     stream.write(line + "\n")
     stream.flush()
 
@@ -127,6 +129,10 @@ def attach_run_log() -> None:
     _terminal_handler()
     ours = ("vae_cli", *LIGHTNING)
     for h in logging.getLogger().handlers:
+        if _is_file(h):  # a file name that is no UTF-8 (bad\xff.png, skipped): written escaped, as on stderr,
+            h.errors = "backslashreplace"  # not a "--- Logging error ---" traceback and a lost line
+            if h.stream is not None and hasattr(h.stream, "reconfigure"):
+                h.stream.reconfigure(errors="backslashreplace")
         # Hydra's console handler is a plain StreamHandler; other handlers on root (a file, pytest's
         # capture, a notebook's) keep seeing every record.
         if type(h) is logging.StreamHandler and not any(isinstance(f, _Drop) for f in h.filters):
@@ -200,7 +206,7 @@ def join_run_log(log_file: str, verbose: bool, summary: bool) -> None:
     which sets these): the same warnings filtered, records to the run's log file, Lightning's INFO
     lines off the terminal unless verbose, the model summary there only when asked for."""
     quiet_warnings()
-    handler = logging.FileHandler(log_file)
+    handler = logging.FileHandler(log_file, errors="backslashreplace")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
     attach_run_log()
