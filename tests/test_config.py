@@ -283,6 +283,10 @@ BAD = [
     ("train", ["-m", "model.latent_dim=2,3", "hydra.sweep.subdir=same"], "names the folder 'same' for two jobs"),
     ("train", ["hydra.run.dir=/etc/hostname"], "hydra.run.dir='/etc/hostname' is a file: give a new folder"),
     ("train", ["hydra.run.dir=/etc/hostname/run"], "hydra.run.dir='/etc/hostname/run' cannot be created"),
+    # a key of another option of the group, which the class takes for every option: the "+" hint led to a refusal
+    ("train", ["dataset.path=/tmp"], "dataset.path is a setting of dataset=folder: choose it first (dataset=folder dataset.path=VALUE)"),
+    # passed by vae train from likelihood=...: it was saved in the config and then overridden
+    ("train", ["+dataset.likelihood=gaussian"], "dataset.likelihood is not a setting: vae-cli passes it itself"),
     # Hydra's own keys: a look-alike among them, or the keys under hydra (the top-level settings were listed)
     ("train", ["hydra.run.dirr=x"], "unknown setting 'hydra.run.dirr': did you mean hydra.run.dir?"),
     ("sample", ["hydra.job.chdirr=true"], "unknown setting 'hydra.job.chdirr': did you mean hydra.job.chdir?"),

@@ -172,13 +172,15 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
     if m:
         key = m.group(1)
         config = _config_without(conf_dir, command, overrides, key)
-        if known_argument(config, key):
-            return f"{key} is not in the config yet: add it with +{key}=VALUE"
-        # the group's option given by hand (model=ladder): it has no such setting; say which it has
+        # Another option of the group first: dataset.path with MNIST was told "add it with +", and
+        # then refused as a setting of dataset=folder (one class takes it for every dataset).
+        # The group's option given by hand (model=ladder): it has no such setting; say which it has.
         chosen = any(override_key(o) == key.partition(".")[0] for o in overrides)
         elsewhere = None if chosen else _option_with(conf_dir, command, overrides, key)
         if elsewhere:
             return f"{key} is a setting of {elsewhere}: choose it first ({elsewhere} {key}=VALUE)"
+        if known_argument(config, key):
+            return f"{key} is not in the config yet: add it with +{key}=VALUE"
         parent = key.rpartition(".")[0]
         accepted = [f"{parent}.{a}" if parent else a for a in arguments(config, parent)]
         return f"unknown setting {key!r}{suggest(key, list(dict.fromkeys(dotted_keys(config) + accepted)))}"
@@ -206,7 +208,10 @@ def _option_with(conf_dir: str, command: str, overrides: list[str], key: str) ->
             config = OmegaConf.to_container(_compose(conf_dir, command, [*others, f"{group}={option}"]), resolve=False)
         except Exception:  # noqa: BLE001 - that option does not compose with the rest: not the answer
             continue
-        if OmegaConf.select(OmegaConf.create(config), key, default=None) is not None:
+        node: Any = config
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key.rpartition(".")[2] in node:  # there, also as null (dataset.path)
             return f"{group}={option}"
     return None
 

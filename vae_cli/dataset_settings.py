@@ -19,6 +19,8 @@ TEST_SIZES = {"mnist": 10_000, "fashion_mnist": 10_000, "cifar10": 10_000}  # im
 class DatasetSettings:
     """A dataset and how it is batched and binarized; ``likelihood`` is given by `vae train`."""
 
+    GIVEN_BY_VAE = ("likelihood",)  # from likelihood=...: +dataset.likelihood was saved, then overridden
+
     def __init__(
         self,
         name: Literal["mnist", "fashion_mnist", "cifar10", "folder"],

@@ -305,20 +305,22 @@ def arguments(config: Any, parent: str) -> list[str]:
         partial = bool(node.get("_partial_"))
         model = description(target, partial)
         extra = list(model.extra_keys()) if hasattr(model, "extra_keys") else []
-        later = given_later(target) if partial else set()
+        later = given_later(target, partial)
         return [n for n in [*model.model_fields, *extra] if n not in later]
     except Exception:
         return []
 
 
-def given_later(target: str) -> set[str]:
-    """The required positional arguments of a partial's target: vae-cli passes them when it calls
-    the partial (an optimizer's params, a scheduler's optimizer), so they are not settings."""
+def given_later(target: str, partial: bool = True) -> set[str]:
+    """The arguments vae-cli passes itself, so they are not settings: those a description names in its
+    GIVEN_BY_VAE (the dataset's likelihood, from likelihood=...), and for a partial the required
+    positional arguments of its target (an optimizer's params, a scheduler's optimizer)."""
     spec = load(TARGETS[target] or target)
-    if inspect.isclass(spec) and issubclass(spec, BaseModel):
-        return set()
+    own = set(getattr(spec, "GIVEN_BY_VAE", ()))
+    if not partial or (inspect.isclass(spec) and issubclass(spec, BaseModel)):
+        return own
     fields, _, positional = _fields_of(spec)
-    return {k for k, (_, d) in fields.items() if d is ... and k in positional}
+    return own | {k for k, (_, d) in fields.items() if d is ... and k in positional}
 
 
 def dotted_keys(node: Any, prefix: str = "") -> list[str]:
@@ -412,7 +414,7 @@ class Validator:
         if not isinstance(partial, bool):
             self.fail(f"{path}._partial_={show(partial)} is not allowed: expected true or false")
         args = {k: v for k, v in value.items() if k not in HYDRA_KEYS}
-        later = sorted(set(args) & given_later(target)) if partial else []
+        later = sorted(set(args) & given_later(target, partial))
         if later:
             self.fail(f"{path}.{later[0]} is not a setting: vae-cli passes it itself when it builds {path}")
         self.model(description(target, partial), args, f"{path}.")
