@@ -24,6 +24,7 @@ from vae_cli.errors import UserError, first_line
 from vae_cli.logs import log
 from vae_cli.run_config import TrainSettings
 from vae_cli.settings import TARGETS, check_untrusted, register_resolvers, show
+from vae_cli.sources import why_unreadable
 from vae_cli.typed import STRICT, MatmulPrecision, Seed, Text
 
 OUTPUTS = Path("outputs")
@@ -249,23 +250,12 @@ def _finite(value: object) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _unreadable(path: Path, error: Exception) -> str:
-    """Why torch.load(weights_only=True) refused a file, in a few words (torch's own run to a page)."""
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return "not the zip archive torch.save writes: a text, compressed or truncated file?"
-    if "Weights only load failed" in str(error):
-        return "it holds Python objects beyond tensors and plain values, which are not loaded (no code from a file runs)"
-    return f"refused to load it: {first_line(error, 160)}"
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a vae-cli checkpoint without running code from it; UserError if it is not one."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError for non-zip files, ...
-        raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint ({_unreadable(Path(path), e)})") from None
+        raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint ({why_unreadable(Path(path), e)})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and isinstance(ckpt.get("state_dict"), dict)):
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint (it holds no vae-cli config)")
     check_config(ckpt["vae_cli"].get("config"), f"ckpt={str(path)!r}")

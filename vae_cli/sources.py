@@ -95,12 +95,21 @@ def save_atomic(obj: dict, path: Path) -> bool:
         return False
 
 
+def why_unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words (torch's own run to a page)."""
+    if not zipfile.is_zipfile(path):
+        return "not the zip archive torch.save writes: a text, compressed or truncated file?"
+    if "Weights only load failed" in str(error):
+        return "it holds Python objects beyond tensors and plain values, which are not loaded (no code from a file runs)"
+    return f"refused to load it: {first_line(error, 160)}"
+
+
 def _read(path: Path) -> tuple[Any, str | None]:
     """(object, None) from a torch file, or (None, why not): tensors and plain containers only."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as e:  # a corrupt, truncated or foreign file; pickled code is refused here too
-        return None, f"unreadable: {first_line(e, 120)}"
+        return None, f"unreadable: {why_unreadable(path, e)}"
 
 
 def _image_tensor(x: Any, what: str, shape: tuple[int, ...] | None = None) -> str | None:
