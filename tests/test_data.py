@@ -332,10 +332,14 @@ def test_decompression_bombs_are_skipped_with_a_line(tmp_path, monkeypatch, caps
 
 def test_an_unwritable_cache_folder_is_not_an_error(tmp_path, monkeypatch, capsys):
     raw, _ = tiny_pickle()
-    offline_with(monkeypatch, raw)
+    fetched = offline_with(monkeypatch, raw)
+    monkeypatch.setattr(sources, "_UNCACHED", {})
     (tmp_path / "ro").write_text("a file where the cache folder should be")
     assert data.load_splits("mnist", str(tmp_path / "ro"))["train"].shape == (6, 1, 28, 28)
     assert "could not write the cache" in capsys.readouterr().err
+    # Lightning's prepare_data and setup both load it: fetched once, not once each (nor warned twice)
+    assert data.load_splits("mnist", str(tmp_path / "ro"))["train"].shape == (6, 1, 28, 28)
+    assert fetched == [1] and "could not write" not in capsys.readouterr().err
 
 
 def test_a_folder_cache_of_another_decoder_is_decoded_again(tmp_path, monkeypatch):

@@ -301,6 +301,8 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
     splits = load_cache(cache, SHAPES[name])
     if splits is not None:
         return splits
+    if str(cache) in _UNCACHED:  # fetched by this process already, into a folder it could not write
+        return _UNCACHED[str(cache)]
     errors = []
     try:
         log.info(f"fetching {name} with torchvision into {root / 'torchvision'}")
@@ -323,8 +325,12 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
             f"dataset={name} could not be downloaded ({'; '.join(errors)}); "
             f"place the files by hand under {root / 'torchvision'}/{MANUAL_FILES[name]} and run again"
         )
-    save_atomic(splits, cache)
+    if not save_atomic(splits, cache):
+        _UNCACHED[str(cache)] = splits  # Lightning's prepare_data and setup both load: one download, not two
     return splits
+
+
+_UNCACHED: dict[str, dict[str, torch.Tensor]] = {}  # cache path -> splits fetched where no cache could be written
 
 
 # --------------------------------------------------------------------------- folder of images
