@@ -210,6 +210,19 @@ def test_hidden_files_and_run_folders_are_not_images_of_the_folder(tmp_path):
     assert [f.relative_to(run).as_posix() for f in sources.image_files(run)] == ["samples/sample-001.png"]
 
 
+def test_a_photos_orientation_tag_is_applied(tmp_path):
+    """A camera stores a portrait photo sideways with an EXIF Orientation tag (6: turn 90 degrees
+    clockwise to view); it was decoded as stored, sideways and stretched."""
+    stored = np.zeros((8, 16), dtype=np.uint8)
+    stored[:, :8] = 255                                   # stored: the left half white
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "portrait.png", exif=exif)
+    x, skipped = sources.decode_images([tmp_path / "portrait.png"], 16, 8, 1)   # (1, 1, 16, 8): as viewed
+    assert not skipped and x[0, 0, :8].min() == 255 and x[0, 0, 8:].max() == 0   # the top half white
+
+
 def test_folder_is_decoded_once_and_cached(tmp_path, monkeypatch):
     images = tmp_path / "images"
     images.mkdir()

@@ -336,7 +336,7 @@ _UNCACHED: dict[str, dict[str, torch.Tensor]] = {}  # cache path -> splits fetch
 # --------------------------------------------------------------------------- folder of images
 
 
-DECODER = 2  # decode_images' version, part of a folder cache's key
+DECODER = 3  # decode_images' version, part of a folder cache's key (3: EXIF orientation applied)
 
 
 class UnknownRange(ValueError):
@@ -366,7 +366,7 @@ def decode_images(files: list[Path], height: int, width: int, channels: int) -> 
     integers or floats), a broken link, or one that trips PIL's decompression-bomb guard is
     skipped like any unreadable file, each named.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     mode = {1: "L", 3: "RGB"}[channels]
     images, skipped = [], []
@@ -376,6 +376,9 @@ def decode_images(files: list[Path], height: int, width: int, channels: int) -> 
                 # Above MAX_IMAGE_PIXELS PIL only warns; an image that large is no training data.
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as im:
+                    # A camera's Orientation tag: the picture as viewers show it (a portrait photo
+                    # came in sideways). Transparency is dropped, as PIL's convert does.
+                    im = ImageOps.exif_transpose(im)
                     im = to_8_bit(im).convert(mode).resize((width, height), Image.BILINEAR)
                     pixels = im.tobytes()
             images.append(torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(height, width, channels))
