@@ -224,12 +224,13 @@ def test_a_file_name_that_is_no_utf8_is_logged_escaped(tmp_path, capsys):
 
     handler = logging.FileHandler(tmp_path / "train.log")   # as Hydra's job logging makes it
     root = logging.getLogger()
-    root.addHandler(handler)
+    kept = root.handlers[:]
+    root.handlers = [handler]  # pytest's own capture alone: it cannot send such text to an xdist controller
     try:
         attach_run_log()
         log.warning("skipping %s: not a readable image", "/data/bad\udcff.png")
     finally:
-        root.removeHandler(handler)
+        root.handlers = kept
         handler.close()
     assert "skipping /data/bad\\udcff.png: not a readable image" in (tmp_path / "train.log").read_text()
     assert "Logging error" not in capsys.readouterr().err

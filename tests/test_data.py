@@ -210,6 +210,18 @@ def test_hidden_files_and_run_folders_are_not_images_of_the_folder(tmp_path):
     assert [f.relative_to(run).as_posix() for f in sources.image_files(run)] == ["samples/sample-001.png"]
 
 
+def test_a_file_name_that_is_no_utf8_is_skipped_in_one_escaped_line(tmp_path, capsys):
+    import os
+
+    bad = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff.png"))   # 'bad\udcff.png'
+    bad.write_bytes(b"no image")
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "good.png")
+    x, skipped = sources.decode_images(sources.image_files(tmp_path), 4, 4, 1)
+    assert len(x) == 1 and skipped == [str(bad)]
+    err = capsys.readouterr().err
+    assert "skipping " in err and "bad\\udcff.png: not a readable image" in err and "Logging error" not in err, err
+
+
 def test_a_photos_orientation_tag_is_applied(tmp_path):
     """A camera stores a portrait photo sideways with an EXIF Orientation tag (6: turn 90 degrees
     clockwise to view); it was decoded as stored, sideways and stretched."""

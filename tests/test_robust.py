@@ -290,6 +290,45 @@ def test_a_second_signal_after_the_report_ends_a_hanging_exit_at_once(sig):
     assert_one_line(err, "vae: interrupted")
 
 
+_IMPORTING = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from vae_cli import cli
+with cli.stop_on_signals():
+    try:
+        import signalled_in_its_body
+        print("imported", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("whole" if getattr(sys.modules.get("signalled_in_its_body"), "DONE", False) else "half", flush=True)
+        cli.interrupted()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_inside_an_import_is_raised_once_the_import_ends(tmp_path, sig):
+    """A Ctrl-C in a command's first second lands inside torch's, numpy's or Lightning's import:
+    raised there, it left modules half made (a segfault, an abort, a RecursionError)."""
+    (tmp_path / "signalled_in_its_body.py").write_text(
+        f"import os, time\nos.kill(os.getpid(), {int(sig)})\ntime.sleep(0.3)\nDONE = True\n")
+    r = subprocess.run([sys.executable, "-c", _IMPORTING, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and r.stdout.split() == ["imported", "whole"], (r.stdout, r.stderr)
+    assert_one_line(r.stderr, "vae: interrupted")
+
+
+def test_an_interrupt_that_a_library_swallowed_is_raised_at_vaes_next_point():
+    """Raised inside Hydra's composition of the config, a KeyboardInterrupt vanished, and the command
+    ran to its end with exit code 0: the command's start and the start of training raise it again."""
+    from vae_cli import cli
+
+    with cli.stop_on_signals():
+        cli.raise_if_stopped()                        # no signal: nothing
+        cli._stop["signalled"] = True                 # as after a signal whose interrupt was swallowed
+        with pytest.raises(KeyboardInterrupt):
+            cli.raise_if_stopped()
+        cli._stop["signalled"] = False
+
+
 def test_a_signal_during_fit_is_raised_at_the_next_batch_boundary(monkeypatch):
     from vae_cli import callbacks, cli
 

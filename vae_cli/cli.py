@@ -159,6 +159,7 @@ def _task(command: str):
         resume = _resume_hint(command, cfg)
         _stop["message"] = _stop_message(resume)  # for a shutdown cut short (_exit_now)
         try:
+            raise_if_stopped()
             fn = getattr(importlib.import_module(module_name), fn_name)
             if cfg.get("matmul_precision"):  # train and every command that reads a model
                 from vae_cli.runs import set_matmul_precision
@@ -260,14 +261,14 @@ def interrupted(resume: str | None = None) -> NoReturn:
     except ValueError:  # not the main thread
         pass
     _close_bars()
-    try:
-        from vae_cli.runs import drop_claims
-        from vae_cli.sweep import tidy_pending
-
-        drop_claims()
-        tidy_pending()
-    except Exception:  # noqa: BLE001 - interrupted while importing: nothing was claimed or swept
-        pass
+    # Only modules already imported: a Ctrl-C in the first second lands inside torch's import, and
+    # importing vae_cli.runs here imported torch again, half made (a segfault, an abort, or a
+    # RecursionError). A folder is claimed and a sweep run only through these modules.
+    for name, tidy in (("vae_cli.runs", "drop_claims"), ("vae_cli.sweep", "tidy_pending")):
+        try:
+            getattr(sys.modules[name], tidy)()
+        except Exception:  # noqa: BLE001 - not imported (nothing claimed or swept), or interrupted while importing
+            pass
     message = _stop_message(resume)
     with _report_lock:  # the watchdog (below) prints the line only if this has not
         if not _quiet_rank():
@@ -321,13 +322,19 @@ def _in_sweep() -> bool:
 # first, ends the process at once with the same line.
 GRACE_S = 30.0
 _stop: dict = {"message": "interrupted", "signalled": False, "stopping": False, "reported": False, "sigint": False,
-              "deferred": False, "pending": False, "generation": 0}
+              "deferred": False, "pending": False, "generation": 0, "after_import": False, "resent": False}
 _report_lock = threading.Lock()
 
 
 def _on_signal(signum: int, frame: object) -> None:
     """SIGINT and SIGTERM (kill, a batch scheduler's pre-emption) stop a command as Ctrl-C does: half-made
     outputs are removed and a run can be resumed (SIGTERM's default action would leave them behind)."""
+    if _stop["resent"]:  # _resend's check: raise once the import under way has ended
+        _stop["resent"] = False
+        if _importing(frame):
+            return
+        _stop["after_import"] = False
+        raise KeyboardInterrupt
     if _stop["signalled"] or _stop["stopping"]:
         _exit_now()
     _stop["signalled"] = _stop["stopping"] = True
@@ -335,7 +342,36 @@ def _on_signal(signum: int, frame: object) -> None:
     if _stop["deferred"]:
         _stop["pending"] = True  # raised at the next batch boundary (raise_pending)
         return
+    if _importing(frame):
+        # Raised inside an import (a Ctrl-C in a command's first second lands in torch's, numpy's or
+        # Lightning's), a KeyboardInterrupt left modules half made: a library that caught it went on
+        # to a RecursionError, and importing torch again segfaulted. It is raised once the import ends.
+        _stop["after_import"] = True
+        threading.Thread(target=_resend, args=(signum,), name="vae-stop-after-import", daemon=True).start()
+        return
     raise KeyboardInterrupt
+
+
+def _importing(frame: object) -> bool:
+    """Whether the main thread is inside an import (a frame of importlib's bootstrap below it)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _resend(signum: int) -> None:
+    """Signal the main thread again every 20 ms until the handler has raised the interrupt outside any
+    import (a real signal, which also ends a sleep or a wait there, as the first one would have)."""
+    import time
+
+    main = threading.main_thread().ident
+    while _stop["after_import"]:
+        time.sleep(0.02)
+        if _stop["after_import"] and not _stop["resent"] and main is not None:
+            _stop["resent"] = True
+            signal.pthread_kill(main, signum)
 
 
 def defer(on: bool) -> None:
@@ -344,6 +380,16 @@ def defer(on: bool) -> None:
     inside queue.put (TensorBoard's event writer), say, leaves that queue's lock taken, and the
     shutdown then waits for it for ever."""
     _stop["deferred"] = on
+
+
+def raise_if_stopped() -> None:
+    """At a point of vae's own (a command's start, the start of training): the interrupt of a signal
+    that arrived before, if nothing has stopped the command yet. Raised inside Hydra's composition
+    of the config, a KeyboardInterrupt vanished (1 run in 15 with a Ctrl-C 1 to 3 s after the start),
+    and the command ran on to its end with exit code 0."""
+    if _stop["signalled"] and not _stop["pending"]:
+        _stop["after_import"] = False
+        raise KeyboardInterrupt
 
 
 def raise_pending() -> None:
@@ -385,7 +431,7 @@ def rearm() -> None:
 def stop_on_signals():
     """Within: SIGINT and SIGTERM raise KeyboardInterrupt once, then force the exit (above)."""
     _stop.update(message="interrupted", signalled=False, stopping=False, reported=False, sigint=False,
-                 deferred=False, pending=False, generation=_stop["generation"] + 1)
+                 deferred=False, pending=False, after_import=False, resent=False, generation=_stop["generation"] + 1)
     previous = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):

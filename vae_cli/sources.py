@@ -359,6 +359,12 @@ def to_8_bit(im: "Image.Image") -> "Image.Image":
     return im
 
 
+def skip_line(path: object, why: str) -> None:
+    """One warning for a file left out. A name that is no UTF-8 (bad\\xff.png, 'bad\\udcff.png' once
+    decoded) is escaped, so that no log handler fails on it."""
+    log.warning(f"skipping {path}: {why}".encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
 def decode_images(files: list[Path], height: int, width: int, channels: int) -> tuple[torch.Tensor | None, list[str]]:
     """Decode, convert and resize every file: (uint8 (N, C, H, W) or None, unreadable paths).
 
@@ -383,16 +389,16 @@ def decode_images(files: list[Path], height: int, width: int, channels: int) -> 
                     pixels = im.tobytes()
             images.append(torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(height, width, channels))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            log.warning(f"skipping {f}: too many pixels (PIL's decompression-bomb guard)")
+            skip_line(f, "too many pixels (PIL's decompression-bomb guard)")
             skipped.append(str(f))
         except UnknownRange as e:
-            log.warning(f"skipping {f}: {e}")
+            skip_line(f, str(e))
             skipped.append(str(f))
         except FileNotFoundError:
-            log.warning(f"skipping {f}: a link to a file that does not exist")
+            skip_line(f, "a link to a file that does not exist")
             skipped.append(str(f))
         except Exception as e:  # OSError, UnidentifiedImageError, SyntaxError, ...: a broken file
-            log.warning(f"skipping {f}: not a readable image ({first_line(e, 100)})")
+            skip_line(f, f"not a readable image ({first_line(e, 100)})")
             skipped.append(str(f))
     x = torch.stack(images).permute(0, 3, 1, 2).contiguous() if images else None  # (N, C, H, W)
     return x, skipped
@@ -494,7 +500,7 @@ def load_folder(
     if found is not None:
         x, skipped = found
         for f in skipped:
-            log.warning(f"skipping {f}: not a readable image")
+            skip_line(f, "not a readable image")
     else:
         x, skipped = decode_images(files, height, width, channels)
         if cache is not None and x is not None:

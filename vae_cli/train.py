@@ -297,6 +297,9 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         # fork. With it, every Adam step asks NVML whether CUDA is there (dlopen and all): 0.3 ms a
         # step, a tenth of the step of a small model on a CPU. Nothing forks here, so it goes.
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+    from vae_cli.cli import raise_if_stopped
+
+    raise_if_stopped()  # a Ctrl-C that some library swallowed while the run was being built
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
     except (MisconfigurationException, ValueError) as e:
