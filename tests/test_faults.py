@@ -760,6 +760,15 @@ def test_a_last_checkpoint_of_another_run_is_refused_on_resume(trained_run, tmp_
     assert "its checkpoints/last.ckpt is not this run's (model.latent_dim is 4 there, 7 in .hydra/config.yaml)" \
         in capsys.readouterr().err
     assert (run / "metrics.json").read_text() == metrics
+    # The same model and optimizer, another run's data, trainer or evaluation settings: it took over the run's
+    # settings (another dataset.binarize, 1 epoch for 3, an evaluation of 10000 images for 500)
+    for key, value in (("dataset.binarize", "none"), ("trainer.max_epochs", 9), ("eval.limit", 500), ("seed", 5)):
+        saved = OmegaConf.load(trained_run / ".hydra" / "config.yaml")
+        OmegaConf.update(saved, key, value)
+        OmegaConf.save(saved, run / ".hydra" / "config.yaml")
+        assert run_main("train", f"resume={run}") == 2, key
+        assert f"its checkpoints/last.ckpt is not this run's ({key} is " in capsys.readouterr().err, key
+    assert (run / "metrics.json").read_text() == metrics
 
 
 def test_a_moved_run_keeps_tracking_its_best_checkpoint(tmp_path, recwarn):

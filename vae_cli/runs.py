@@ -200,19 +200,21 @@ def _saved_config(run_dir: str | Path, saved: Path, resolve: bool = True) -> Any
 
 
 def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any) -> None:
-    """Refuse a last.ckpt whose model or optimizer differ from the run's own config: a checkpoint of
-    another run, copied in. Resumed, it had trained that model, and metrics.json mixed both runs."""
+    """Refuse a last.ckpt whose config differs from the run's own: a checkpoint of another run, copied
+    in. Resumed, it had trained that model on that checkpoint's data and trainer settings (its
+    dataset, its epochs, its eval), and metrics.json mixed both runs. Where the two differ in the keys
+    they hold (one written by another version), or the run's file holds a ${...}, nothing is judged."""
     def difference(a: Any, b: Any, at: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):
-            return next((d for k in dict.fromkeys([*a, *b]) if (d := difference(a.get(k), b.get(k), f"{at}.{k}"))), None)
+            return next((d for k in a if k in b and (d := difference(a[k], b[k], f"{at}.{k}"))), None)
         if isinstance(b, str) and "${" in b:  # resolved when the run started (an env var, another key): not judged
             return None
         return None if a == b else f"{at} is {show(a)} there, {show(b)} in .hydra/config.yaml"
 
     if not isinstance(saved, dict):
         return
-    for key in ("model", "optimizer"):
-        found = difference(config.get(key), saved.get(key), key)
+    for key in [k for k in config if k in saved and k != "resume"]:
+        found = difference(config[key], saved[key], key)
         if found:
             raise UserError(f"resume={str(run_dir)!r}: its checkpoints/last.ckpt is not this run's ({found}): put "
                             "the run's own last.ckpt back, or train a new run")
