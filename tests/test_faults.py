@@ -771,6 +771,25 @@ def test_a_last_checkpoint_of_another_run_is_refused_on_resume(trained_run, tmp_
     assert (run / "metrics.json").read_text() == metrics
 
 
+def test_a_run_without_last_ckpt_resumes_from_its_newest_checkpoint(trained_run, tmp_path, capsys):
+    """last.ckpt missing beside best-*.ckpt (a second Ctrl-C between the two writes): the run started
+    over from step 0, its saved steps thrown away, and a forced exit's half-written temporary file stayed."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    (run / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"")
+    assert run_main("train", f"resume={run}") == 0
+    err = capsys.readouterr().err
+    assert f"has no checkpoints/last.ckpt: continuing from {best.name}" in err and "starting over" not in err, err
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+    from vae_cli.runs import newest_kept
+
+    for name in ("best-epoch=3-step=40.ckpt", "best-epoch=12-step=130.ckpt", "odd.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert newest_kept(tmp_path).name == "best-epoch=12-step=130.ckpt" and newest_kept(tmp_path / "none") is None
+
+
 def test_a_moved_run_keeps_tracking_its_best_checkpoint(tmp_path, recwarn):
     """Resumed where it was moved or copied to, a run's checkpoint state names the old folder:
     Lightning kept only best_model_path (the old folder's file), said so on the terminal, and the

@@ -173,6 +173,8 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
         raise UserError(f"resume={str(run_dir)!r} is not a folder{_missing(run)}: give a run folder under outputs/")
     check_not_training(run, f"resume={str(run_dir)}")
     ckpt = run / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():  # a second Ctrl-C between the two writes, say: the newest checkpoint it holds
+        ckpt = newest_kept(run / "checkpoints") or ckpt
     saved = run / ".hydra" / "config.yaml"
     if ckpt.is_file():
         config = load_checkpoint(ckpt)["vae_cli"]["config"]
@@ -183,6 +185,17 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
         raise UserError(f"resume={str(run_dir)!r} has neither checkpoints/last.ckpt nor .hydra/config.yaml: "
                         "is it a `vae train` run folder?")
     return check_config(_saved_config(run_dir, saved), f"resume={str(run_dir)!r}"), None
+
+
+def newest_kept(folder: Path) -> Path | None:
+    """The checkpoint of the most steps in a run's checkpoints/ (by Lightning's step=N in its name),
+    last.ckpt left out; None where there is none."""
+    steps = {}
+    for path in folder.glob("*.ckpt") if folder.is_dir() else []:
+        found = re.search(r"step=(\d+)", path.name)
+        if path.name != "last.ckpt" and found and path.is_file():
+            steps[path] = int(found.group(1))
+    return max(steps, key=steps.get) if steps else None
 
 
 def _saved_config(run_dir: str | Path, saved: Path, resolve: bool = True) -> Any:

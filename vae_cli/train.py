@@ -168,6 +168,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if resume_ckpt is None:
             log.warning(f"resume={cfg.resume} has no checkpoints/last.ckpt yet: "
                         "starting over from step 0 with its saved config (.hydra/config.yaml)")
+        elif resume_ckpt.name != "last.ckpt":
+            log.warning(f"resume={cfg.resume} has no checkpoints/last.ckpt: continuing from {resume_ckpt.name}, "
+                        "the checkpoint of the most steps it holds")
     else:
         config = OmegaConf.to_container(cfg, resolve=True)
         run = run_folder(cfg)
@@ -177,6 +180,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
             dataset["path"] = str(Path(to_absolute_path(os.path.expanduser(dataset["path"]))).resolve())
     with run_lock(run, f"resume={cfg.resume}" if cfg.resume is not None else f"the run folder {str(run)!r}"):
+        for partial in (run / "checkpoints").glob(".*.tmp"):  # a write that a forced exit cut short
+            partial.unlink(missing_ok=True)
         try:
             return train_in(run, config, resume_ckpt, verbose)
         except (UserError, MemoryError, RuntimeError) as e:
