@@ -790,6 +790,22 @@ def test_a_run_without_last_ckpt_resumes_from_its_newest_checkpoint(trained_run,
     assert newest_kept(tmp_path).name == "best-epoch=12-step=130.ckpt" and newest_kept(tmp_path / "none") is None
 
 
+def test_a_damaged_last_ckpt_on_resume_is_named_as_the_runs_with_a_way_on(trained_run, tmp_path, capsys):
+    """The line named ckpt=..., a setting the user had not given, and offered no way on."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("samples", "eval"))
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    assert run_main("train", f"resume={run}") == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"vae: error: resume='{run}': its checkpoints/last.ckpt is not a vae-cli checkpoint (not "
+                           "the zip archive") and line.endswith(f"copy {best.name} over it to continue from there"), line
+    best.unlink()
+    assert run_main("train", f"resume={run}") == 2
+    assert one_line_error(capsys).endswith("remove it to start over from step 0")
+
+
 def test_a_moved_run_keeps_tracking_its_best_checkpoint(tmp_path, recwarn):
     """Resumed where it was moved or copied to, a run's checkpoint state names the old folder:
     Lightning kept only best_model_path (the old folder's file), said so on the terminal, and the

@@ -177,7 +177,13 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
         ckpt = newest_kept(run / "checkpoints") or ckpt
     saved = run / ".hydra" / "config.yaml"
     if ckpt.is_file():
-        config = load_checkpoint(ckpt)["vae_cli"]["config"]
+        try:
+            config = load_checkpoint(ckpt)["vae_cli"]["config"]
+        except UserError as e:  # named as the run's file (the user gave no ckpt=), with a way on
+            other = newest_kept(ckpt.parent) if ckpt.name == "last.ckpt" else None
+            way = f"copy {other.name} over it to continue from there" if other else "remove it to start over from step 0"
+            why = str(e).replace(f"ckpt={str(ckpt)!r} ", "", 1)
+            raise UserError(f"resume={str(run_dir)!r}: its checkpoints/{ckpt.name} {why}: {way}") from None
         if saved.is_file():
             _check_same_run(run_dir, config, _saved_config(run_dir, saved, resolve=False))
         return config, ckpt
