@@ -606,6 +606,10 @@ def test_resume_continues_one_run_in_its_own_folder(trained_run, tmp_path, capsy
     assert run_main("train", f"resume={trained_run}", f"hydra.run.dir={tmp_path / 'elsewhere'}") == 2
     assert f"resume=DIR trains in DIR itself: drop 'hydra.run.dir={tmp_path / 'elsewhere'}'" in one_line_error(capsys)
     assert not (tmp_path / "elsewhere").exists()
+    # a finished run cannot be extended (its checkpoint's config wins): the line says what to do instead
+    assert run_main("train", f"resume={trained_run}", "trainer.max_epochs=4") == 2
+    assert one_line_error(capsys).endswith("drop 'trainer.max_epochs=4' (a run ends where its config says; to train "
+                                           "longer, start a new run)")
     assert run_main("sample", f"run={tmp_path / 'nope'}") == 2
     assert "is not a folder (it does not exist)" in one_line_error(capsys)
 

@@ -336,7 +336,9 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
         # verbose is how the terminal looks, not how the run trains: it may change on resume
         others = [o for o, k in zip(overrides, keys) if k not in ("resume", "verbose") and not k.startswith("hydra")]
         if others:
-            raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}")
+            longer = override_key(others[0]).lstrip("+") in ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")
+            raise UserError(f"resume=DIR continues a run with its own saved config: drop {others[0]!r}" +
+                            (" (a run ends where its config says; to train longer, start a new run)" if longer else ""))
     _check_removals(conf_dir, command, overrides)
     _check_sweep_settings(overrides, multirun)
     if multirun and command == "train":
