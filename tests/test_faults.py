@@ -773,6 +773,12 @@ def test_a_last_checkpoint_of_another_run_is_refused_on_resume(trained_run, tmp_
         assert run_main("train", f"resume={run}") == 2, key
         assert f"its checkpoints/last.ckpt is not this run's ({key} is " in capsys.readouterr().err, key
     assert (run / "metrics.json").read_text() == metrics
+    # a path as given (relative, say), which the checkpoint holds made absolute: the same run
+    saved = OmegaConf.load(trained_run / ".hydra" / "config.yaml")
+    saved.data_dir = "data"
+    OmegaConf.save(saved, run / ".hydra" / "config.yaml")
+    assert run_main("train", f"resume={run}") == 0
+    assert "nothing left to train" in capsys.readouterr().out
 
 
 def test_a_run_without_last_ckpt_resumes_from_its_newest_checkpoint(trained_run, tmp_path, capsys):

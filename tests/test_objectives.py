@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.distributions import Independent, Normal
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -293,15 +294,20 @@ def test_a_checkpoint_is_called_diverged_only_while_its_model_is_far_below_the_b
         assert not caplog.records
 
 
-def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best(tmp_path, data_dir, capsys,
-                                                                                    monkeypatch):
-    def blow_up(module):  # at epoch 2 the decoder's weights are scaled by 30: finite, and far worse
-        if module.current_epoch == 2:
+def blow_up_at(epoch: int):
+    """An on_train_epoch_start that scales the decoder's weights by 30 at that epoch: finite, and far worse."""
+    def blow_up(module):
+        if module.current_epoch == epoch:
             with torch.no_grad():
                 for p in module.model.decoder.parameters():
                     p.mul_(30.0)
 
-    monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up, raising=False)
+    return blow_up
+
+
+def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best(tmp_path, data_dir, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up_at(2), raising=False)
     run = tmp_path / "diverged"
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=4", "eval.k=0", "scheduler=cosine",
                     f"hydra.run.dir={run}") == 0
@@ -329,6 +335,9 @@ def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best
     ckpt = torch.load(last, weights_only=True)
     ckpt["vae_cli"]["config"]["trainer"]["max_epochs"] = 5
     torch.save(ckpt, last)
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")   # the run's own config says so too
+    saved.trainer.max_epochs = 5
+    OmegaConf.save(saved, run / ".hydra" / "config.yaml")
     monkeypatch.chdir(tmp_path)                    # Hydra's own folder for the resuming command
     assert run_main("train", f"resume={run}") == 0
     out, err = capsys.readouterr()
@@ -338,13 +347,7 @@ def test_a_run_that_diverges_to_a_finite_elbo_is_warned_about_and_names_its_best
 
 
 def test_a_run_ruined_in_its_first_epoch_is_warned_about(tmp_path, data_dir, capsys, monkeypatch):
-    def blow_up(module):  # before the first step the decoder's weights are scaled by 30: finite, and far worse
-        if module.current_epoch == 0:
-            with torch.no_grad():
-                for p in module.model.decoder.parameters():
-                    p.mul_(30.0)
-
-    monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up, raising=False)
+    monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up_at(0), raising=False)  # before the first step
     run = tmp_path / "ruined"
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
                     f"hydra.run.dir={run}") == 0
@@ -364,9 +367,7 @@ def test_a_run_ruined_in_its_first_epoch_is_warned_about(tmp_path, data_dir, cap
 
 def test_a_kl_warm_up_to_a_large_beta_is_not_called_diverged(tmp_path, data_dir, capsys, monkeypatch):
     # The val ELBO (KL weight 1) may fall while the weight climbs: the check waits for the warm-up's end.
-    monkeypatch.setattr(VAEModule, "on_train_epoch_start",
-                        lambda m: [p.data.mul_(30.0) for p in m.model.decoder.parameters()] if m.current_epoch == 2 else None,
-                        raising=False)
+    monkeypatch.setattr(VAEModule, "on_train_epoch_start", blow_up_at(2), raising=False)
     run = tmp_path / "warm"
     assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=4", "eval.k=0", "beta=4",
                     "kl_warmup_steps=100", f"hydra.run.dir={run}") == 0

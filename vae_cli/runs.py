@@ -218,12 +218,20 @@ def _saved_config(run_dir: str | Path, saved: Path, resolve: bool = True) -> Any
         raise UserError(f"resume={str(run_dir)!r}: its .hydra/config.yaml cannot be read ({first_line(e)})") from None
 
 
+# Not judged: resume (null in the run's own config), and paths, which the checkpoint holds as they were
+# made absolute when the run started (a folder dataset's; any given relatively under hydra.job.chdir=true)
+# and .hydra/config.yaml as they were given.
+NOT_COMPARED = {"resume", "data_dir", "dataset.path", "dataset.data_dir"}
+
+
 def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any) -> None:
     """Refuse a last.ckpt whose config differs from the run's own: a checkpoint of another run, copied
     in. Resumed, it had trained that model on that checkpoint's data and trainer settings (its
     dataset, its epochs, its eval), and metrics.json mixed both runs. Where the two differ in the keys
     they hold (one written by another version), or the run's file holds a ${...}, nothing is judged."""
     def difference(a: Any, b: Any, at: str) -> str | None:
+        if at in NOT_COMPARED:
+            return None
         if isinstance(a, dict) and isinstance(b, dict):
             return next((d for k in a if k in b and (d := difference(a[k], b[k], f"{at}.{k}"))), None)
         if isinstance(b, str) and "${" in b:  # resolved when the run started (an env var, another key): not judged
@@ -232,7 +240,7 @@ def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any) -> 
 
     if not isinstance(saved, dict):
         return
-    for key in [k for k in config if k in saved and k != "resume"]:
+    for key in [k for k in config if k in saved]:
         found = difference(config[key], saved[key], key)
         if found:
             raise UserError(f"resume={str(run_dir)!r}: its checkpoints/last.ckpt is not this run's ({found}): put "

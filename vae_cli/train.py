@@ -349,7 +349,7 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         # or they may still sit in its queue when the process exits.
         logger.finalize("success")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        report(run, metrics, resumed=resume_ckpt is not None)
+        report(run, metrics, resumed=resume_ckpt is not None, checkpointed=not trainer.fast_dev_run)
     return metrics
 
 
@@ -427,9 +427,10 @@ def test_metrics(model, data, config: dict[str, Any], trainer, progress: bool = 
 ESTIMATOR_NAMES = {"iwae": "IWAE", "ais": "AIS", "exact": "exact (quadrature)", "refined": "IWAE, refined proposal"}
 
 
-def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> None:
+def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False, checkpointed: bool = True) -> None:
     """The last lines a user reads, the same block for every run: where it is, how it went, how to look
-    at it. ``resumed``: True, or what the resume did (shown in brackets after the steps)."""
+    at it. ``resumed``: True, or what the resume did (shown in brackets after the steps);
+    ``checkpointed``: False where no checkpoint was saved (trainer.fast_dev_run)."""
     rows = [("run folder", str(run))]
     if "step" in metrics:
         epochs, steps = metrics["epoch"], metrics["step"]
@@ -440,7 +441,7 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> N
     rows.append(("val ELBO", f"{val:.2f} nats/example (last validation)" if val is not None
                  else "none (no validation epoch, so no best checkpoint" +
                  ("; last.ckpt is kept)" if (run / "checkpoints" / "last.ckpt").is_file() else ")")))
-    if val is not None and not (run / "checkpoints" / "last.ckpt").is_file():
+    if not checkpointed:
         rows.append(("checkpoint", "none (trainer.fast_dev_run saves none), so no command can read this run"))
     if "best_val_elbo" in metrics:  # the run diverged (vae_cli.collapse.DivergenceMonitor)
         where = f": vae evaluate ckpt={shell(metrics['best_checkpoint'])}" if metrics.get("best_checkpoint") else ""
@@ -457,7 +458,7 @@ def report(run: Path, metrics: dict[str, Any], resumed: bool | str = False) -> N
         if metrics.get("test_bits_per_dim") is not None:
             rows.append(("bits/dim", f"{metrics['test_bits_per_dim']:.3f} (of log p(x))"))
     else:
-        later = f"; measure it with: vae evaluate run={shell(run)}" if (run / "checkpoints" / "last.ckpt").is_file() else ""
+        later = f"; measure it with: vae evaluate run={shell(run)}" if checkpointed else ""
         rows.append(("test", f"skipped (eval.k=0){later}"))
     rows.append(("TensorBoard", f"tensorboard --logdir {shell(run / 'tensorboard')}"))
     width = max(len(label) for label, _ in rows) + 1
