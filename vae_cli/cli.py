@@ -331,7 +331,7 @@ def _on_signal(signum: int, frame: object) -> None:
     outputs are removed and a run can be resumed (SIGTERM's default action would leave them behind)."""
     if _stop["resent"]:  # _resend's check: raise once the import under way has ended
         _stop["resent"] = False
-        if _importing(frame):
+        if not _stop["after_import"] or _importing(frame):  # raised already (raise_if_stopped), or not yet
             return
         _stop["after_import"] = False
         raise KeyboardInterrupt

@@ -65,20 +65,21 @@ def check_model_size(model: Any) -> None:
     """Refuse a model whose training state cannot fit: beside its weights, Adam keeps a gradient and two
     moments of every parameter (12 more bytes each in float32), before any activation. Past the
     memory, a model of a million hidden units filled 16 GB for over a minute before anything failed."""
-    check_parameters(sum(p.numel() for p in model.parameters()), next(model.parameters()).device, "more")
+    check_parameters(sum(p.numel() for p in model.parameters()), next(model.parameters()).device, built=True)
 
 
-def check_parameters(n: int, device: Any = None, what: str = "more") -> None:
-    """Refuse n parameters whose weights, gradients and Adam moments (16 bytes each, ``what``="all";
-    12 beyond the weights, "more") exceed the memory free on the device (the host's by default)."""
+def check_parameters(n: int, device: Any = None, built: bool = False) -> None:
+    """Refuse n parameters whose training state exceeds the memory free on the device (the host's by
+    default): 16 bytes each in float32 (weights, gradients, Adam's two moments), or 12 more once the
+    model is built (its weights take memory already)."""
     from vae_cli.cli import _task_overrides
     from vae_cli.errors import available_memory, sizes_given
 
-    need, have = (16 if what == "all" else 12) * n, available_memory(device)
+    need, have = (12 if built else 16) * n, available_memory(device)
     if have and need > have:
         given = sizes_given([o for o in _task_overrides() if o.startswith(("model.", "prior.", "posterior.", "dataset.shape="))])
         raise UserError(f"the model has {n:,} parameters{' (' + ' '.join(given) + ')' if given else ''}: "
-                        f"training them takes about {need / 1e9:.1f} GB{' more' if what == 'more' else ''}, beyond "
+                        f"training them takes about {need / 1e9:.1f} GB{' more' if built else ''}, beyond "
                         f"the {have / 1e9:.1f} GB free here: make it smaller")
 
 
@@ -263,7 +264,7 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         # parameters, whose initialisation wrote 24 GB until the kernel killed the process, silently.
         n = parameters_to_build(config["model"])
         if n is not None:
-            check_parameters(n, what="all")
+            check_parameters(n)
         model = instantiate(config["model"])
         objective = instantiate(config.get("objective") or {"_target_": "vae_cli.objectives.ELBO"})
         module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"],
