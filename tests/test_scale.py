@@ -124,3 +124,27 @@ def test_submitit_local_executor(tmp_path, data_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file()
     assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 1
+
+
+def test_an_interrupted_train_sweep_summarises_its_finished_jobs(tmp_path, capsys):
+    """A Ctrl-C during job 1 of a `vae train` sweep: Hydra ends it with no callback, and job 0's
+    results were in its metrics.json only (the summary was written at the sweep's end)."""
+    from omegaconf import OmegaConf
+
+    from vae_cli import cli
+    from vae_cli.sweep import SweepSummary
+
+    config = OmegaConf.create({"hydra": {"runtime": {"cwd": str(tmp_path)}, "sweep": {"dir": "sweep"}}})
+    SweepSummary().on_multirun_start(config)
+    for job, latent in ((0, 2), (1, 3)):
+        (tmp_path / "sweep" / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / "sweep" / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model.latent_dim={latent}\n")
+    (tmp_path / "sweep" / "0" / "metrics.json").write_text(json.dumps({"val_elbo": -100.5, "step": 40}))
+    with cli.stop_on_signals(), pytest.raises(SystemExit) as e:  # the process's own handlers, restored after
+        cli.interrupted("vae train resume=sweep/1")
+    assert e.value.code == 130
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert [(r["job"], r["val_elbo"], r["step"]) for r in rows] == [("0", "-100.5", "40")]  # job 1 never finished
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == [f"vae: the sweep's 1 finished job(s): {tmp_path / 'sweep' / 'summary.md'}",
+                        "vae: interrupted; continue the run with: vae train resume=sweep/1"], err

@@ -264,7 +264,8 @@ def interrupted(resume: str | None = None) -> NoReturn:
     # Only modules already imported: a Ctrl-C in the first second lands inside torch's import, and
     # importing vae_cli.runs here imported torch again, half made (a segfault, an abort, or a
     # RecursionError). A folder is claimed and a sweep run only through these modules.
-    for name, tidy in (("vae_cli.runs", "drop_claims"), ("vae_cli.sweep", "tidy_pending")):
+    for name, tidy in (("vae_cli.runs", "drop_claims"), ("vae_cli.sweep", "tidy_pending"),
+                       ("vae_cli.sweep", "summarize_pending")):
         try:
             getattr(sys.modules[name], tidy)()
         except Exception:  # noqa: BLE001 - not imported (nothing claimed or swept), or interrupted while importing

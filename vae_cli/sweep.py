@@ -125,8 +125,35 @@ def write_tables(rows: list[dict[str, Any]], sweep_dir: Path) -> tuple[Path, Pat
     return csv_path, md_path
 
 
+_UNSUMMARIZED: list[Path] = []  # the folder of a `vae train` sweep under way (SweepSummary)
+
+
+def summarize_pending() -> None:
+    """At a Ctrl-C during a `vae train` sweep (the CLI's interrupt; Hydra ends it with no callback):
+    the summary of the jobs that finished, which was written at the sweep's end only."""
+    while _UNSUMMARIZED:
+        sweep_dir = _UNSUMMARIZED.pop()
+        rows = write_summary(sweep_dir)
+        if rows:
+            print(f"vae: the sweep's {len(rows)} finished job(s): {sweep_dir / 'summary.md'}", file=sys.stderr)
+
+
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
+    """summary.csv and summary.md of the sweep's finished jobs (its job folders, and those that a
+    job's note in JOBS names elsewhere); their rows, none written where no job has finished."""
+    notes = [json.loads(p.read_text()) for p in (sweep_dir / JOBS).glob("*.json")]
+    rows = summarize(sweep_dir, {Path(n["folder"]): (n["job"], n["overrides"]) for n in notes})
+    if rows:
+        write_tables(rows, sweep_dir)
+    return rows
+
+
 class SweepSummary(Callback):
-    """At the end of `vae train -m ...`: write and print the sweep's summary table."""
+    """At the end of `vae train -m ...`: write and print the sweep's summary table (at a Ctrl-C, that
+    of the jobs that finished: summarize_pending)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _UNSUMMARIZED.append(Path(os.path.abspath(os.path.join(config.hydra.runtime.cwd, str(config.hydra.sweep.dir)))))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A resumed run's folder may hold an error.txt from an earlier sweep: this job writes its own
@@ -145,12 +172,12 @@ class SweepSummary(Callback):
             (sweep_dir / JOBS / f"{config.hydra.job.num}.json").write_text(json.dumps(note))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _UNSUMMARIZED.clear()
         sweep_dir = Path(config.hydra.sweep.dir)
-        notes = [json.loads(p.read_text()) for p in (sweep_dir / JOBS).glob("*.json")]
-        rows = summarize(sweep_dir, {Path(n["folder"]): (n["job"], n["overrides"]) for n in notes})
+        rows = write_summary(sweep_dir)
         if not rows:
             return
-        csv_path, md_path = write_tables(rows, sweep_dir)
+        csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
         print(md_path.read_text() + f"sweep summary: {md_path} and {csv_path}", flush=True)
         failed = [r["job"] for r in rows if r["error"]]
         if failed:
