@@ -816,6 +816,15 @@ def test_a_damaged_last_ckpt_on_resume_is_named_as_the_runs_with_a_way_on(traine
     assert one_line_error(capsys).endswith("remove it to start over from step 0")
 
 
+def test_a_run_resumed_by_a_relative_path_reports_absolute_ones(trained_run, tmp_path, monkeypatch, capsys):
+    """The summary's folder and TensorBoard line are pasted elsewhere: they were printed as given."""
+    shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("samples", "eval"))
+    monkeypatch.chdir(tmp_path)
+    assert run_main("train", "resume=run") == 0
+    out = capsys.readouterr().out
+    assert f"run folder:    {tmp_path / 'run'}\n" in out and f"--logdir {tmp_path / 'run' / 'tensorboard'}" in out, out
+
+
 def test_a_moved_run_keeps_tracking_its_best_checkpoint(tmp_path, recwarn):
     """Resumed where it was moved or copied to, a run's checkpoint state names the old folder:
     Lightning kept only best_model_path (the old folder's file), said so on the terminal, and the

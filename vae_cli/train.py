@@ -165,7 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_ckpt = None
     if cfg.resume is not None:  # continue that run with its own saved config, in its own folder
         config, resume_ckpt = resume_source(cfg.resume)
-        run = Path(cfg.resume)
+        run = Path(os.path.abspath(os.path.expanduser(cfg.resume)))  # the summary's paths work from anywhere
         if resume_ckpt is None:
             log.warning(f"resume={cfg.resume} has no checkpoints/last.ckpt yet: "
                         "starting over from step 0 with its saved config (.hydra/config.yaml)")
