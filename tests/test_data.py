@@ -375,7 +375,7 @@ def test_a_folder_cache_of_another_decoder_is_decoded_again(tmp_path, monkeypatc
         Image.fromarray(np.full((8, 8), i * 60, dtype=np.uint8)).save(images / f"{i}.png")
     data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
     decoded = []
-    monkeypatch.setattr(sources, "decode_images", lambda *a: decoded.append(1) or (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), []))
+    monkeypatch.setattr(sources, "decode_images", lambda *a, **k: decoded.append(1) or (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), []))
     monkeypatch.setattr(sources, "DECODER", sources.DECODER + 1)
     data.load_folder(str(images), 8, 8, 1, data_dir=str(tmp_path / "cache"))
     assert decoded == [1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -280,6 +281,39 @@ def test_a_folder_run_names_its_folder_absolutely(tmp_path, monkeypatch, data_di
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert run_main("reconstruct", f"run={run}", "n=2", f"out={elsewhere / 'r.png'}") == 0
+
+
+def test_a_folder_run_of_the_decoder_before_is_read_as_it_read_the_folder(tmp_path, data_dir, capsys):
+    """Decoder 3 leaves out hidden files and run folders and applies a photo's EXIF orientation, so a
+    run that decoder 2 trained on such a folder (its digests in the checkpoint) was refused as changed
+    by every command and by resume. Such a run's folder is read as decoder 2 read it."""
+    from PIL import Image
+
+    from vae_cli.data import load_dataset, split_digests
+
+    images = tmp_path / "imgs"
+    (images / ".ipynb_checkpoints").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        Image.fromarray((torch.rand(12, 12, generator=g) * 255).byte().numpy(), "L").save(images / f"{i}.png")
+    Image.fromarray((torch.rand(12, 12, generator=g) * 255).byte().numpy(), "L").save(
+        images / ".ipynb_checkpoints" / "0-checkpoint.png")
+    run = tmp_path / "run"
+    assert run_main("train", "dataset=folder", f"dataset.path={images}", "dataset.shape=[1,12,12]",
+                    f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0", f"hydra.run.dir={run}") == 0
+    old = split_digests(load_dataset("folder", str(data_dir), [1, 12, 12], "none", "holdout", str(images), legacy=True))
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):   # as decoder 2 saved it: 25 images, the hidden one among them
+        state = torch.load(ckpt, weights_only=True)
+        assert state["vae_cli"]["data"] != old
+        state["vae_cli"]["data"] = old
+        torch.save(state, ckpt)
+    capsys.readouterr()
+    assert run_main("evaluate", f"run={run}", "k=2", "estimators=[iwae]", f"data_dir={data_dir}") == 0
+    assert run_main("reconstruct", f"run={run}", "n=2", f"data_dir={data_dir}") == 0
+    assert run_main("train", f"resume={run}") == 0, capsys.readouterr().err
+    shutil.copy(images / "0.png", images / "extra.png")                # a real change is still refused
+    assert run_main("evaluate", f"run={run}", "k=2", "estimators=[iwae]", f"data_dir={data_dir}") == 2
+    assert f"dataset.path='{images}' has changed since this run trained" in capsys.readouterr().err
 
 
 def test_a_folder_changed_since_training_is_refused(tmp_path, monkeypatch, data_dir, capsys):

@@ -135,15 +135,18 @@ def load_dataset(
     path: str | None = None,
     val_fraction: float = 0.1,
     read_only: Iterable[str] = (),
+    legacy: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The uint8 splits a run sees: loaded, shape-checked, statically binarized once (when asked),
     and with ``validation="test"`` trained on train+val and validated on test.
 
-    ``read_only`` folders are searched for a valid cache first; only ``data_dir`` is written."""
+    ``read_only`` folders are searched for a valid cache first; only ``data_dir`` is written.
+    ``legacy``: a folder read as decoder 2 read it (vae_cli.sources.LEGACY)."""
     if name == "folder":
         if not path:
             raise UserError("dataset=folder needs dataset.path=DIR: a folder of images")
-        splits = load_folder(path, shape[1], shape[2], shape[0], val_fraction, data_dir=data_dir, read_only=read_only)
+        splits = load_folder(path, shape[1], shape[2], shape[0], val_fraction, data_dir=data_dir, read_only=read_only,
+                             legacy=legacy)
     else:
         splits = load_splits(name, data_dir, read_only=read_only)
     got = list(splits["train"].shape[1:])
@@ -170,11 +173,17 @@ def split_digests(splits: dict[str, torch.Tensor]) -> dict[str, str]:
     return digests
 
 
+def same_split(split: str, x: torch.Tensor, trained: dict | None) -> bool:
+    """Whether a split's images are the run's (``trained``: its split_digests); True for a run saved
+    before checkpoints kept digests."""
+    expected = trained.get(split) if isinstance(trained, dict) else None
+    return not isinstance(expected, str) or split_digests({split: x})[split] == expected
+
+
 def check_digest(config: dict, split: str, x: torch.Tensor, trained: dict | None) -> None:
     """Refuse a split of a folder that differs from the one the run had (``trained``: its split_digests)."""
-    expected = trained.get(split) if isinstance(trained, dict) else None
-    if not isinstance(expected, str) or split_digests({split: x})[split] == expected:
-        return  # a run saved before checkpoints kept digests, or the same images
+    if same_split(split, x, trained):
+        return
     raise UserError(folder_changed(config, f"its {split} images are not the ones the run had, and training images "
                                            "would be read as held-out ones"))
 
@@ -204,9 +213,12 @@ def run_split(config: dict, split: str, data_dir: str | None = None,
     mode = pixel_mode(d["binarize"], likelihood_name(config))
     saved = d.get("data_dir")
     read_only = [saved] if data_dir is None and isinstance(saved, str) and saved else []
-    splits = load_dataset(
-        d["name"], data_dir or default_data_dir(), d["shape"], "static" if mode == "static" else "none",
-        d.get("validation", "holdout"), d.get("path"), d.get("val_fraction", 0.1), read_only=read_only,
-    )
+    args = (d["name"], data_dir or default_data_dir(), d["shape"], "static" if mode == "static" else "none",
+            d.get("validation", "holdout"), d.get("path"), d.get("val_fraction", 0.1))
+    splits = load_dataset(*args, read_only=read_only)
+    if d["name"] == "folder" and not same_split(split, splits[split], trained):
+        older = load_dataset(*args, read_only=read_only, legacy=True)  # a run that decoder 2 trained
+        if same_split(split, older[split], trained):
+            splits = older
     check_digest(config, split, splits[split], trained)
     return splits[split], mode

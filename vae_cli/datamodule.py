@@ -23,12 +23,12 @@ class ImageData(DatasetSettings, pl.LightningDataModule):
         self.splits: dict[str, torch.Tensor] | None = None
         self.digests: dict[str, str] | None = None  # a folder's split_digests, kept in every checkpoint
 
-    def load(self) -> dict[str, torch.Tensor]:
-        """The uint8 splits, loaded once."""
-        if self.splits is None:
+    def load(self, legacy: bool = False) -> dict[str, torch.Tensor]:
+        """The uint8 splits, loaded once (again with ``legacy``: a folder read as decoder 2 read it)."""
+        if self.splits is None or legacy:
             binarize = self.binarize if self.mode == "static" else "none"
             self.splits = load_dataset(self.name, self.data_dir, self.shape, binarize, self.validation,
-                                       self.path, self.val_fraction)
+                                       self.path, self.val_fraction, legacy=legacy)
             if self.name == "folder":  # a named dataset's splits are fixed; a folder's follow its files
                 self.digests = split_digests(self.splits)
         return self.splits

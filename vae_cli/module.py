@@ -441,9 +441,12 @@ class VAEModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.resumed = {"step": checkpoint.get("global_step"), "val_elbo": last_val_elbo(checkpoint)}
         trained = checkpoint.get("vae_cli", {}).get("data")
-        now = getattr(self._trainer.datamodule, "digests", None) if self._trainer is not None else None
+        data = self._trainer.datamodule if self._trainer is not None else None
+        now = getattr(data, "digests", None)
         if isinstance(trained, dict) and now and trained != now:  # resume: the datamodule is set up already
-            raise UserError(folder_changed(self.config, "resuming would train on held-out images"))
+            data.load(legacy=True)  # a run that decoder 2 trained: its folder read as that decoder read it
+            if data.digests != trained:
+                raise UserError(folder_changed(self.config, "resuming would train on held-out images"))
         state = checkpoint.get("vae_cli", {}).get("divergence")
         if state is not None:  # a resumed run compares with its best before the resume
             self.divergence.load_state_dict(state)

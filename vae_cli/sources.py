@@ -59,18 +59,22 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside `path`, flushed to disk, then renamed into place.
 
     os.replace is atomic within a folder, so a kill at any moment leaves either the file before or
-    the new one, never half a file. The object is serialized in memory first, so a full disk fails
-    in the file's write as an OSError naming `path` (written straight to the file, torch's zip
-    writer fails instead with a RuntimeError about an "unexpected pos").
+    the new one, never half a file. A write that fails (a full disk) is an OSError naming `path`:
+    torch's zip writer reports its file's OSError as a RuntimeError about an "unexpected pos", so
+    the file's own error is kept (_Writes) and raised instead.
     """
-    data = io.BytesIO()
-    torch.save(obj, data)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data.getbuffer())
+            writes = _Writes(f)
+            try:
+                torch.save(obj, writes)  # streamed: no second copy of a checkpoint or a cache in memory
+            except RuntimeError:
+                if writes.error is None:
+                    raise
+                raise writes.error from None
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; what is saved here is not secret
@@ -80,6 +84,23 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+class _Writes:
+    """A file's write for torch.save, keeping the OSError it raised (torch reports it as another error)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def save_atomic(obj: dict, path: Path) -> bool:
@@ -337,6 +358,10 @@ _UNCACHED: dict[str, dict[str, torch.Tensor]] = {}  # cache path -> splits fetch
 
 
 DECODER = 3  # decode_images' version, part of a folder cache's key (3: EXIF orientation applied)
+# Decoder 2, before 2026-12-06: hidden files and run folders read, no EXIF orientation. A run it
+# trained keeps its splits' digests, which decoder 3 no longer matches where the folder held such
+# files: vae_cli.data reads the folder as decoder 2 did for it (load_folder(legacy=True)).
+LEGACY = 2
 
 
 class UnknownRange(ValueError):
@@ -365,7 +390,8 @@ def skip_line(path: object, why: str) -> None:
     log.warning(f"skipping {path}: {why}".encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
-def decode_images(files: list[Path], height: int, width: int, channels: int) -> tuple[torch.Tensor | None, list[str]]:
+def decode_images(files: list[Path], height: int, width: int, channels: int,
+                  exif: bool = True) -> tuple[torch.Tensor | None, list[str]]:
     """Decode, convert and resize every file: (uint8 (N, C, H, W) or None, unreadable paths).
 
     16-bit greyscale images are scaled to 8 bits. An image whose values have no fixed range (32-bit
@@ -384,7 +410,7 @@ def decode_images(files: list[Path], height: int, width: int, channels: int) -> 
                 with Image.open(f) as im:
                     # A camera's Orientation tag: the picture as viewers show it (a portrait photo
                     # came in sideways). Transparency is dropped, as PIL's convert does.
-                    im = ImageOps.exif_transpose(im)
+                    im = ImageOps.exif_transpose(im) if exif else im
                     im = to_8_bit(im).convert(mode).resize((width, height), Image.BILINEAR)
                     pixels = im.tobytes()
             images.append(torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(height, width, channels))
@@ -435,7 +461,7 @@ def run_folder(folder: Path) -> bool:
     return (folder / ".hydra").is_dir() or ((folder / "train.log").is_file() and (folder / "checkpoints").is_dir())
 
 
-def image_files(root: Path) -> list[Path]:
+def image_files(root: Path, legacy: bool = False) -> list[Path]:
     """Every file under root with an image suffix, sorted: linked folders are followed (each real
     folder once, so a link to a parent is no loop) and broken links kept (decode_images names them).
 
@@ -443,7 +469,7 @@ def image_files(root: Path) -> list[Path]:
     .ipynb_checkpoints/ copies and macOS's ._NAME sidecars would put the same image in both
     splits, or a file that is no image; and run folders: a run started in the image folder
     (outputs/DATE/TIME/) writes its pictures there, which were read as images and changed the
-    folder the run had trained on.
+    folder the run had trained on. ``legacy``: every image file, as decoder 2 read them (LEGACY).
     """
     def stop(error: OSError) -> None:
         raise error
@@ -451,19 +477,19 @@ def image_files(root: Path) -> list[Path]:
     files, seen = [], set()
     for folder, subfolders, names in os.walk(root, onerror=stop, followlinks=True):
         real = os.path.realpath(folder)
-        if real in seen or (folder != str(root) and run_folder(Path(folder))):
+        if real in seen or (not legacy and folder != str(root) and run_folder(Path(folder))):
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        files += [p for p in map(Path(folder).joinpath, names)
-                  if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
+        subfolders[:] = [d for d in subfolders if legacy or not d.startswith(".")]
+        files += [p for p in map(Path(folder).joinpath, names) if (legacy or not p.name.startswith("."))
+                  and p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())]
     return sorted(files)
 
 
 def load_folder(
     path: str, height: int, width: int, channels: int, val_fraction: float = 0.1, seed: int = 0,
-    data_dir: str | None = None, read_only: Iterable[str] = (),
+    data_dir: str | None = None, read_only: Iterable[str] = (), legacy: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Decode every image under ``path`` once, resized to height x width, grayscale (1) or RGB (3).
 
@@ -479,7 +505,7 @@ def load_folder(
         raise UserError(f"dataset.path={path!r} is not a folder{where}: the images are read from it again, so it "
                         "must be where the run was trained from")
     try:
-        files = image_files(root)
+        files = image_files(root, legacy)
         stats = [(str(f), st.st_size, st.st_mtime_ns) for f in files
                  for st in [f.stat() if f.exists() else f.lstat()]]  # a broken link: the link's own
     except OSError as e:
@@ -488,7 +514,8 @@ def load_folder(
         raise UserError(f"dataset.path={path!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     # DECODER: how files become pixels; a cache decoded otherwise (16-bit images clipped white,
     # before version 2) is not this one, and is decoded again
-    key = hashlib.sha1(repr((str(root.resolve()), height, width, channels, stats, DECODER)).encode()).hexdigest()
+    decoder = LEGACY if legacy else DECODER
+    key = hashlib.sha1(repr((str(root.resolve()), height, width, channels, stats, decoder)).encode()).hexdigest()
     name = f"{key[:16]}.pt"
     shape = (channels, height, width)
     found = None
@@ -502,7 +529,7 @@ def load_folder(
         for f in skipped:
             skip_line(f, "not a readable image")
     else:
-        x, skipped = decode_images(files, height, width, channels)
+        x, skipped = decode_images(files, height, width, channels, exif=not legacy)
         if cache is not None and x is not None:
             save_atomic({"images": x, "skipped": skipped}, cache)
     if x is None or len(x) < 3:
