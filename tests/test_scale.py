@@ -146,5 +146,5 @@ def test_an_interrupted_train_sweep_summarises_its_finished_jobs(tmp_path, capsy
     rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
     assert [(r["job"], r["val_elbo"], r["step"]) for r in rows] == [("0", "-100.5", "40")]  # job 1 never finished
     err = capsys.readouterr().err.splitlines()
-    assert err[-2:] == [f"vae: the sweep's 1 finished job(s): {tmp_path / 'sweep' / 'summary.md'}",
+    assert err[-2:] == [f"vae: the sweep's 1 ended job(s): {tmp_path / 'sweep' / 'summary.md'}",
                         "vae: interrupted; continue the run with: vae train resume=sweep/1"], err

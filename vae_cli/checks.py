@@ -172,9 +172,11 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
     if m:
         key = m.group(1)
         config = _config_without(conf_dir, command, overrides, key)
-        # Another option of the group first: dataset.path with MNIST was told "add it with +", and
-        # then refused as a setting of dataset=folder (one class takes it for every dataset).
-        # The group's option given by hand (model=ladder): it has no such setting; say which it has.
+        if known_argument(config, key) and not _rule_refuses(config, key, overrides):
+            return f"{key} is not in the config yet: add it with +{key}=VALUE"
+        # the group's option given by hand (model=ladder): it has no such setting; say which it has.
+        # Also where the class takes it but its rule keeps it for another option: dataset.path with
+        # MNIST was told "add it with +", and then refused as a setting of dataset=folder.
         chosen = any(override_key(o) == key.partition(".")[0] for o in overrides)
         elsewhere = None if chosen else _option_with(conf_dir, command, overrides, key)
         if elsewhere:
@@ -194,6 +196,31 @@ def _explain(e: Exception, conf_dir: str, command: str, overrides: list[str]) ->
     if m and e.__cause__ is not None:  # OmegaConf says why: "Value 'maybe' is not a valid bool (type str)"
         return f"{m.group(1)} is not allowed: {first_line(e.__cause__)}"
     return text.splitlines()[0]
+
+
+def _rule_refuses(config: dict[str, Any], key: str, overrides: list[str]) -> bool:
+    """Whether the class of key's node refuses key's value as a new run's setting (NewRunsOnly:
+    dataset.path with MNIST, a setting of dataset=folder)."""
+    import yaml
+
+    from vae_cli.errors import NewRunsOnly
+
+    parent, _, name = key.rpartition(".")
+    node: Any = config
+    for part in parent.split(".") if parent else []:
+        node = node.get(part) if isinstance(node, dict) else None
+    check = getattr(description(node["_target_"]), "check_settings", None) \
+        if isinstance(node, dict) and node.get("_target_") in TARGETS else None
+    raw = next((o.partition("=")[2] for o in overrides if override_key(o) == key), None)
+    if check is None or raw is None:
+        return False
+    try:
+        check({**{k: v for k, v in node.items() if not k.startswith("_")}, name: yaml.safe_load(raw)})
+    except NewRunsOnly:
+        return True
+    except Exception:  # noqa: BLE001 - another rule, or a value not yet resolved: not this question
+        return False
+    return False
 
 
 def _option_with(conf_dir: str, command: str, overrides: list[str], key: str) -> str | None:

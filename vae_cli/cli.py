@@ -335,6 +335,9 @@ def _on_signal(signum: int, frame: object) -> None:
         if not _stop["after_import"] or _importing(frame):  # raised already (raise_if_stopped), or not yet
             return
         _stop["after_import"] = False
+        if _stop["deferred"]:  # fit began meanwhile: at its next batch boundary, as a first signal there
+            _stop["pending"] = True
+            return
         raise KeyboardInterrupt
     if _stop["signalled"] or _stop["stopping"]:
         _exit_now()

@@ -185,7 +185,7 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
             why = str(e).replace(f"ckpt={str(ckpt)!r} ", "", 1)
             raise UserError(f"resume={str(run_dir)!r}: its checkpoints/{ckpt.name} {why}: {way}") from None
         if saved.is_file():
-            _check_same_run(run_dir, config, _saved_config(run_dir, saved, resolve=False))
+            _check_same_run(run_dir, config, _saved_config(run_dir, saved, resolve=False), ckpt.name)
         return config, ckpt
     if not saved.is_file():
         raise UserError(f"resume={str(run_dir)!r} has neither checkpoints/last.ckpt nor .hydra/config.yaml: "
@@ -224,7 +224,7 @@ def _saved_config(run_dir: str | Path, saved: Path, resolve: bool = True) -> Any
 NOT_COMPARED = {"resume", "data_dir", "dataset.path", "dataset.data_dir"}
 
 
-def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any) -> None:
+def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any, name: str = "last.ckpt") -> None:
     """Refuse a last.ckpt whose config differs from the run's own: a checkpoint of another run, copied
     in. Resumed, it had trained that model on that checkpoint's data and trainer settings (its
     dataset, its epochs, its eval), and metrics.json mixed both runs. Where the two differ in the keys
@@ -243,8 +243,8 @@ def _check_same_run(run_dir: str | Path, config: dict[str, Any], saved: Any) -> 
     for key in [k for k in config if k in saved]:
         found = difference(config[key], saved[key], key)
         if found:
-            raise UserError(f"resume={str(run_dir)!r}: its checkpoints/last.ckpt is not this run's ({found}): put "
-                            "the run's own last.ckpt back, or train a new run")
+            raise UserError(f"resume={str(run_dir)!r}: its checkpoints/{name} is not this run's ({found}): put "
+                            f"the run's own {name} back, or train a new run")
 
 
 def newest_run(root: str | Path = OUTPUTS) -> Path:

@@ -135,7 +135,7 @@ def summarize_pending() -> None:
         sweep_dir = _UNSUMMARIZED.pop()
         rows = write_summary(sweep_dir)
         if rows:
-            print(f"vae: the sweep's {len(rows)} finished job(s): {sweep_dir / 'summary.md'}", file=sys.stderr)
+            print(f"vae: the sweep's {len(rows)} ended job(s): {sweep_dir / 'summary.md'}", file=sys.stderr)
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
