@@ -363,8 +363,11 @@ def test_an_unwritable_cache_folder_is_not_an_error(tmp_path, monkeypatch, capsy
     assert data.load_splits("mnist", str(tmp_path / "ro"))["train"].shape == (6, 1, 28, 28)
     assert "could not write the cache" in capsys.readouterr().err
     # Lightning's prepare_data and setup both load it: fetched once, not once each (nor warned twice)
-    assert data.load_splits("mnist", str(tmp_path / "ro"))["train"].shape == (6, 1, 28, 28)
+    again = data.load_splits("mnist", str(tmp_path / "ro"))
+    assert again["train"].shape == (6, 1, 28, 28)
     assert fetched == [1] and "could not write" not in capsys.readouterr().err
+    again["train"] = None                          # a caller's own dict (ImageData puts splits on its device)
+    assert data.load_splits("mnist", str(tmp_path / "ro"))["train"] is not None
 
 
 def test_a_folder_cache_of_another_decoder_is_decoded_again(tmp_path, monkeypatch):

@@ -224,8 +224,8 @@ class VAEModule(pl.LightningModule):
             # before ModelCheckpoint saves such a model as "last" or "best". Every process holds
             # the same reduced sums, so all take this decision together.
             raise NonFiniteLoss(self.global_step, "the validation ELBO is not finite", self._checkpoint_kept())
-        if split == "val" and self.trainer.sanity_checking and self.trainer.state.fn == "fit":
-            self.divergence.untrained(elbo)  # the reference for a first epoch that ruins the model
+        if split == "val" and self.trainer.sanity_checking and self.trainer.state.fn == "fit" and not self.resumed:
+            self.divergence.untrained(elbo)  # the reference for a first epoch that ruins the model (a new run's)
         self.log(f"{split}/elbo", elbo, prog_bar=True)
         self.log_dict({f"{split}/recon": recon, f"{split}/kl": kl, f"{split}/objective": objective})
         if split == "train" and self.trainer.is_global_zero:

@@ -323,7 +323,7 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
     if splits is not None:
         return splits
     if str(cache) in _UNCACHED:  # fetched by this process already, into a folder it could not write
-        return _UNCACHED[str(cache)]
+        return dict(_UNCACHED[str(cache)])  # a dict of its own: a caller may put its splits on a GPU
     errors = []
     try:
         log.info(f"fetching {name} with torchvision into {root / 'torchvision'}")
@@ -347,7 +347,7 @@ def load_splits(name: str, data_dir: str, read_only: Iterable[str] = ()) -> dict
             f"place the files by hand under {root / 'torchvision'}/{MANUAL_FILES[name]} and run again"
         )
     if not save_atomic(splits, cache):
-        _UNCACHED[str(cache)] = splits  # Lightning's prepare_data and setup both load: one download, not two
+        _UNCACHED[str(cache)] = dict(splits)  # Lightning's prepare_data and setup both load: one download, not two
     return splits
 
 
