@@ -148,12 +148,18 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def sweep_folder(config: DictConfig) -> Path:
+    """The sweep's folder as Hydra makes it: from the command's folder (hydra.job.chdir=true moves a
+    job's process into its own), with any .. taken out."""
+    return Path(os.path.abspath(os.path.join(config.hydra.runtime.cwd, str(config.hydra.sweep.dir))))
+
+
 class SweepSummary(Callback):
     """At the end of `vae train -m ...`: write and print the sweep's summary table (at a Ctrl-C, that
     of the jobs that finished: summarize_pending)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _UNSUMMARIZED.append(Path(os.path.abspath(os.path.join(config.hydra.runtime.cwd, str(config.hydra.sweep.dir)))))
+        _UNSUMMARIZED.append(sweep_folder(config))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A resumed run's folder may hold an error.txt from an earlier sweep: this job writes its own
@@ -165,7 +171,7 @@ class SweepSummary(Callback):
         # both as Hydra makes output_dir: from the command's folder (hydra.job.chdir=true has moved
         # this process into the job's), with any .. taken out
         folder = Path(os.path.abspath(config.hydra.runtime.output_dir))
-        sweep_dir = Path(os.path.abspath(os.path.join(config.hydra.runtime.cwd, str(config.hydra.sweep.dir))))
+        sweep_dir = sweep_folder(config)
         if config.hydra.mode == RunMode.MULTIRUN and folder.parent != sweep_dir:
             (sweep_dir / JOBS).mkdir(exist_ok=True)
             note = {"job": str(config.hydra.job.num), "folder": str(folder), "overrides": list(config.hydra.overrides.task)}
