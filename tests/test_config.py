@@ -23,6 +23,18 @@ def test_groups_list_their_yaml_files(conf):
         assert options(conf, group) == expected
 
 
+def test_every_config_group_is_a_package_of_the_wheel():
+    """An installed `vae` reads conf/ as vae_cli.conf: a group left out of pyproject's list would be
+    missing from the wheel (or, listed by a wildcard, warned about by setuptools on every install)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    groups = sorted(f"vae_cli.conf.{d.name}" for d in (root / "conf").iterdir() if any(d.glob("*.yaml")))
+    assert groups and sorted(p for p in listed if p.startswith("vae_cli.conf.")) == groups
+
+
 @pytest.mark.parametrize("model", GROUPS["model"])
 @pytest.mark.parametrize("likelihood", GROUPS["likelihood"])
 @pytest.mark.parametrize("shape", ["[1,28,28]", "[3,32,32]"])
