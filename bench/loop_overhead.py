@@ -70,7 +70,7 @@ def prepare(threads: int | None, data_dir: str | None) -> tuple[dict, "object"]:
     return cfg, data
 
 
-def module(cfg: dict, manual_optimization: bool = False):
+def module(cfg: dict, manual_optimization: bool = False, compile: bool = False):
     from hydra.utils import instantiate
 
     from vae_cli.module import VAEModule
@@ -93,7 +93,7 @@ def module(cfg: dict, manual_optimization: bool = False):
             pl.LightningModule.backward(self, loss, *args, **kwargs)
 
     cls = ManualVAEModule if manual_optimization else VAEModule
-    return cls(instantiate(cfg["model"]), instantiate(cfg["optimizer"]), config=cfg)
+    return cls(instantiate(cfg["model"]), instantiate(cfg["optimizer"]), config=cfg, compile=compile)
 
 
 def plain(loader, steps: int) -> float:

@@ -45,7 +45,7 @@ from train_speed import BATCH, VAE, device_name
 class Pairs(pl.Callback):
     """Times each `window` Trainer steps, then as many plain and bare steps; keeps the ratios."""
 
-    def __init__(self, cfg: dict, loader, window: int) -> None:
+    def __init__(self, cfg: dict, loader, window: int, compiled: bool = False) -> None:
         self.window, self.loader = window, loader
         self.images = loader.data.flatten(1).float() / 255  # (N, 784): the plain loop's data, in memory
         torch.manual_seed(0)
@@ -54,6 +54,9 @@ class Pairs(pl.Callback):
         self.bare = module(cfg)
         self.bare.train()
         self.bare_opt = self.bare.configure_optimizers()
+        # compile=true: the bare side's objective compiled as VAEModule compiles it, after one step op by op
+        self.bare_terms = self.bare.objective.terms
+        self.compiled = torch.compile(self.bare.objective.terms, dynamic=False) if compiled else None
         self.ratios: dict[str, list[float]] = {"Trainer / plain": [], "bare / plain": [], "Trainer / bare": []}
         self.t0: float | None = None
         self.bare_pass: Iterator[torch.Tensor] | None = None
@@ -101,7 +104,9 @@ class Pairs(pl.Callback):
         self.plain_opt.step()
 
     def bare_step(self, x: torch.Tensor) -> None:
-        loss = self.bare.objective.terms(self.bare.model, x).loss
+        loss = self.bare_terms(self.bare.model, x).loss
+        if self.compiled is not None and len(x) == BATCH:
+            self.bare_terms = self.compiled
         self.bare_opt.zero_grad()
         loss.backward()
         self.bare_opt.step()
@@ -120,19 +125,22 @@ def main() -> None:
     p.add_argument("--window", type=int, default=30, help="steps per window and side")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--data-dir", default=None, help="vae's data_dir (default: the config's)")
+    p.add_argument("--compile", action="store_true", help="vae's sides with compile=true (the training objective "
+                   "torch.compile'd; the compilation falls in each side's first window, which is left out)")
     a = p.parse_args()
     from vae_cli.train import build_trainer
 
     cfg, data = prepare(a.threads, a.data_dir)
-    pairs = Pairs(cfg, data.train_dataloader(), a.window)
+    pairs = Pairs(cfg, data.train_dataloader(), a.window, a.compile)
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  {device_name('cpu')}  torch {torch.__version__}  "
-          f"pytorch_lightning {pl.__version__}  threads {torch.get_num_threads()}  window {a.window}", flush=True)
+          f"pytorch_lightning {pl.__version__}  threads {torch.get_num_threads()}  window {a.window}"
+          f"{'  compile=true' if a.compile else ''}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _ = build_trainer(dict(max_epochs=a.epochs, accelerator="cpu", devices=1, limit_val_batches=0),
                                    Path(tmp) / "run", logger=False)
         trainer.callbacks.append(pairs)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # the bar
-            trainer.fit(module(cfg), datamodule=data)
+            trainer.fit(module(cfg, compile=a.compile), datamodule=data)
     for name, r in pairs.ratios.items():
         if len(r) < 2:
             print(f"{name:16} {len(r)} windows: too few (more epochs, or a smaller --window)")

@@ -276,17 +276,6 @@ def test_activation_sets_every_hidden_unit_of_a_ladder(inference):
     assert LadderVAE([1, 4, 4], [3, 2], [8], Bernoulli()).decoder[1].__class__ is nn.Tanh  # runs saved before
 
 
-def test_compile_reaches_every_network_of_a_ladder():
-    """compile=true wraps the layers the ladder calls (its encoder and top_down are lists of layers)."""
-    from vae_cli.likelihoods import Bernoulli
-    from vae_cli.train import compile_networks
-
-    model = LadderVAE([1, 4, 4], [3, 2], [8], Bernoulli(), inference="top_down")
-    compile_networks(model)   # lazy: nothing is compiled until a layer is called
-    layers = [*model.encoder, *model.top_down, model.decoder]
-    assert all(layer._compiled_call_impl is not None for layer in layers)
-
-
 def test_interpolation_walks_the_top_latent():
     """vae interpolate on a hierarchy: z_L moves along the path, the layers below are p's means."""
     from vae_cli.likelihoods import Bernoulli

@@ -22,6 +22,34 @@ def test_pytorch_example_reproduces_the_reference_test_loss(tmp_path):
     assert abs(metrics["val_elbo"] - (-105.5)) < 1.0, metrics   # validation here is the 10k test set
 
 
+def test_the_compiled_pytorch_example_reproduces_the_reference_test_loss(tmp_path):
+    """compile=true with torch's real inductor backend: the same model, trained as well."""
+    run = tmp_path / "example"
+    r = vae("train", "experiment=pytorch_example", "compile=true", "eval.k=0", "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "could not be compiled" not in r.stderr and "recompile_limit" not in r.stderr, r.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epoch"] == 10 and abs(metrics["val_elbo"] - (-105.5)) < 1.0, metrics
+
+
+@pytest.mark.parametrize("option", ["model=conv", "model=resnet", "model=ladder", "prior=vamp", "posterior=iaf",
+                                    "objective=iwae objective.dreg=true objective.start=0.5",
+                                    "likelihood=gaussian kl_warmup_steps=3 free_bits=0.1"])
+def test_every_option_compiles_with_inductor(tmp_path, data_dir, option):
+    """Each model, prior, posterior and objective through torch's inductor on a CPU (tests/test_compile.py
+    checks the tracing on every commit with a backend that compiles nothing)."""
+    from conftest import TINY
+
+    tiny = [o for o in TINY if not o.startswith("model.")]
+    r = vae("train", f"data_dir={data_dir}", *tiny, *option.split(), "compile=true", "eval.k=4",
+            f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, env={"TORCH_LOGS": "recompiles,graph_breaks"})
+    assert r.returncode == 0 and "could not be compiled" not in r.stderr, r.stderr[-3000:]
+    if option != "posterior=iaf":  # zuko builds its transforms in ways torch.compile splits the graph at
+        assert "Graph break" not in r.stderr, r.stderr[-3000:]
+    assert "Recompiling" not in r.stderr and "recompile_limit" not in r.stderr, r.stderr[-3000:]
+
+
 def test_mnist_has_the_classic_split():
     from vae_cli.data import load_splits
 

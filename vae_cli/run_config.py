@@ -132,7 +132,7 @@ class TrainSettings(BaseModel):
     beta: NonNegFloat = 1.0             # weight on the KL
     kl_warmup_steps: NonNegInt = 0
     free_bits: NonNegFloat = 0.0        # nats per latent dimension (Kingma et al. 2016); 0 is off
-    compile: bool = False               # torch.compile the networks (README, Speed)
+    compile: bool = False               # torch.compile the training objective (README, Speed)
     cuda_graph: bool = True             # on one GPU, replay the training step as one CUDA graph (README, Speed)
     matmul_precision: MatmulPrecision = "highest"
     verbose: bool = False               # Lightning's device lines, tips and the model summary

@@ -47,20 +47,6 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def compile_networks(model: "torch.nn.Module") -> None:
-    """torch.compile the model's networks in place (the state_dict keys stay those of the plain
-    model): the encoder and decoder, each member where one is a list of layers (model=ladder)."""
-    import torch
-
-    for name in ("encoder", "decoder", "top_down"):
-        net = getattr(model, name, None)
-        if isinstance(net, torch.nn.ModuleList):  # its own forward is never called: compile the layers
-            for layer in net:
-                layer.compile()
-        elif isinstance(net, torch.nn.Module):
-            net.compile()
-
-
 def check_model_size(model: Any) -> None:
     """Refuse a model whose training state cannot fit: beside its weights, Adam keeps a gradient and two
     moments of every parameter (12 more bytes each in float32), before any activation. Past the
@@ -244,6 +230,7 @@ def _stamped_run_dir() -> bool:
 def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbose: bool) -> dict[str, Any]:
     """train()'s work in the run folder it holds: fit (from resume_ckpt, if given), then measure and report."""
     import pytorch_lightning as pl
+    import torch
     from hydra.utils import instantiate
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -269,7 +256,7 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         objective = instantiate(config.get("objective") or {"_target_": "vae_cli.objectives.ELBO"})
         module = VAEModule(model, instantiate(config["optimizer"]), config["beta"], config["kl_warmup_steps"],
                            config=config, objective=objective, free_bits=config.get("free_bits", 0.0),
-                           cuda_graph=config.get("cuda_graph", True),
+                           cuda_graph=config.get("cuda_graph", True), compile=bool(config.get("compile")),
                            scheduler=instantiate(config["scheduler"]) if config.get("scheduler") else None)
         try:  # a bad optimizer setting fails here, in one line naming the settings, not inside fit
             module.configure_optimizers()
@@ -291,8 +278,6 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         if out_of_memory(e.__cause__ or e):  # sizes too large: the CLI's one line names them
             raise (e.__cause__ or e) from None
         raise UserError(f"cannot build the model or optimizer from these settings: {first_line(e.__cause__ or e)}") from None
-    if config.get("compile"):
-        compile_networks(model)
     logger = TensorBoardLogger(save_dir=str(run), name="tensorboard", version="", default_hp_metric=False)
     try:
         trainer, best = build_trainer(trainer_arguments(trainer_cfg), run, logger, verbose)
@@ -305,6 +290,12 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     from vae_cli.cli import raise_if_stopped
 
+    if module.compile_step:  # the bar stands still meanwhile: say why
+        log.info("compile=true: torch.compile compiles the training step at its second batch (up to a minute "
+                 "the first time for a model; cached, a few seconds after)")
+        # A fresh start for each run: torch.compile keeps at most 8 versions of a function in a
+        # process, and a sweep's jobs (one process) with other sizes would pass that and go op by op.
+        torch._dynamo.reset()
     raise_if_stopped()  # a Ctrl-C that some library swallowed while the run was being built
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
