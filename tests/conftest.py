@@ -129,3 +129,36 @@ def trained_run_2d(tmp_path_factory, data_dir) -> Path:
                     "eval.k=0", f"hydra.run.dir={out}")
     assert code == 0
     return out
+
+
+class Traced:
+    """compile_terms with the aot_eager backend, counting the graphs made and the compiled calls."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.graphs, self.calls, self.aot_eager = 0, [], lookup_backend("aot_eager")
+
+    def backend(self, gm, inputs):
+        self.graphs += 1
+        return self.aot_eager(gm, inputs)
+
+    def __call__(self, terms):
+        compiled = torch.compile(terms, backend=self.backend, dynamic=False)
+
+        def call(model, x, *args):
+            self.calls.append(len(x))
+            return compiled(model, x, *args)
+        return call
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """compile=true's torch.compile with the aot_eager backend (tests/test_compile.py: what it checks)."""
+    import vae_cli.module
+
+    torch._dynamo.reset()
+    t = Traced()
+    monkeypatch.setattr(vae_cli.module, "compile_terms", t)
+    yield t
+    torch._dynamo.reset()

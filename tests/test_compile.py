@@ -19,36 +19,6 @@ from conftest import TINY, run_main
 ARGS = [*TINY, "dataset.batch_size=48", "trainer.max_epochs=3", "eval.k=0"]
 
 
-class Traced:
-    """compile_terms with the aot_eager backend, counting the graphs made and the compiled calls."""
-
-    def __init__(self) -> None:
-        from torch._dynamo.backends.registry import lookup_backend
-
-        self.graphs, self.calls, self.aot_eager = 0, [], lookup_backend("aot_eager")
-
-    def backend(self, gm, inputs):
-        self.graphs += 1
-        return self.aot_eager(gm, inputs)
-
-    def __call__(self, terms):
-        compiled = torch.compile(terms, backend=self.backend, dynamic=False)
-
-        def call(model, x, *args):
-            self.calls.append(len(x))
-            return compiled(model, x, *args)
-        return call
-
-
-@pytest.fixture
-def traced(monkeypatch):
-    torch._dynamo.reset()
-    t = Traced()
-    monkeypatch.setattr(vae_cli.module, "compile_terms", t)
-    yield t
-    torch._dynamo.reset()
-
-
 def weights(run) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
@@ -126,3 +96,19 @@ def test_a_fault_after_compiling_is_not_hidden(tmp_path, data_dir, monkeypatch, 
     assert run_main("train", f"data_dir={data_dir}", *ARGS, "compile=true", f"hydra.run.dir={tmp_path / 'r'}") != 0
     err = capsys.readouterr().err
     assert "RuntimeError: a fault of this step" in err and "could not be compiled" not in err
+
+
+def test_a_cuda_graph_takes_the_step_and_compile_the_rest(tmp_path, data_dir, monkeypatch, traced):
+    """On one GPU the graph replays the whole step (faster than compiled kernels launched one by one):
+    compile=true then compiles nothing, unless the capture fails. The graph's stand-ins run on a CPU."""
+    from test_graphs import EagerStepGraph, FailingStepGraph
+
+    monkeypatch.setattr(vae_cli.module, "graph_blocker", lambda *a, **k: None)
+    monkeypatch.setattr(vae_cli.module, "StepGraph", EagerStepGraph)
+    EagerStepGraph.calls = 0
+    assert run_main("train", f"data_dir={data_dir}", *ARGS, "compile=true", f"hydra.run.dir={tmp_path / 'g'}") == 0
+    assert EagerStepGraph.calls == 5 and traced.calls == []
+    assert "compile=true: the training step runs as one CUDA graph instead" in (tmp_path / "g" / "train.log").read_text()
+    monkeypatch.setattr(vae_cli.module, "StepGraph", FailingStepGraph)
+    assert run_main("train", f"data_dir={data_dir}", *ARGS, "compile=true", f"hydra.run.dir={tmp_path / 'f'}") == 0
+    assert traced.calls == [48] * 4  # step 2 tried the capture and ran op by op; then 4 of the 5 full batches

@@ -92,7 +92,7 @@ class StepGraph:
         return self.outputs
 
 
-def graph_blocker(trainer, optimizer: torch.optim.Optimizer, compiled: bool) -> str | None:
+def graph_blocker(trainer, optimizer: torch.optim.Optimizer) -> str | None:
     """Why this fit cannot replay its training step as a CUDA graph, or None if it can."""
     from pytorch_lightning.strategies import SingleDeviceStrategy
 
@@ -108,8 +108,6 @@ def graph_blocker(trainer, optimizer: torch.optim.Optimizer, compiled: bool) -> 
         return f"trainer.gradient_clip_val={trainer.gradient_clip_val}"
     if trainer.accumulate_grad_batches != 1:
         return f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}"
-    if compiled:
-        return "compile=true"
     if getattr(trainer, "lr_scheduler_configs", None):  # a float lr would be fixed in the graph at capture
         return "a learning-rate scheduler (the lr changes at every step)"
     if not all(group.get("fused") for group in optimizer.param_groups):

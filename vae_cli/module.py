@@ -157,7 +157,8 @@ class VAEModule(pl.LightningModule):
         if objective is None:
             objective = self.training_objective() if train else self.objective
         args = (self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
-        compiled = self._compiled_terms(objective, x) if train and self.compile_step else None
+        # compile=true where the step is no CUDA graph: the graph replays it whole, and is faster
+        compiled = self._compiled_terms(objective, x) if train and self.compile_step and self._graph is None else None
         if compiled is None:
             return objective.terms(*args)
         try:  # the KL weight as a tensor: a float is a constant to torch.compile, recompiled as a warm-up changes it
@@ -176,12 +177,14 @@ class VAEModule(pl.LightningModule):
         """objective.terms compiled (compile=true), or None where this training step runs op by op:
         each objective's first step in this process (it fills torch's table of KL functions, whose
         lookup torch.compile cannot trace: it would split the graph in two) and a batch of another
-        shape than the compiled one (an epoch's smaller last batch: one batch an epoch is not worth
-        a second compilation)."""
+        shape than the loader's full batch (an epoch's smaller last batch: one batch an epoch is not
+        worth a second compilation)."""
         if objective not in self._compiled:
             self._compiled[objective] = None
             return None
-        if self._compiled_shape is None:
+        if self._compiled_shape is None:  # compiled for the loader's full batches, whichever comes first
+            if len(x) != getattr(self.trainer.datamodule, "batch_size", len(x)):
+                return None
             self._compiled_shape = x.shape
         if x.shape != self._compiled_shape:
             return None
@@ -379,9 +382,12 @@ class VAEModule(pl.LightningModule):
         if not self.cuda_graph:
             return
         optimizer = self.trainer.optimizers[0]
-        blocker = graph_blocker(self.trainer, optimizer, compiled=self.compile_step)
+        blocker = graph_blocker(self.trainer, optimizer)
         if blocker is None:
             self._graph = StepGraph(self._graph_forward, optimizer)
+            if self.compile_step:
+                log.info("compile=true: the training step runs as one CUDA graph instead (cuda_graph=false "
+                         "compiles it)", extra=FILE_ONLY)
         elif self.trainer.strategy.root_device.type == "cuda":  # on a CPU there is nothing to say
             log.info(f"the training step runs op by op, not as a CUDA graph: {blocker}", extra=FILE_ONLY)
 

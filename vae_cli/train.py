@@ -290,7 +290,8 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     from vae_cli.cli import raise_if_stopped
 
-    if module.compile_step:  # the bar stands still meanwhile: say why
+    if module.compile_step and not (module.cuda_graph and trainer.strategy.root_device.type == "cuda"):
+        # the bar stands still meanwhile: say why (on one GPU the step is a CUDA graph instead, VAEModule.on_train_start)
         log.info("compile=true: torch.compile compiles the training step at its second batch (up to a minute "
                  "the first time for a model; cached, a few seconds after)")
         # A fresh start for each run: torch.compile keeps at most 8 versions of a function in a
