@@ -290,13 +290,14 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     from vae_cli.cli import raise_if_stopped
 
-    if module.compile_step and not (module.cuda_graph and trainer.strategy.root_device.type == "cuda"):
-        # the bar stands still meanwhile: say why (on one GPU the step is a CUDA graph instead, VAEModule.on_train_start)
-        log.info("compile=true: torch.compile compiles the training step at its second batch (up to a minute "
-                 "the first time for a model; cached, a few seconds after)")
+    if module.compile_step:
         # A fresh start for each run: torch.compile keeps at most 8 versions of a function in a
         # process, and a sweep's jobs (one process) with other sizes would pass that and go op by op.
         torch._dynamo.reset()
+        graphed = module.cuda_graph and trainer.strategy.root_device.type == "cuda"  # the graph takes the step
+        if trainer.is_global_zero and not graphed:  # the bar stands still meanwhile: say why
+            log.info("compile=true: torch.compile compiles the training step at its second batch (up to a minute "
+                     "the first time for a model; cached, a few seconds after)")
     raise_if_stopped()  # a Ctrl-C that some library swallowed while the run was being built
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
