@@ -5,8 +5,8 @@
     python bench/compile_speed.py --threads 2 --repeats 2 --steps 5 --data-dir /tmp/benchdata   # smoke test
 
 The step is what VAEModule runs under compile=true (vae_cli.module.compile_terms): the objective's
-terms (encoder, q(z|x) and its draw, decoder, log p(x|z), KL), backward, the optimizer's update,
-without Lightning. One model, one optimizer; the two sides alternate on the same --steps batches,
+terms (encoder, q(z|x) and its draw, decoder, log p(x|z), KL; the config's objective, beta and
+free_bits, the KL weight past any warm-up), backward, the optimizer's update, without Lightning. One model, one optimizer; the two sides alternate on the same --steps batches,
 --repeats times, so that a slow minute slows both. Printed: the compilation's time (at the first
 compiled step; torch's on-disk cache makes a second run's far shorter), the median ms per step of
 each side, and the median of the repeats' ratios compiled / op by op.
@@ -33,7 +33,9 @@ def setup(overrides: list[str], data_dir: str | None):
     cfg = resolved(compose(str(config_dir()), "train", overrides + ([f"data_dir={data_dir}"] if data_dir else [])))
     data = build_datamodule(cfg)
     data.setup("fit")
-    module = VAEModule(instantiate(cfg["model"]), instantiate(cfg["optimizer"]), config=cfg)
+    objective = instantiate(cfg.get("objective") or {"_target_": "vae_cli.objectives.ELBO"})
+    module = VAEModule(instantiate(cfg["model"]), instantiate(cfg["optimizer"]), cfg["beta"], config=cfg,
+                       objective=objective, free_bits=cfg.get("free_bits", 0.0))
     module.train()
     return module, module.configure_optimizers(), data.train_dataloader()
 
@@ -52,10 +54,10 @@ def main() -> None:
 
     module, optimizer, loader = setup(a.overrides, a.data_dir)
     batches = [x for _, x in zip(range(a.steps + 1), loader)]
-    objective, model = module.objective, module.model
+    objective, model, w, free_bits = module.objective, module.model, module.beta, module.free_bits  # past any warm-up
     compiled = compile_terms(objective.terms)
-    sides = {"op by op": lambda x: objective.terms(model, x, 1.0, 0.0),
-             "compiled": lambda x: compiled(model, x, torch.tensor(1.0), 0.0)}  # the KL weight as VAEModule gives it
+    sides = {"op by op": lambda x: objective.terms(model, x, w, free_bits),
+             "compiled": lambda x: compiled(model, x, torch.tensor(w), free_bits)}  # the KL weight as VAEModule gives it
 
     def step(terms, x: torch.Tensor) -> None:
         for p_ in model.parameters():

@@ -40,6 +40,7 @@ import torch
 
 from loop_overhead import module, prepare  # bench/ is the script's folder, on sys.path
 from train_speed import BATCH, VAE, device_name
+from vae_cli.module import compile_terms
 
 
 class Pairs(pl.Callback):
@@ -55,8 +56,8 @@ class Pairs(pl.Callback):
         self.bare.train()
         self.bare_opt = self.bare.configure_optimizers()
         # compile=true: the bare side's objective compiled as VAEModule compiles it, after one step op by op
-        self.bare_terms = self.bare.objective.terms
-        self.compiled = torch.compile(self.bare.objective.terms, dynamic=False) if compiled else None
+        self.compiled = compile_terms(self.bare.objective.terms) if compiled else None
+        self.warm = False
         self.ratios: dict[str, list[float]] = {"Trainer / plain": [], "bare / plain": [], "Trainer / bare": []}
         self.t0: float | None = None
         self.bare_pass: Iterator[torch.Tensor] | None = None
@@ -104,9 +105,12 @@ class Pairs(pl.Callback):
         self.plain_opt.step()
 
     def bare_step(self, x: torch.Tensor) -> None:
-        loss = self.bare_terms(self.bare.model, x).loss
-        if self.compiled is not None and len(x) == BATCH:
-            self.bare_terms = self.compiled
+        # compiled as VAEModule runs it: the full batches only, after one op-by-op step, the KL weight a tensor
+        if self.compiled is not None and self.warm and len(x) == BATCH:
+            loss = self.compiled(self.bare.model, x, torch.tensor(1.0)).loss
+        else:
+            loss = self.bare.objective.terms(self.bare.model, x).loss
+            self.warm = True
         self.bare_opt.zero_grad()
         loss.backward()
         self.bare_opt.step()

@@ -72,10 +72,36 @@ def test_a_step_that_cannot_be_compiled_runs_op_by_op(tmp_path, data_dir, monkey
     capsys.readouterr()
     assert run_main("train", f"data_dir={data_dir}", *ARGS, "compile=true", f"hydra.run.dir={tmp_path / 'r'}") == 0
     err = capsys.readouterr().err
-    assert err.count("could not be compiled (InvalidCxxCompiler: No working C++ compiler") == 1, err
+    assert err.count("could not be compiled (RuntimeError: InvalidCxxCompiler: No working C++ compiler") == 1, err
     assert "Traceback" not in err
     plain, compiled = weights(tmp_path / "plain"), weights(tmp_path / "r")
     assert all(torch.equal(plain[k], compiled[k]) for k in plain)  # every step op by op, as without compile
+
+
+def test_a_backward_that_cannot_be_compiled_runs_op_by_op(tmp_path, data_dir, monkeypatch, capsys):
+    """torch.compile compiles the backward at the first backward pass, in Lightning's loop: a
+    failure there is also one line, then op by op (it was a traceback)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def no_backward(gm, inputs):
+        raise RuntimeError("backward lowering failed")
+
+    backend = aot_autograd(fw_compiler=lambda gm, inputs: gm.forward, bw_compiler=no_backward)
+    monkeypatch.setattr(vae_cli.module, "compile_terms", lambda terms: torch.compile(terms, backend=backend,
+                                                                                      dynamic=False))
+    torch._dynamo.reset()
+    assert run_main("train", f"data_dir={data_dir}", *ARGS, "compile=true", f"hydra.run.dir={tmp_path / 'r'}") == 0
+    err = capsys.readouterr().err
+    assert err.count("could not be compiled (RuntimeError: backward lowering failed)") == 1, err
+    assert "Traceback" not in err, err
+    torch._dynamo.reset()
+
+
+def test_a_split_smaller_than_a_batch_is_compiled(tmp_path, data_dir, traced):
+    """128 training images in batches of 256: one batch of 128 an epoch, the one shape there is."""
+    args = [o for o in ARGS if not o.startswith("dataset.batch_size")] + ["dataset.batch_size=256"]
+    assert run_main("train", f"data_dir={data_dir}", *args, "compile=true", f"hydra.run.dir={tmp_path / 'r'}") == 0
+    assert traced.calls == [128, 128]  # epochs 2 and 3; the first step op by op
 
 
 def test_a_fault_after_compiling_is_not_hidden(tmp_path, data_dir, monkeypatch, traced, capsys):

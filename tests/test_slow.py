@@ -25,10 +25,12 @@ def test_pytorch_example_reproduces_the_reference_test_loss(tmp_path):
 def test_the_compiled_pytorch_example_reproduces_the_reference_test_loss(tmp_path):
     """compile=true with torch's real inductor backend: the same model, trained as well."""
     run = tmp_path / "example"
+    cache = tmp_path / "inductor"  # torch's own: what it compiled lands there
     r = vae("train", "experiment=pytorch_example", "compile=true", "eval.k=0", "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={run}", cwd=tmp_path)
+            f"hydra.run.dir={run}", cwd=tmp_path, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "could not be compiled" not in r.stderr and "recompile_limit" not in r.stderr, r.stderr[-3000:]
+    assert any(cache.rglob("*.so")), "nothing was compiled"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epoch"] == 10 and abs(metrics["val_elbo"] - (-105.5)) < 1.0, metrics
 
@@ -43,7 +45,9 @@ def test_every_option_compiles_with_inductor(tmp_path, data_dir, option):
 
     tiny = [o for o in TINY if not o.startswith("model.")]
     r = vae("train", f"data_dir={data_dir}", *tiny, *option.split(), "compile=true", "eval.k=4",
-            f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, env={"TORCH_LOGS": "recompiles,graph_breaks"})
+            f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path,
+            env={"TORCH_LOGS": "recompiles,graph_breaks", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert any((tmp_path / "inductor").rglob("*.so")), "nothing was compiled"
     assert r.returncode == 0 and "could not be compiled" not in r.stderr, r.stderr[-3000:]
     if option != "posterior=iaf":  # zuko builds its transforms in ways torch.compile splits the graph at
         assert "Graph break" not in r.stderr, r.stderr[-3000:]

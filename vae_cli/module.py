@@ -12,6 +12,7 @@ runs it op by op).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -45,12 +46,23 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a batch's recon (B,),
 KEPT_BATCHES = 256  # batches kept at most before their sums are taken (VAEModule.step)
 
 
+def backward_compiled_now() -> contextlib.AbstractContextManager:
+    """torch.compile compiles a graph's backward at its first backward pass, which Lightning runs
+    outside VAEModule's try around the compiled call: this makes it compile with the forward, so a
+    failure there also falls back to op by op. (A no-op where torch has no such setting.)"""
+    import torch._functorch.config as config
+
+    if hasattr(config, "force_non_lazy_backward_lowering"):
+        return config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
 def compile_terms(terms: Callable[..., Terms]) -> Callable[..., Terms]:
     """An objective's ``terms`` through torch.compile, for one batch shape (``dynamic=False``: a
     batch of another shape runs op by op instead, VAEModule._compiled_terms). The forward pass,
     the distributions, the log-density and the KL become a few fused kernels and their backward
-    one compiled graph: on a 2-core CPU the default mlp's step took 0.97 of the plain loop's
-    against 1.08 op by op (README, Speed)."""
+    one compiled graph: on a 2-core CPU experiment=pytorch_example's model and objective took 0.98
+    of the plain loop's step against 1.08 op by op (paired, README Speed)."""
     return torch.compile(terms, dynamic=False)
 
 
@@ -157,19 +169,32 @@ class VAEModule(pl.LightningModule):
         if objective is None:
             objective = self.training_objective() if train else self.objective
         args = (self.model, x, self.kl_weight() if train else 1.0, self.free_bits if train else 0.0)
-        # compile=true where the step is no CUDA graph: the graph replays it whole, and is faster
-        compiled = self._compiled_terms(objective, x) if train and self.compile_step and self._graph is None else None
+        if train and self.compile_step and self._graph is None:  # a CUDA graph replays the whole step: faster
+            t = self._terms_compiled(objective, *args)
+            if t is not None:
+                return t
+        return objective.terms(*args)
+
+    def _terms_compiled(self, objective: Objective, model: torch.nn.Module, x: torch.Tensor, kl_weight: float,
+                        free_bits: float) -> Terms | None:
+        """The terms through compile_terms; None where this step runs op by op (_compiled_terms), or
+        where compiling failed (e.g. no C++ compiler for torch's inductor: one line, then op by op)."""
+        compiled = self._compiled_terms(objective, x)
         if compiled is None:
-            return objective.terms(*args)
+            return None
+        first = objective not in self._compiled_ok
         try:  # the KL weight as a tensor: a float is a constant to torch.compile, recompiled as a warm-up changes it
-            t = compiled(self.model, x, torch.tensor(args[2], dtype=torch.float32), args[3])
-        except Exception as e:  # e.g. no C++ compiler for torch's inductor: one line, then op by op
-            if objective in self._compiled_ok:
+            with backward_compiled_now() if first else contextlib.nullcontext():
+                t = compiled(model, x, torch.tensor(kl_weight, dtype=torch.float32), free_bits)
+        except Exception as e:
+            if not first:
                 raise  # it compiled and ran before: a fault of this step, not of compiling
             self.compile_step = False
-            log.warning(f"the training step could not be compiled ({first_line(e, 200)}); it runs op by op "
-                        "(set compile=false to skip the attempt)")
-            return objective.terms(*args)
+            if self.trainer.is_global_zero:  # torch's BackendCompilerFailed says "backend='inductor' raised:" first
+                reason = getattr(e, "inner_exception", None) or e
+                log.warning(f"the training step could not be compiled ({type(reason).__name__}: "
+                            f"{first_line(reason, 200)}); it runs op by op (set compile=false to skip the attempt)")
+            return None
         self._compiled_ok.add(objective)
         return t
 
@@ -183,7 +208,8 @@ class VAEModule(pl.LightningModule):
             self._compiled[objective] = None
             return None
         if self._compiled_shape is None:  # compiled for the loader's full batches, whichever comes first
-            if len(x) != getattr(self.trainer.datamodule, "batch_size", len(x)):
+            whole = self.trainer.num_training_batches == 1  # a split (or DDP shard) smaller than a batch
+            if not whole and len(x) != getattr(self.trainer.datamodule, "batch_size", len(x)):
                 return None
             self._compiled_shape = x.shape
         if x.shape != self._compiled_shape:
@@ -373,6 +399,17 @@ class VAEModule(pl.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- the training step as one CUDA graph (vae_cli.graphs) ---
+
+    def on_fit_start(self) -> None:
+        if not self.compile_step:
+            return
+        # A fresh start for each run: torch.compile keeps at most 8 versions of a function in a
+        # process, and a sweep's jobs (one process) with other sizes would pass that and go op by op.
+        torch._dynamo.reset()
+        graphed = self.cuda_graph and graph_blocker(self.trainer, self.trainer.optimizers[0]) is None
+        if self.trainer.is_global_zero and not graphed:  # the bar stands still meanwhile: say why
+            log.info("compile=true: torch.compile compiles the training step at its second batch (up to a minute "
+                     "the first time for a model; cached, a few seconds after)")
 
     def on_train_start(self) -> None:
         self._graph = None

@@ -230,7 +230,6 @@ def _stamped_run_dir() -> bool:
 def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbose: bool) -> dict[str, Any]:
     """train()'s work in the run folder it holds: fit (from resume_ckpt, if given), then measure and report."""
     import pytorch_lightning as pl
-    import torch
     from hydra.utils import instantiate
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -290,14 +289,6 @@ def train_in(run: Path, config: dict[str, Any], resume_ckpt: Path | None, verbos
         os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     from vae_cli.cli import raise_if_stopped
 
-    if module.compile_step:
-        # A fresh start for each run: torch.compile keeps at most 8 versions of a function in a
-        # process, and a sweep's jobs (one process) with other sizes would pass that and go op by op.
-        torch._dynamo.reset()
-        graphed = module.cuda_graph and trainer.strategy.root_device.type == "cuda"  # the graph takes the step
-        if trainer.is_global_zero and not graphed:  # the bar stands still meanwhile: say why
-            log.info("compile=true: torch.compile compiles the training step at its second batch (up to a minute "
-                     "the first time for a model; cached, a few seconds after)")
     raise_if_stopped()  # a Ctrl-C that some library swallowed while the run was being built
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
