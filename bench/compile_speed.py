@@ -6,8 +6,9 @@
 
 The step is what VAEModule runs under compile=true (vae_cli.module.compile_terms): the objective's
 terms (encoder, q(z|x) and its draw, decoder, log p(x|z), KL; the config's objective, beta and
-free_bits, the KL weight past any warm-up), backward, the optimizer's update, without Lightning. One model, one optimizer; the two sides alternate on the same --steps batches,
---repeats times, so that a slow minute slows both. Printed: the compilation's time (at the first
+free_bits, the KL weight past any warm-up), backward, the optimizer's update, without Lightning.
+One model, one optimizer; the two sides alternate on the same --steps batches, --repeats times,
+so that a slow minute slows both. Printed: the compilation's time (at the first
 compiled step; torch's on-disk cache makes a second run's far shorter), the median ms per step of
 each side, and the median of the repeats' ratios compiled / op by op.
 """
