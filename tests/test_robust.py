@@ -346,6 +346,28 @@ def test_a_signal_during_fit_is_raised_at_the_next_batch_boundary(monkeypatch):
         cli._stop.update(signalled=False, stopping=False)  # the handlers go back to pytest's on leaving
 
 
+@pytest.mark.parametrize("step_s, told", [(0.6, True), (0.0, False)])
+def test_a_signal_that_waits_for_a_long_step_is_told_it_was_heard(monkeypatch, capfd, step_s, told):
+    """A compile=true compilation keeps the first step 15 to 50 s: a Ctrl-C there said nothing until
+    the step ended. After cli.NOTICE_S one line says so; a step that ends sooner adds no line."""
+    from vae_cli import callbacks, cli
+
+    monkeypatch.setattr(cli, "GRACE_S", 3600.0)        # the watchdog this arms must outlive the suite
+    monkeypatch.setattr(cli, "NOTICE_S", 0.3)
+    hook = callbacks.SafeInterrupt()
+    with cli.stop_on_signals():
+        hook.on_fit_start(None, None)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(step_s)                             # the step under way
+        with pytest.raises(KeyboardInterrupt):
+            hook.on_train_batch_end(None, None, None, None, 0)
+        time.sleep(0.6 - step_s)                       # past NOTICE_S either way
+        hook.on_exception(None, None, KeyboardInterrupt())
+        cli._stop.update(signalled=False, stopping=False)
+    err = capfd.readouterr().err
+    assert ("vae: stopping at the end of the step under way (Ctrl-C again stops at once)" in err) == told, err
+
+
 def test_ctrl_c_is_given_back_after_lightning_ignores_it_in_its_shutdown():
     from vae_cli import callbacks, cli
 

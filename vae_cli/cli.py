@@ -322,6 +322,9 @@ def _in_sweep() -> bool:
 # the process for ever: a second signal, or a shutdown still under way GRACE_S seconds after the
 # first, ends the process at once with the same line.
 GRACE_S = 30.0
+# A first signal during fit waits for the step under way; one that takes longer than this (a
+# compile=true compilation, 15 to 50 s the first time; a large model's step) is told it was heard.
+NOTICE_S = 2.0
 _stop: dict = {"message": "interrupted", "signalled": False, "stopping": False, "reported": False, "sigint": False,
               "deferred": False, "pending": False, "generation": 0, "after_import": False, "resent": False}
 _report_lock = threading.Lock()
@@ -404,7 +407,12 @@ def raise_pending() -> None:
 
 
 def _watchdog(generation: int) -> None:
-    threading.Event().wait(GRACE_S)
+    wait, grace = threading.Event().wait, GRACE_S  # read now: a test sets them for its own signal
+    notice = min(NOTICE_S, grace)
+    wait(notice)
+    if _stop["generation"] == generation and _stop["pending"] and not _quiet_rank():  # still in that step
+        os.write(2, b"\nvae: stopping at the end of the step under way (Ctrl-C again stops at once)\n")
+    wait(grace - notice)
     if _stop["generation"] == generation:  # not a later command of the same process (tests call main in-process)
         _exit_now()
 
