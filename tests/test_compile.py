@@ -14,13 +14,10 @@ import torch
 
 import vae_cli.module
 from conftest import TINY, run_main
+from test_graphs import EagerStepGraph, FailingStepGraph, weights
 
 # 128 training images in batches of 48: two full batches (compiled) and one of 32 (op by op)
 ARGS = [*TINY, "dataset.batch_size=48", "trainer.max_epochs=3", "eval.k=0"]
-
-
-def weights(run) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 def trains_alike(a, b) -> None:
@@ -127,8 +124,6 @@ def test_a_fault_after_compiling_is_not_hidden(tmp_path, data_dir, monkeypatch, 
 def test_a_cuda_graph_takes_the_step_and_compile_the_rest(tmp_path, data_dir, monkeypatch, traced):
     """On one GPU the graph replays the whole step (faster than compiled kernels launched one by one):
     compile=true then compiles nothing, unless the capture fails. The graph's stand-ins run on a CPU."""
-    from test_graphs import EagerStepGraph, FailingStepGraph
-
     monkeypatch.setattr(vae_cli.module, "graph_blocker", lambda *a, **k: None)
     monkeypatch.setattr(vae_cli.module, "StepGraph", EagerStepGraph)
     EagerStepGraph.calls = 0
