@@ -520,6 +520,9 @@ def test_a_sweep_of_a_picture_command_leaves_no_hydra_folder(trained_run, tmp_pa
     assert run_main("sample", "-m", f"run={run}", "n=4,8") == 0
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["sample-001.png", "sample-002.png"]
     assert list(work.iterdir()) == []
+    (work / "multirun").mkdir()  # empty, but the user's: it stays
+    assert run_main("sample", "-m", f"run={run}", "n=4") == 0
+    assert list(work.iterdir()) == [work / "multirun"] and list((work / "multirun").iterdir()) == []
     (work / "multirun" / "earlier").mkdir(parents=True)
     taken = f"out={run / 'samples' / 'sample-001.png'},{run / 'samples' / 'sample-002.png'}"  # each job fails
     assert run_main("sample", "-m", f"run={run}", taken) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import sys
@@ -26,10 +27,11 @@ def record_failure(message: str) -> None:
     Path(HydraConfig.get().runtime.output_dir, FAILED).write_text(message + "\n")
 
 
-def tidy(sweep_dir: Path, start: Path) -> None:
+def tidy(sweep_dir: Path, start: Path, kept: frozenset[Path] = frozenset()) -> None:
     """Remove what Hydra made for a sweep of a command that writes no run folder (`vae sample -m
     temperature=0.5,1`: the pictures go to the run's folder): the sweep folder's multirun.yaml and
-    empty job folders, then the sweep folder and its parents up to ``start`` while they are empty.
+    empty job folders, then the sweep folder and its parents up to ``start`` while they are empty,
+    but for those in ``kept`` (resolved: the folders that were there before the sweep, empty or not).
     A job folder with anything in it (a failed job's error.txt) keeps the sweep folder as it is."""
     if not sweep_dir.is_dir() or any(p.is_file() or any(p.iterdir()) for p in sweep_dir.iterdir()
                                      if p.name != "multirun.yaml"):
@@ -39,10 +41,18 @@ def tidy(sweep_dir: Path, start: Path) -> None:
     from vae_cli.runs import remove_empty
 
     start, folder = start.resolve(), sweep_dir.resolve()  # up to start: an earlier sweep's folders keep a parent
-    remove_empty(d for d in [folder, *folder.parents] if start in d.parents)
+    made = itertools.takewhile(lambda d: d not in kept, [folder, *folder.parents])
+    remove_empty(d for d in made if start in d.parents)
 
 
-_UNTIDY: list[tuple[Path, Path]] = []  # (sweep folder, the command's folder) of a sweep under way (TidySweep)
+def folders_there(sweep_dir: Path, start: Path) -> frozenset[Path]:
+    """The sweep folder and its parents below ``start`` that exist already (resolved): ``tidy`` keeps them."""
+    folder, start = sweep_dir.resolve(), start.resolve()
+    return frozenset(d for d in [folder, *folder.parents] if start in d.parents and d.is_dir())
+
+
+# (sweep folder, the command's folder, the folders there before) of a sweep under way (TidySweep)
+_UNTIDY: list[tuple[Path, Path, frozenset[Path]]] = []
 _LAUNCHED: dict[str, Any] = {}  # the last sweep launched from this process: its folder and start time (TidySweep)
 
 
@@ -75,7 +85,8 @@ class TidySweep(Callback):
         cwd = Path(config.hydra.runtime.cwd)
         _LAUNCHED.update(folder=cwd / str(config.hydra.sweep.dir), since=time.time())
         if config.hydra.output_subdir is None and not given:  # a folder of the user's own is left as it is
-            _UNTIDY.append((cwd / str(config.hydra.sweep.dir), cwd))
+            sweep_dir = cwd / str(config.hydra.sweep.dir)
+            _UNTIDY.append((sweep_dir, cwd, folders_there(sweep_dir, cwd)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         tidy_pending()
