@@ -234,6 +234,12 @@ BAD = [
     ("train", ["~eval.k"], "~eval.k: vae train reads eval.k itself"),
     ("train", ["~eval.limit"], "~eval.limit: vae train reads eval.limit itself"),   # its value is null
     ("evaluate", ["~k"], "~k: vae evaluate reads k itself"),
+    # ~KEY of a class's argument that another setting is interpolated from: Hydra's "Interpolation key
+    # 'model.encoder.hidden' not found" named model.decoder.hidden, which the user had not touched
+    ("train", ["~model.encoder.hidden"], "~model.encoder.hidden: model.decoder.hidden is set from it "
+     "(model.decoder.hidden: ${model.encoder.hidden}), so it cannot be removed; set it instead (model.encoder.hidden=VALUE)"),
+    ("train", ["~model.encoder"], "~model.encoder: model.decoder.hidden is set from it"),
+    ("train", ["model=conv", "~model.encoder.channels"], "~model.encoder.channels: model.decoder.channels is set from it"),
     ("train", ["seed=${oc.env:HOME}"], 'for a number write seed="${oc.decode:${oc.env:NAME}}", quoted)'),
     # no look-alike: the settings allowed where the key would sit
     ("sample", ["split=train"], "unknown setting 'split'"),      # sample and manifold read no images

@@ -451,6 +451,23 @@ def _check_removals(conf_dir: str, command: str, overrides: list[str]) -> None:
         if not (isinstance(node, DictConfig) and "_target_" in node) and key not in REMOVABLE:
             raise UserError(f"{o}: vae {command} reads {key} itself, so it cannot be removed; set it instead "
                             f"({key}=VALUE)")
+        users = referrers(OmegaConf.to_container(config, resolve=False), key)
+        if users:  # else Hydra's "Interpolation key 'KEY' not found", naming a setting the user did not touch
+            name, value = users[0]
+            raise UserError(f"{o}: {name} is set from it ({name}: {value}), so it cannot be removed; set it "
+                            f"instead ({key}=VALUE)")
+
+
+def referrers(config: Any, key: str, at: str = "") -> list[tuple[str, str]]:
+    """(name, value) of each setting of config (a plain container) whose value interpolates key or a
+    setting under it (${key}, ${key.name}), but for those under key itself, which go with it."""
+    if isinstance(config, dict | list):
+        items = config.items() if isinstance(config, dict) else enumerate(config)
+        found = [referrers(v, key, f"{at}.{k}" if at else str(k)) for k, v in items]
+        return [name for names in found for name in names]
+    under = at == key or at.startswith(key + ".")
+    refers = isinstance(config, str) and re.search(r"\$\{\s*" + re.escape(key) + r"\s*[}.]", config)
+    return [(at, config)] if refers and not under else []
 
 
 def _unused(command: str, config: dict[str, Any], overrides: list[str]) -> str | None:
