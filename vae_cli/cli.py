@@ -167,13 +167,15 @@ def _task(command: str):
                 set_matmul_precision(cfg.matmul_precision)
             try:
                 fn(cfg)
-            except (MemoryError, RuntimeError, OSError) as e:  # a size too large, a disk too full: one line
-                from vae_cli.errors import disk_full, disk_message, memory_message, out_of_memory
+            except (MemoryError, RuntimeError, OSError) as e:  # a size too large, a disk too full, no access: one line
+                from vae_cli.errors import (access_message, disk_full, disk_message, memory_message, no_access,
+                                            out_of_memory)
 
-                if not (out_of_memory(e) or disk_full(e)):
+                if not (out_of_memory(e) or disk_full(e) or no_access(e)):
                     raise
                 file_only(f"error: {first_line(e)}", logging.ERROR)
-                raise UserError(memory_message(e, _task_overrides()) if out_of_memory(e) else disk_message(e)) from None
+                raise UserError(memory_message(e, _task_overrides()) if out_of_memory(e) else
+                                disk_message(e) if disk_full(e) else access_message(e)) from None
         except UserError as e:
             file_only(f"error: {e}", logging.ERROR)  # a run that stops early says why in its train.log
             if debugging():
@@ -566,6 +568,12 @@ def _main(argv: list[str] | None) -> None:
         if debugging():
             raise
         fail(str(e))
+    except OSError as e:  # a folder or file named on the command line that may not be read or written
+        from vae_cli.errors import access_message, no_access
+
+        if debugging() or not no_access(e):
+            raise
+        fail(access_message(e))
 
     from hydra._internal.utils import _run_hydra, get_args_parser
 

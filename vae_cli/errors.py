@@ -93,6 +93,20 @@ def disk_message(error: OSError) -> str:
     return f"{what}{where}: free some space, or write elsewhere (hydra.run.dir=..., out=...)"
 
 
+def no_access(error: BaseException) -> bool:
+    """True for a file or folder the user may not read or write: permissions, a read-only file system."""
+    import errno
+
+    return isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def access_message(error: OSError) -> str:
+    """One line for a file or folder that could not be read or written, naming it where the error does."""
+    what = (error.strerror or "permission denied").lower()
+    where = f": {error.filename}" if error.filename else ""
+    return f"{what}{where}: give yourself access to it, or work elsewhere (hydra.run.dir=..., out=..., run=...)"
+
+
 def sizes_given(settings: list[str]) -> list[str]:
     """The settings that hold a large whole number (10000 or more, also inside a list such as
     model.encoder.channels=[1000000,64]); else every whole-number one (n=64), seeds left out."""

@@ -132,8 +132,13 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
     except ImportError:  # not a POSIX system: no lock
         yield
         return
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / "train.log", "a") as f:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        f = open(run / "train.log", "a")
+    except PermissionError as e:  # a run folder of someone else's, or one made read-only: said before any work
+        raise UserError(f"{shown}: cannot write {e.filename or run} ({(e.strerror or 'permission denied').lower()}): "
+                        f"training needs write access to its run folder; {_elsewhere(shown)}") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -151,6 +156,13 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
 
 # The process's rank, as the launchers Lightning runs under set it (torchrun, Lightning's own, Slurm, LSF).
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def _elsewhere(shown: str) -> str:
+    """The way on from a run folder that cannot be written: for resume=, a copy of it."""
+    if shown.startswith("resume="):
+        return "give yourself access, or copy the run folder to where you can write and resume the copy"
+    return "give yourself access, or train elsewhere (hydra.run.dir=...)"
 
 
 def first_process() -> bool:
@@ -172,6 +184,10 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     if not run.is_dir():
         raise UserError(f"resume={str(run_dir)!r} is not a folder{_missing(run)}: give a run folder under outputs/")
     check_not_training(run, f"resume={str(run_dir)}")
+    for folder in (run, run / "checkpoints", run / "tensorboard"):  # where training writes: said before it trains
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"resume={str(run_dir)}: cannot write in {folder} (permission denied): training "
+                            f"needs write access to its run folder; {_elsewhere('resume=')}")
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():  # a second Ctrl-C between the two writes, say: the newest checkpoint it holds
         ckpt = newest_kept(run / "checkpoints") or ckpt
@@ -283,6 +299,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a vae-cli checkpoint without running code from it; UserError if it is not one."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:  # a good file the user may not read is no damaged one
+        raise UserError(f"ckpt={str(path)!r} cannot be read ({(e.strerror or 'permission denied').lower()}): "
+                        "give yourself read access to it, or use another checkpoint") from None
     except Exception as e:  # UnpicklingError for pickled code, RuntimeError for non-zip files, ...
         raise UserError(f"ckpt={str(path)!r} is not a vae-cli checkpoint ({why_unreadable(Path(path), e)})") from None
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("vae_cli"), dict) and isinstance(ckpt.get("state_dict"), dict)):
