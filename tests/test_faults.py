@@ -893,6 +893,31 @@ def test_a_run_without_last_ckpt_resumes_from_its_newest_checkpoint(trained_run,
     assert newest_kept(tmp_path).name == "best-epoch=12-step=130.ckpt" and newest_kept(tmp_path / "none") is None
 
 
+def test_a_run_resumed_from_its_best_checkpoint_keeps_one_best_checkpoint(data_dir, tmp_path, capsys):
+    """Lightning never removes the checkpoint a fit resumed from: resumed from best-*.ckpt (last.ckpt
+    gone), the run ended with the old best beside the new one, the older first in a listing."""
+    import yaml
+
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=1", "eval.k=0",
+                    f"hydra.run.dir={run}") == 0
+    # the run as if stopped after its first of three epochs: its config (saved and in the checkpoint) says 3
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (old_best,) = (run / "checkpoints").glob("best-*.ckpt")
+    ckpt = torch.load(old_best, weights_only=True)
+    ckpt["vae_cli"]["config"]["trainer"]["max_epochs"] = 3
+    torch.save(ckpt, old_best)
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    saved["trainer"]["max_epochs"] = 3
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert run_main("train", f"resume={run}") == 0
+    assert f"continuing from {old_best.name}" in capsys.readouterr().err
+    best = list((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and best[0] != old_best, best  # an untrained model's val ELBO rises in epochs 2 and 3
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_a_damaged_last_ckpt_on_resume_is_named_as_the_runs_with_a_way_on(trained_run, tmp_path, capsys):
     """The line named ckpt=..., a setting the user had not given, and offered no way on."""
     run = tmp_path / "run"

@@ -226,6 +226,18 @@ class ModelCheckpoint(_ModelCheckpoint):
         if self._every_n_train_steps >= 1 or self._train_time_interval is not None:
             super().on_train_batch_end(trainer, pl_module, *args)
 
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        # Lightning never removes the checkpoint a fit resumed from. vae train resumes a run in its own
+        # folder, from last.ckpt or, where that is gone, from the newest best-*.ckpt: that best one,
+        # once a better one is saved, goes as it would in a run never stopped (two best-*.ckpt files
+        # were left, the older one first in a listing).
+        if super()._should_remove_checkpoint(trainer, previous, current):
+            return True
+        resumed = trainer.ckpt_path
+        return (self.monitor is not None and previous != current and resumed is not None
+                and Path(previous).absolute() == Path(resumed).absolute()
+                and Path(previous).absolute().parent == Path(self.dirpath or "").absolute())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A run folder moved or copied, then resumed: Lightning keeps only best_model_path (the old
         # folder's file) and warns, so the best checkpoint here was no longer tracked (a new best left
