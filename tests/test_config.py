@@ -305,6 +305,9 @@ BAD = [
     ("train", ["dataset.path=/tmp"], "dataset.path is a setting of dataset=folder: choose it first (dataset=folder dataset.path=VALUE)"),
     # ... but a key the current option takes and allows keeps the "+" (Adam takes weight_decay; adamw has it set)
     ("train", ["optimizer.weight_decay=0.01"], "optimizer.weight_decay is not in the config yet: add it with +optimizer.weight_decay=VALUE"),
+    # two such keys of an option chosen by hand: the second made the first's check compose the defaults (Adam's keys)
+    ("train", ["optimizer=sgd", "optimizer.nesterov=true", "optimizer.weight_decay=0.1"],
+     "optimizer.nesterov is not in the config yet: add it with +optimizer.nesterov=VALUE"),
     # passed by vae train from likelihood=...: it was saved in the config and then overridden
     ("train", ["+dataset.likelihood=gaussian"], "dataset.likelihood is not a setting: vae-cli passes it itself"),
     # Hydra's own keys: a look-alike among them, or the keys under hydra (the top-level settings were listed)

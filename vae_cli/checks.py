@@ -248,16 +248,23 @@ def _config_without(conf_dir: str, command: str, overrides: list[str], key: str)
     node only for a key under it (hydra.foo=1: suggest among hydra.run.dir, hydra.job.chdir, ...)."""
     rest = [o for o in overrides if override_key(o) != key]
     hydra = key.partition(".")[0] == "hydra"
-    for attempt in (rest, []):
+    while True:
         try:
-            cfg = _compose(conf_dir, command, attempt, hydra=hydra)
-        except Exception:
-            continue
-        with open_dict(cfg):
-            if not hydra:
-                cfg.pop("hydra", None)
-        return OmegaConf.to_container(cfg, resolve=False)
-    return {}
+            cfg = _compose(conf_dir, command, rest, hydra=hydra)
+            break
+        except Exception as e:
+            # another key that is not in the config (optimizer=sgd optimizer.nesterov=true
+            # optimizer.weight_decay=0.1): without it, the rest still chooses the options given
+            # (else the defaults' settings were listed: Adam's for an SGD key)
+            m = re.search(r"Could not override '([^']+)'", str(e)) or re.search(r"Key '([^']+)' is not in struct", str(e))
+            other = [o for o in rest if m and override_key(o) == m.group(1)]
+            if not rest:
+                return {}
+            rest = [o for o in rest if o not in other] if other else []
+    with open_dict(cfg):
+        if not hydra:
+            cfg.pop("hydra", None)
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def _compose(conf_dir: str, command: str, overrides: list[str], hydra: bool = False) -> DictConfig:
