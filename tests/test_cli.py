@@ -234,3 +234,19 @@ def test_a_file_name_that_is_no_utf8_is_logged_escaped(tmp_path, capsys):
         handler.close()
     assert "skipping /data/bad\\udcff.png: not a readable image" in (tmp_path / "train.log").read_text()
     assert "Logging error" not in capsys.readouterr().err
+
+
+def test_flags_may_come_after_settings(trained_run, capsys):
+    """Hydra's parser takes the key=value settings only before its first flag: `vae sample run=R
+    --cfg job n=2` was refused as "unrecognized arguments: n=2", a setting that was right."""
+    from vae_cli.cli import flags_first
+
+    assert flags_first(["run=R", "--cfg", "job", "n=2"]) == ["--cfg", "job", "run=R", "n=2"]
+    assert flags_first(["a=1", "-m", "b=1,2", "--info", "config", "c=3"]) == ["-m", "--info", "config", "a=1",
+                                                                             "b=1,2", "c=3"]
+    assert flags_first(["n=2", "--info", "x=1"]) == ["--info", "n=2", "x=1"]  # --info's value is optional
+    assert flags_first(["n=2", "--cfg"]) == ["n=2", "--cfg"]  # no value: Hydra's parser names it
+    capsys.readouterr()
+    assert run_main("sample", f"run={trained_run}", "--cfg", "job", "n=2", "nrow=3") == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["n"] == 2 and shown["nrow"] == 3

@@ -145,6 +145,26 @@ def split_overrides(args: list[str]) -> tuple[list[str], bool]:
     return overrides, info
 
 
+def flags_first(args: list[str]) -> list[str]:
+    """Hydra's flags (with their values) before the key=value overrides, each kept in its order:
+    Hydra's parser takes the overrides only before the first flag, and `vae sample run=R --cfg job
+    n=2` was refused as "unrecognized arguments: n=2", a setting that was right."""
+    flags, overrides, last, i = [], [], [], 0
+    while i < len(args):
+        a = args[i]
+        takes = a in _FLAGS_WITH_VALUE or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES)
+        if a.startswith("-"):
+            if takes and i + 1 == len(args):  # its value missing: left last, for Hydra's parser to name
+                last = [a]
+            else:
+                flags += args[i:i + 2] if takes else [a]
+            i += 2 if takes else 1
+        else:
+            overrides.append(a)
+            i += 1
+    return flags + overrides + last
+
+
 def _task(command: str):
     module_name, fn_name = COMMANDS[command][0].split(":")
 
@@ -541,7 +561,7 @@ def _main(argv: list[str] | None) -> None:
         close = difflib.get_close_matches(command, COMMANDS, n=1)
         fail(f"unknown command {command!r}: " + (f"did you mean {close[0]}? " if close else "")
              + f"choose one of {', '.join(COMMANDS)}")
-    rest = quote_paths(rest)
+    rest = flags_first(quote_paths(rest))
     sys.argv = [sys.argv[0], command, *rest]
     overrides, info = split_overrides(rest)
     multirun = bool({"-m", "--multirun"} & set(rest))
