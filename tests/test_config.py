@@ -305,6 +305,9 @@ BAD = [
     ("train", ["dataset.path=/tmp"], "dataset.path is a setting of dataset=folder: choose it first (dataset=folder dataset.path=VALUE)"),
     # ... but a key the current option takes and allows keeps the "+" (Adam takes weight_decay; adamw has it set)
     ("train", ["optimizer.weight_decay=0.01"], "optimizer.weight_decay is not in the config yet: add it with +optimizer.weight_decay=VALUE"),
+    # SGD's momentum of 1 or more (the velocity grows without bound) trained; Adam's betas were bounded
+    ("train", ["optimizer=sgd", "optimizer.momentum=1"], "optimizer.momentum=1 is not allowed: expected a number >= 0 and < 1"),
+    ("train", ["optimizer=sgd", "+optimizer.dampening=1.5"], "optimizer.dampening=1.5 is not allowed: expected a number >= 0 and <= 1"),
     # two such keys of an option chosen by hand: the second made the first's check compose the defaults (Adam's keys)
     ("train", ["optimizer=sgd", "optimizer.nesterov=true", "optimizer.weight_decay=0.1"],
      "optimizer.nesterov is not in the config yet: add it with +optimizer.nesterov=VALUE"),

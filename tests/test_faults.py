@@ -781,11 +781,15 @@ def test_a_checkpoint_an_earlier_version_trained_with_an_ignored_setting_still_l
     last = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
     ckpt["vae_cli"]["config"]["dataset"]["val_fraction"] = 0.2
+    ckpt["vae_cli"]["config"]["optimizer"] = {"_target_": "vae_cli.optim.sgd", "_partial_": True, "lr": 0.01,
+                                              "momentum": 1.5}  # SGD's momentum was not bounded by 1 either
     torch.save(ckpt, last)
     assert run_main("sample", f"run={run}", "n=4") == 0, capsys.readouterr().err
     assert (run / "samples" / "sample-001.png").is_file()
     assert run_main("train", "+dataset.val_fraction=0.2", "--cfg", "job") == 2  # a new run: refused
     assert "dataset.val_fraction=0.2 is not allowed with dataset.name=mnist" in one_line_error(capsys)
+    assert run_main("train", "optimizer=sgd", "optimizer.momentum=1.5", "--cfg", "job") == 2
+    assert one_line_error(capsys) == "vae: error: optimizer.momentum=1.5 is not allowed: expected a number >= 0 and < 1"
 
 
 def test_a_long_message_is_cut_at_a_word():

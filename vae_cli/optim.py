@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
+from vae_cli.errors import NewRunsOnly
 from vae_cli.typed import NonNegFloat, PosFloat
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -42,6 +43,18 @@ def sgd(params: Iterable[Any], lr: PosFloat = 1e-2, momentum: NonNegFloat = 0.0,
     """SGD with (optionally Nesterov) momentum."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                            nesterov=nesterov)
+
+
+def _check_sgd(args: dict) -> None:
+    """momentum < 1 (at 1 or more the velocity grows without bound: Adam's betas are < 1 likewise) and
+    dampening <= 1, for new runs (NewRunsOnly: a checkpoint saved with other values still loads)."""
+    for key, value, top, what in (("momentum", args.get("momentum", 0.0), 1, "< 1"),
+                                  ("dampening", args.get("dampening", 0.0), 1, "<= 1")):
+        if isinstance(value, int | float) and (value > top or (value == top and key == "momentum")):
+            raise NewRunsOnly(f"{key}={value} is not allowed: expected a number >= 0 and {what}")
+
+
+sgd.check_settings = _check_sgd  # type: ignore[attr-defined]  # read by vae_cli.settings.description
 
 
 def cosine(optimizer: torch.optim.Optimizer, progress: Callable[[], float],
