@@ -244,9 +244,14 @@ def test_flags_may_come_after_settings(trained_run, capsys):
     assert flags_first(["run=R", "--cfg", "job", "n=2"]) == ["--cfg", "job", "run=R", "n=2"]
     assert flags_first(["a=1", "-m", "b=1,2", "--info", "config", "c=3"]) == ["-m", "--info", "config", "a=1",
                                                                              "b=1,2", "c=3"]
-    assert flags_first(["n=2", "--info", "x=1"]) == ["--info", "n=2", "x=1"]  # --info's value is optional
+    assert flags_first(["n=2", "--info", "x=1"]) == ["n=2", "x=1", "--info"]  # --info's value is optional
     assert flags_first(["n=2", "--cfg"]) == ["n=2", "--cfg"]  # no value: Hydra's parser names it
     capsys.readouterr()
     assert run_main("sample", f"run={trained_run}", "--cfg", "job", "n=2", "nrow=3") == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["n"] == 2 and shown["nrow"] == 3
+    for flag in ("--info", "--hydra-help"):  # --info alone took the first setting for its value; --hydra-help raised
+        assert run_main("sample", f"run={trained_run}", "n=2", flag) == 0
+        assert capsys.readouterr().out
+    assert run_main("sample", f"run={trained_run}", "--hydra-help", "n=2") == 0
+    assert "Hydra (" in capsys.readouterr().out

@@ -239,6 +239,7 @@ BAD = [
     ("train", ["~model.encoder.hidden"], "~model.encoder.hidden: model.decoder.hidden is set from it "
      "(model.decoder.hidden: ${model.encoder.hidden}), so it cannot be removed; set it instead (model.encoder.hidden=VALUE)"),
     ("train", ["~model.encoder"], "~model.encoder: model.decoder.hidden is set from it"),
+    ("train", ["~model.encoder.hidden", "~model.decoder.hidden"], "model.encoder.hidden"),  # both: a traceback
     ("train", ["model=conv", "~model.encoder.channels"], "~model.encoder.channels: model.decoder.channels is set from it"),
     ("train", ["seed=${oc.env:HOME}"], 'for a number write seed="${oc.decode:${oc.env:NAME}}", quoted)'),
     # no look-alike: the settings allowed where the key would sit

@@ -206,6 +206,16 @@ def test_a_run_that_cannot_be_written_is_refused_before_resuming(trained_run, tm
     assert run_main("train", f"resume={run}") == 2
     assert one_line_error(capsys).startswith(f"vae: error: resume={run}: cannot write in {run / 'checkpoints'} "
                                              "(permission denied)")
+    # on a read-only mount: no access to give oneself
+    monkeypatch.setattr(runs.os, "statvfs", lambda p: type("V", (), {"f_flag": os.ST_RDONLY})())
+    assert run_main("train", f"resume={run}") == 2
+    assert one_line_error(capsys).endswith("(read-only file system): training needs write access to its run folder; "
+                                           "copy the run folder to where you can write and resume the copy")
+    monkeypatch.undo()  # a last.ckpt that cannot be read is no damaged one: nothing is to be copied over it
+    monkeypatch.setattr(runs.os, "access", lambda p, mode: Path(p).name != "last.ckpt" and real_access(p, mode))
+    assert run_main("train", f"resume={run}") == 2
+    assert one_line_error(capsys) == (f"vae: error: resume='{run}': its checkpoints/last.ckpt cannot be read "
+                                      "(permission denied): give yourself read access to it")
     assert digest(run) == before
 
 

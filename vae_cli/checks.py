@@ -451,9 +451,10 @@ def _check_removals(conf_dir: str, command: str, overrides: list[str]) -> None:
         key = override_key(o)
         parent = key.rpartition(".")[0]
         config = OmegaConf.create(_config_without(conf_dir, command, overrides, key))
-        node = OmegaConf.select(config, parent) if parent else config
+        # unresolved: another ~KEY may have removed what this one is interpolated from
+        node = OmegaConf.select(config, parent, throw_on_resolution_failure=False) if parent else config
         absent = object()
-        if OmegaConf.select(config, key, default=absent) is absent:
+        if OmegaConf.select(config, key, default=absent, throw_on_resolution_failure=False) is absent:
             continue  # nothing there to remove: Hydra's own message
         if not (isinstance(node, DictConfig) and "_target_" in node) and key not in REMOVABLE:
             raise UserError(f"{o}: vae {command} reads {key} itself, so it cannot be removed; set it instead "

@@ -154,8 +154,8 @@ def flags_first(args: list[str]) -> list[str]:
         a = args[i]
         takes = a in _FLAGS_WITH_VALUE or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES)
         if a.startswith("-"):
-            if takes and i + 1 == len(args):  # its value missing: left last, for Hydra's parser to name
-                last = [a]
+            if (takes and i + 1 == len(args)) or (a in ("--info", "-i") and not takes):
+                last = [a]  # its value missing (Hydra's parser names it), or --info's optional one not given
             else:
                 flags += args[i:i + 2] if takes else [a]
             i += 2 if takes else 1
@@ -562,6 +562,8 @@ def _main(argv: list[str] | None) -> None:
         fail(f"unknown command {command!r}: " + (f"did you mean {close[0]}? " if close else "")
              + f"choose one of {', '.join(COMMANDS)}")
     rest = flags_first(quote_paths(rest))
+    if "--hydra-help" in rest:  # Hydra's own help, the same whatever the settings (with them it raised)
+        rest = ["--hydra-help"]
     sys.argv = [sys.argv[0], command, *rest]
     overrides, info = split_overrides(rest)
     multirun = bool({"-m", "--multirun"} & set(rest))

@@ -8,6 +8,7 @@ checkpoint copied anywhere still loads.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -20,7 +21,7 @@ import torch
 
 from pydantic import AfterValidator, BaseModel
 
-from vae_cli.errors import UserError, first_line
+from vae_cli.errors import UserError, first_line, no_access
 from vae_cli.logs import log
 from vae_cli.run_config import TrainSettings
 from vae_cli.settings import TARGETS, check_untrusted, register_resolvers, show
@@ -135,9 +136,11 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
     try:
         run.mkdir(parents=True, exist_ok=True)
         f = open(run / "train.log", "a")
-    except PermissionError as e:  # a run folder of someone else's, or one made read-only: said before any work
+    except OSError as e:  # a run folder of someone else's, made read-only, or on a read-only mount: said before any work
+        if not no_access(e):
+            raise
         raise UserError(f"{shown}: cannot write {e.filename or run} ({(e.strerror or 'permission denied').lower()}): "
-                        f"training needs write access to its run folder; {_elsewhere(shown)}") from None
+                        f"training needs write access to its run folder; {_elsewhere(shown, e.errno == errno.EROFS)}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -158,11 +161,24 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
-def _elsewhere(shown: str) -> str:
+def _elsewhere(shown: str, read_only: bool = False) -> str:
     """The way on from a run folder that cannot be written: for resume=, a copy of it."""
+    first = "" if read_only else "give yourself access, or "
     if shown.startswith("resume="):
-        return "give yourself access, or copy the run folder to where you can write and resume the copy"
-    return "give yourself access, or train elsewhere (hydra.run.dir=...)"
+        return f"{first}copy the run folder to where you can write and resume the copy"
+    return f"{first}train elsewhere (hydra.run.dir=...)"
+
+
+def _not_writable(folder: Path) -> str | None:
+    """Why training could not write in an existing folder ("read-only file system", "permission denied"), or None."""
+    if os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
 
 
 def first_process() -> bool:
@@ -183,15 +199,19 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise UserError(f"resume={str(run_dir)!r} is not a folder{_missing(run)}: give a run folder under outputs/")
-    check_not_training(run, f"resume={str(run_dir)}")
     for folder in (run, run / "checkpoints", run / "tensorboard"):  # where training writes: said before it trains
-        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-            raise UserError(f"resume={str(run_dir)}: cannot write in {folder} (permission denied): training "
-                            f"needs write access to its run folder; {_elsewhere('resume=')}")
+        why = _not_writable(folder) if folder == run or folder.is_dir() else None
+        if why:
+            raise UserError(f"resume={str(run_dir)}: cannot write in {folder} ({why}): training needs write access "
+                            f"to its run folder; {_elsewhere('resume=', why.startswith('read-only'))}")
+    check_not_training(run, f"resume={str(run_dir)}")
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():  # a second Ctrl-C between the two writes, say: the newest checkpoint it holds
         ckpt = newest_kept(run / "checkpoints") or ckpt
     saved = run / ".hydra" / "config.yaml"
+    if ckpt.is_file() and not os.access(ckpt, os.R_OK):  # a good file, most likely: nothing to copy over it
+        raise UserError(f"resume={str(run_dir)!r}: its checkpoints/{ckpt.name} cannot be read (permission denied): "
+                        "give yourself read access to it")
     if ckpt.is_file():
         try:
             config = load_checkpoint(ckpt)["vae_cli"]["config"]
