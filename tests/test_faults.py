@@ -181,6 +181,28 @@ def test_a_checkpoint_without_read_permission_is_not_called_damaged(trained_run,
     assert "not a vae-cli checkpoint" not in line
 
 
+def test_a_dataset_cache_without_read_permission_is_not_rebuilt_over(data_dir, tmp_path, monkeypatch, capsys):
+    """An unreadable cache was called 'not valid (... truncated file?); rebuilding it', and the full
+    MNIST was fetched over the user's file. The line names the setting that leads to it."""
+    from vae_cli import sources
+
+    mine = tmp_path / "data"
+    shutil.copytree(data_dir, mine)
+    before = digest(mine)
+    real_load = sources.torch.load
+
+    def denied(path, *args, **kwargs):
+        if Path(path).parent == mine:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources.torch, "load", denied)
+    assert run_main("train", f"data_dir={mine}", *TINY, f"hydra.run.dir={tmp_path / 'run'}") == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"vae: error: permission denied: {mine}") and line.endswith("choose another data_dir=")
+    assert digest(mine) == before
+
+
 def test_a_run_that_cannot_be_written_is_refused_before_resuming(trained_run, tmp_path, monkeypatch, capsys):
     """resume= of a read-only run: a traceback from the run's lock on train.log, or, with only
     checkpoints/ read-only, a traceback at the first save after training had begun."""

@@ -195,7 +195,7 @@ def _task(command: str):
                     raise
                 file_only(f"error: {first_line(e)}", logging.ERROR)
                 raise UserError(memory_message(e, _task_overrides()) if out_of_memory(e) else
-                                disk_message(e) if disk_full(e) else access_message(e)) from None
+                                disk_message(e) if disk_full(e) else access_message(e, _paths_given(cfg))) from None
         except UserError as e:
             file_only(f"error: {e}", logging.ERROR)  # a run that stops early says why in its train.log
             if debugging():
@@ -222,6 +222,19 @@ def _task(command: str):
 
 
 PATH_SETTINGS = ("run", "ckpt", "out", "data_dir", "resume")  # read from where the command ran
+
+
+def _paths_given(cfg) -> dict[str, str]:
+    """setting -> the path it gives, among PATH_SETTINGS and the run folder (hydra.run.dir) of a training."""
+    from hydra.core.hydra_config import HydraConfig
+
+    paths = {key: str(cfg[key]) for key in PATH_SETTINGS if cfg.get(key)}
+    try:
+        if HydraConfig.get().mode.name == "RUN" and "trainer" in cfg:
+            paths.setdefault("hydra.run.dir", HydraConfig.get().runtime.output_dir)
+    except Exception:  # noqa: BLE001 - outside Hydra (a command called directly)
+        pass
+    return paths
 
 
 def _paths_from_launch_folder(cfg) -> None:

@@ -1,5 +1,6 @@
 """The one exception type that means "the user asked for something we cannot do"."""
 
+import os
 import re
 
 
@@ -100,11 +101,21 @@ def no_access(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def access_message(error: OSError) -> str:
-    """One line for a file or folder that could not be read or written, naming it where the error does."""
+def access_message(error: OSError, paths: dict[str, str] | None = None) -> str:
+    """One line for a file or folder that could not be read or written, naming it where the error
+    does, and the setting it lies under among ``paths`` (setting -> the path it gives), if any."""
+    import errno
+    from pathlib import Path
+
     what = (error.strerror or "permission denied").lower()
     where = f": {error.filename}" if error.filename else ""
-    return f"{what}{where}: give yourself access to it, or work elsewhere (hydra.run.dir=..., out=..., run=...)"
+    fix = "" if error.errno == errno.EROFS else "give yourself access to it, or "
+    if error.filename:
+        file = Path(os.fsdecode(error.filename)).absolute()
+        for key, path in (paths or {}).items():
+            if file == Path(path).absolute() or Path(path).absolute() in file.parents:
+                return f"{what}{where}: {fix}choose another {key}="
+    return f"{what}{where}: {fix}work elsewhere (hydra.run.dir=..., out=..., run=..., data_dir=...)"
 
 
 def sizes_given(settings: list[str]) -> list[str]:

@@ -129,6 +129,8 @@ def _read(path: Path) -> tuple[Any, str | None]:
     """(object, None) from a torch file, or (None, why not): tensors and plain containers only."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True), None
+    except PermissionError:  # a good file, most likely, that this user may not read: not to be rebuilt over
+        raise
     except Exception as e:  # a corrupt, truncated or foreign file; pickled code is refused here too
         return None, f"unreadable: {why_unreadable(path, e)}"
 
