@@ -618,6 +618,26 @@ def test_a_sweep_of_a_picture_command_leaves_no_hydra_folder(trained_run, tmp_pa
     assert len(list(work.glob("multirun/*/*/*/error.txt"))) == 2 and (work / "multirun" / "earlier").is_dir()
 
 
+def test_a_picture_sweep_where_its_folder_cannot_be_made_is_one_line(trained_run, tmp_path, monkeypatch, capsys):
+    """`vae sample -m ...` in a folder the user may not write: Hydra's PermissionError at multirun/ was a traceback."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    real_mkdir = Path.mkdir
+
+    def denied(self, *args, **kwargs):
+        if work in self.absolute().parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    assert run_main("sample", "-m", f"run={trained_run}", "n=4,8") == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"vae: error: hydra.sweep.dir='{work / 'multirun'}") and \
+        line.endswith("cannot be created (Permission denied): give a folder you can write to")
+    assert list(work.iterdir()) == []
+
+
 def test_out_that_is_only_a_suffix_is_refused(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert run_main("sample", f"run={trained_run}", "out=.png") == 2

@@ -382,6 +382,7 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
     schema = load(SCHEMAS[command])
     folders: list[tuple[str, Path]] = []
     unused: list[str | None] = []
+    sweeps: set[tuple[str, Path]] = set()  # the sweep folder of a command other than train (-m)
     for variant in _variants(overrides, multirun, conf_dir):
         cfg = compose(conf_dir, command, variant, hydra=command == "train")
         config = resolved(cfg, variant)
@@ -413,6 +414,13 @@ def check_command_line(conf_dir: str, command: str, overrides: list[str], multir
             # Lightning's DDP launcher re-runs this command line per rank, into rank 0's folder
             if config.get("resume") is None and first_process():
                 folders.append(check_output_folder(cfg, multirun))
+        elif multirun and not sweeps:  # Hydra makes the sweep's folder (multirun/DATE/TIME) for the other commands too
+            value = OmegaConf.select(compose(conf_dir, command, variant, hydra=True), "hydra.sweep.dir",
+                                     throw_on_resolution_failure=False)
+            if value:
+                sweeps.add((f"hydra.sweep.dir={str(Path(str(value)).absolute())!r}", Path(str(value)).absolute()))
+    for shown, folder in sweeps:  # a folder the user may not write: Hydra's PermissionError was a traceback
+        _try_to_create(shown, folder)
     if unused and all(unused):  # a sweep: refused where no job uses it (likelihood=bernoulli,gaussian may binarize)
         raise UserError(unused[0])
     for shown, folder in dict.fromkeys(folders):  # every value passed: can the folder Hydra writes be made?
