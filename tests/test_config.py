@@ -277,6 +277,8 @@ BAD = [
     ("train", ["model=conv", "model.decoder.image_shape=[1,32,32]"], "model.decoder.image_shape=[1, 32, 32] is not allowed"),
     ("train", ["likelihood=gaussian", "likelihood.image_shape=[1,32,32]"], "likelihood.image_shape=[1, 32, 32] is not allowed"),
     # a run that trains nothing ended with exit 0 and a summary pointing to a checkpoint it never wrote
+    # Lightning's own refusal of barebones named log_every_n_steps=50, a value the user never gave
+    ("train", ["+trainer.barebones=true"], "trainer.barebones=true is not allowed: Lightning's barebones mode turns off"),
     ("train", ["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed: it trains nothing"),
     ("train", ["+trainer.max_steps=0"], "trainer.max_steps=0 is not allowed: it trains nothing"),
     ("train", ["trainer.limit_train_batches=0.0"], "trainer.limit_train_batches=0.0 is not allowed: it trains nothing"),

@@ -418,3 +418,16 @@ def test_the_model_summary_alone_when_asked_for(tmp_path, data_dir, capsys):
                     "trainer.enable_model_summary=true", f"hydra.run.dir={tmp_path / 'table'}") == 0
     shown = "".join(capsys.readouterr())
     assert "Total params" in shown and "GPU available" not in shown and "litlogger" not in shown
+
+
+def test_validation_every_n_batches_across_epochs(data_dir, tmp_path):
+    """trainer.check_val_every_n_epoch=null with val_check_interval counts the batches across epochs,
+    as Lightning's own message advises; the null was dropped, so 1 applied and the run was refused."""
+    run = tmp_path / "run"
+    assert run_main("train", f"data_dir={data_dir}", *TINY, "trainer.max_epochs=3", "eval.k=0",  # 4 batches an epoch
+                    "+trainer.val_check_interval=6", "+trainer.check_val_every_n_epoch=null",
+                    f"hydra.run.dir={run}") == 0
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("val/elbo")]  # 12 batches over 3 epochs: a validation every 6
+    assert len(steps) == 2 and steps[1] - steps[0] == 6, steps

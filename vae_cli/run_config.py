@@ -72,6 +72,9 @@ class TrainerSettings(BaseModel):
         for key in ("max_epochs", "max_steps"):
             if args.get(key) == 0:
                 raise NewRunsOnly(f"{key}=0 is not allowed: it trains nothing; expected an integer >= 1 (or -1: no limit)")
+        if args.get("barebones"):  # Lightning's own refusal named log_every_n_steps=50, a value the user never gave
+            raise NewRunsOnly("barebones=true is not allowed: Lightning's barebones mode turns off the logging, "
+                              "checkpoints and progress bar that vae train is made of; leave it out")
         if args.get("limit_train_batches") == 0:
             raise NewRunsOnly(f"limit_train_batches={args['limit_train_batches']} is not allowed: it trains nothing; "
                               "expected a number of batches >= 1 or a fraction of the epoch > 0")
@@ -178,8 +181,13 @@ NO_END = ("{what} needs the run's end: set trainer.max_epochs, trainer.max_steps
 
 
 def trainer_arguments(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """pytorch_lightning.Trainer's keyword arguments from conf/trainer (null means Lightning's default)."""
-    return {k: v for k, v in trainer_cfg.items() if k != "_target_" and v is not None}
+    """pytorch_lightning.Trainer's keyword arguments from conf/trainer: null means Lightning's default,
+    but where None is an argument of its own (check_val_every_n_epoch=None: validate by the batches
+    counted across epochs, as Lightning's own message advises; it was turned back into 1)."""
+    return {k: v for k, v in trainer_cfg.items() if k != "_target_" and (v is not None or k in NONE_IS_A_VALUE)}
+
+
+NONE_IS_A_VALUE = {"check_val_every_n_epoch"}  # Trainer arguments whose None is not their default
 
 
 def check_nodes(trainer_cfg: dict[str, Any]) -> None:
