@@ -277,6 +277,12 @@ BAD = [
     ("train", ["model=conv", "model.decoder.image_shape=[1,32,32]"], "model.decoder.image_shape=[1, 32, 32] is not allowed"),
     ("train", ["likelihood=gaussian", "likelihood.image_shape=[1,32,32]"], "likelihood.image_shape=[1, 32, 32] is not allowed"),
     # a run that trains nothing ended with exit 0 and a summary pointing to a checkpoint it never wrote
+    # refused inside fit by each DDP process (the line twice, after the sanity check, a folder left behind)
+    ("train", ["trainer.devices=2", "scheduler=cosine", "+trainer.max_time=00:00:01:00"],
+     "scheduler with trainer.max_time is not allowed on several processes (each would follow its own clock)"),
+    # a k whose validation batches cannot fit: the process was killed for memory, without a line
+    ("train", ["objective=iwae", "objective.k=200000"],
+     "objective.k=200000 with batches of 1000 examples decodes 200000000 images at once"),
     # Lightning's own refusal of barebones named log_every_n_steps=50, a value the user never gave
     ("train", ["+trainer.barebones=true"], "trainer.barebones=true is not allowed: Lightning's barebones mode turns off"),
     ("train", ["trainer.max_epochs=0"], "trainer.max_epochs=0 is not allowed: it trains nothing"),

@@ -557,17 +557,18 @@ def _check_run_plan(config: dict[str, Any]) -> None:
     """Settings that are each allowed but not together; refused before Hydra makes the run's folder."""
     import torch
 
-    from vae_cli.run_config import NO_END, endless
+    from vae_cli.dataset_settings import TEST_SIZES
+    from vae_cli.run_config import MANY_CLOCKS, NO_END, endless, several_processes
 
     trainer = config["trainer"]
-    if endless(trainer):  # VAEModule.follows_progress, read from the config
-        start = (config.get("objective") or {}).get("start", 0) or 0
-        what = "scheduler" if config.get("scheduler") else f"objective.start={start}" if start > 0 else None
-        if what:
-            raise UserError(NO_END.format(what=what))
+    start = (config.get("objective") or {}).get("start", 0) or 0
+    what = "scheduler" if config.get("scheduler") else f"objective.start={start}" if start > 0 else None
+    if what and endless(trainer):  # VAEModule.follows_progress, read from the config
+        raise UserError(NO_END.format(what=what))
+    if what and trainer.get("max_time") is not None and several_processes(trainer):
+        raise UserError(MANY_CLOCKS.format(what=what))  # inside fit, each DDP process said it, after the sanity check
     evaluation = config["eval"]
     if evaluation["k"]:  # the test evaluation at the end: refused now, not after the training
-        from vae_cli.dataset_settings import TEST_SIZES
         from vae_cli.evaluate import check_memory
 
         # its batches hold no more than eval.limit examples, nor more than the test split has
@@ -582,6 +583,14 @@ def _check_run_plan(config: dict[str, Any]) -> None:
                         "optimizer.fused=true (Lightning cannot clip a fused optimizer's gradients under mixed "
                         "precision): add optimizer.fused=false, or drop one of the two")
     objective = config.get("objective") or {}
+    if isinstance(objective.get("k"), int):  # IWAE decodes k draws of each image of a batch at once
+        from vae_cli.evaluate import check_decodes
+
+        size = TEST_SIZES.get(config["dataset"]["name"], math.inf)  # a validation batch holds no more than its split
+        batch = max(config["dataset"]["batch_size"], min(config["dataset"]["eval_batch_size"], size))
+        check_decodes(objective["k"] * batch, f"objective.k={objective['k']} with batches of {batch} examples",
+                      "objective.k, dataset.batch_size or dataset.eval_batch_size", math.prod(config["dataset"]["shape"]),
+                      torch.device("cpu"))
     if objective.get("_target_"):  # the objective's own refusals (IWAE has no KL term for free bits)
         from hydra.utils import instantiate
 

@@ -28,7 +28,7 @@ from vae_cli.graphs import StepGraph, graph_blocker
 from vae_cli.logs import FILE_ONLY, log
 from vae_cli.model import VAE
 from vae_cli.objectives import ELBO, Objective, Terms
-from vae_cli.run_config import NO_END
+from vae_cli.run_config import MANY_CLOCKS, NO_END
 
 
 class NonFiniteLoss(UserError):
@@ -441,8 +441,7 @@ class VAEModule(pl.LightningModule):
             raise UserError(NO_END.format(what=what))
         if self._timer is not None and trainer.world_size > 1:
             # Each process's clock differs a little, and so would its lr or objective: the replicas would drift apart.
-            raise UserError(f"{what} with trainer.max_time is not allowed on several processes (each would follow "
-                            "its own clock): bound the run by trainer.max_steps or trainer.max_epochs instead")
+            raise UserError(MANY_CLOCKS.format(what=what))  # checked before launch too (vae_cli.checks), where it can be
 
     def on_train_end(self) -> None:
         self._graph = None  # its memory pool can go back before the test evaluation

@@ -178,6 +178,22 @@ def endless(trainer_cfg: dict[str, Any]) -> bool:
 # What a scheduler or objective.start is told when nothing ends the run (both need its length).
 NO_END = ("{what} needs the run's end: set trainer.max_epochs, trainer.max_steps or trainer.max_time "
           "(now the run has no limit)")
+# The clock of trainer.max_time, read by several processes: each would follow its own
+MANY_CLOCKS = ("{what} with trainer.max_time is not allowed on several processes (each would follow its own clock): "
+               "bound the run by trainer.max_steps or trainer.max_epochs instead")
+
+
+def several_processes(trainer: dict[str, Any]) -> bool:
+    """Whether Lightning will train in more than one process: several devices or nodes given, or
+    devices=auto over several GPUs (a strategy or accelerator that pins one process is not looked at)."""
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    if nodes > 1 or (isinstance(devices, int) and devices > 1) or (isinstance(devices, list) and len(devices) > 1):
+        return True
+    if devices in ("auto", None) and str(trainer.get("accelerator") or "auto") in ("auto", "gpu", "cuda"):
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.device_count() > 1
+    return False
 
 
 def trainer_arguments(trainer_cfg: dict[str, Any]) -> dict[str, Any]:
