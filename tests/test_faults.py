@@ -160,6 +160,80 @@ def test_a_failed_checkpoint_write_while_training_is_one_line(code, said, data_d
                                                                                        "access to it, or choose another hydra.run.dir=")
 
 
+def test_a_checkpoint_without_read_permission_is_not_called_damaged(trained_run, monkeypatch, capsys):
+    """torch.load's PermissionError was reported as 'not a vae-cli checkpoint (... truncated file?)'."""
+    from vae_cli import runs
+
+    def denied(path, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(runs.torch, "load", denied)
+    assert run_main("sample", f"run={trained_run}") == 2
+    line = one_line_error(capsys)
+    assert "last.ckpt' cannot be read (permission denied): give yourself read access" in line
+    assert "not a vae-cli checkpoint" not in line
+
+
+def test_a_dataset_cache_without_read_permission_is_not_rebuilt_over(data_dir, tmp_path, monkeypatch, capsys):
+    """An unreadable cache was called 'not valid (... truncated file?); rebuilding it', and the full
+    MNIST was fetched over the user's file. The line names the setting that leads to it."""
+    from vae_cli import sources
+
+    mine = tmp_path / "data"
+    shutil.copytree(data_dir, mine)
+    before = digest(mine)
+    real_load = sources.torch.load
+
+    def denied(path, *args, **kwargs):
+        if Path(path).parent == mine:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources.torch, "load", denied)
+    assert run_main("train", f"data_dir={mine}", *TINY, f"hydra.run.dir={tmp_path / 'run'}") == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"vae: error: permission denied: {mine}") and line.endswith("choose another data_dir=")
+    assert digest(mine) == before
+
+
+def test_a_run_that_cannot_be_written_is_refused_before_resuming(trained_run, tmp_path, monkeypatch, capsys):
+    """resume= of a read-only run: a traceback from the run's lock on train.log, or, with only
+    checkpoints/ read-only, a traceback at the first save after training had begun."""
+    from vae_cli import runs
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = digest(run)
+    real_open, real_access = open, os.access
+
+    def no_log(path, *args, **kwargs):
+        if Path(path).name == "train.log" and args and "a" in args[0]:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "open", no_log, raising=False)  # the module's name open, found before the builtin
+    assert run_main("train", f"resume={run}") == 2
+    assert one_line_error(capsys) == (f"vae: error: resume={run}: cannot write {run / 'train.log'} (permission denied): "
+                                      "training needs write access to its run folder; give yourself access, or copy "
+                                      "the run folder to where you can write and resume the copy")
+    monkeypatch.undo()
+    monkeypatch.setattr(runs.os, "access", lambda p, mode: Path(p).name != "checkpoints" and real_access(p, mode))
+    assert run_main("train", f"resume={run}") == 2
+    assert one_line_error(capsys).startswith(f"vae: error: resume={run}: cannot write in {run / 'checkpoints'} "
+                                             "(permission denied)")
+    # on a read-only mount: no access to give oneself
+    monkeypatch.setattr(runs.os, "statvfs", lambda p: type("V", (), {"f_flag": os.ST_RDONLY})())
+    assert run_main("train", f"resume={run}") == 2
+    assert one_line_error(capsys).endswith("(read-only file system): training needs write access to its run folder; "
+                                           "copy the run folder to where you can write and resume the copy")
+    monkeypatch.undo()  # a last.ckpt that cannot be read is no damaged one: nothing is to be copied over it
+    monkeypatch.setattr(runs.os, "access", lambda p, mode: Path(p).name != "last.ckpt" and real_access(p, mode))
+    assert run_main("train", f"resume={run}") == 2
+    assert one_line_error(capsys) == (f"vae: error: resume='{run}': its checkpoints/last.ckpt cannot be read "
+                                      "(permission denied): give yourself read access to it")
+    assert digest(run) == before
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
 def test_printing_to_a_full_disk_is_one_line():
     """`vae --help > /dev/full`: printed outside a command's task, it ended in a traceback."""
