@@ -129,18 +129,22 @@ def _parses(parser, override: str) -> bool:
 _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info's optional value
 
 
+def _takes_value(args: list[str], i: int) -> bool:
+    """Whether the flag args[i] takes the argument after it as its value (--info's is optional)."""
+    a = args[i]
+    return a in _FLAGS_WITH_VALUE or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES)
+
+
 def split_overrides(args: list[str]) -> tuple[list[str], bool]:
     """The key=value overrides among Hydra's arguments, and whether a flag asks only for information."""
     overrides, info, skip = [], False, False
     for i, a in enumerate(args):
         if skip:
             skip = False
-        elif a in _FLAGS_WITH_VALUE:
-            skip = True
-        elif a in _INFO_FLAGS:
-            info = True
-            skip = a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES
-        elif not a.startswith("-"):
+        elif a.startswith("-"):
+            info = info or a in _INFO_FLAGS
+            skip = _takes_value(args, i)
+        else:
             overrides.append(a)
     return overrides, info
 
@@ -152,7 +156,7 @@ def flags_first(args: list[str]) -> list[str]:
     flags, overrides, last, i = [], [], [], 0
     while i < len(args):
         a = args[i]
-        takes = a in _FLAGS_WITH_VALUE or (a in ("--info", "-i") and i + 1 < len(args) and args[i + 1] in _INFO_CHOICES)
+        takes = _takes_value(args, i)
         if a.startswith("-"):
             if (takes and i + 1 == len(args)) or (a in ("--info", "-i") and not takes):
                 last = [a]  # its value missing (Hydra's parser names it), or --info's optional one not given
