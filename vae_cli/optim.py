@@ -48,10 +48,11 @@ def sgd(params: Iterable[Any], lr: PosFloat = 1e-2, momentum: NonNegFloat = 0.0,
 def _check_sgd(args: dict) -> None:
     """momentum < 1 (at 1 or more the velocity grows without bound: Adam's betas are < 1 likewise) and
     dampening <= 1, for new runs (NewRunsOnly: a checkpoint saved with other values still loads)."""
-    for key, value, top, what in (("momentum", args.get("momentum", 0.0), 1, "< 1"),
-                                  ("dampening", args.get("dampening", 0.0), 1, "<= 1")):
-        if isinstance(value, int | float) and (value > top or (value == top and key == "momentum")):
-            raise NewRunsOnly(f"{key}={value} is not allowed: expected a number >= 0 and {what}")
+    momentum, dampening = args.get("momentum", 0.0), args.get("dampening", 0.0)
+    if isinstance(momentum, int | float) and momentum >= 1:
+        raise NewRunsOnly(f"momentum={momentum} is not allowed: expected a number >= 0 and < 1")
+    if isinstance(dampening, int | float) and dampening > 1:
+        raise NewRunsOnly(f"dampening={dampening} is not allowed: expected a number >= 0 and <= 1")
 
 
 sgd.check_settings = _check_sgd  # type: ignore[attr-defined]  # read by vae_cli.settings.description
