@@ -8,7 +8,6 @@ checkpoint copied anywhere still loads.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import re
@@ -139,8 +138,7 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
     except OSError as e:  # a run folder of someone else's, made read-only, or on a read-only mount: said before any work
         if not no_access(e):
             raise
-        raise UserError(f"{shown}: cannot write {e.filename or run} ({(e.strerror or 'permission denied').lower()}): "
-                        f"training needs write access to its run folder; {_elsewhere(shown, e.errno == errno.EROFS)}") from None
+        raise UserError(_cannot_write(shown, e.filename or run, (e.strerror or "permission denied").lower())) from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,12 +159,13 @@ def run_lock(run: Path, shown: str) -> Iterator[None]:
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
-def _elsewhere(shown: str, read_only: bool = False) -> str:
-    """The way on from a run folder that cannot be written: for resume=, a copy of it."""
-    first = "" if read_only else "give yourself access, or "
-    if shown.startswith("resume="):
-        return f"{first}copy the run folder to where you can write and resume the copy"
-    return f"{first}train elsewhere (hydra.run.dir=...)"
+def _cannot_write(shown: str, what: object, why: str) -> str:
+    """The line for a run folder that training cannot write (why: "permission denied", "read-only
+    file system", ...), with the way on: access to give where there is any; for resume=, a copy."""
+    first = "" if why.startswith("read-only") else "give yourself access, or "
+    way = "copy the run folder to where you can write and resume the copy" if shown.startswith("resume=") else \
+        "train elsewhere (hydra.run.dir=...)"
+    return f"{shown}: cannot write {what} ({why}): training needs write access to its run folder; {first}{way}"
 
 
 def _not_writable(folder: Path) -> str | None:
@@ -202,8 +201,7 @@ def resume_source(run_dir: str | Path) -> tuple[dict[str, Any], Path | None]:
     for folder in (run, run / "checkpoints", run / "tensorboard"):  # where training writes: said before it trains
         why = _not_writable(folder) if folder == run or folder.is_dir() else None
         if why:
-            raise UserError(f"resume={str(run_dir)}: cannot write in {folder} ({why}): training needs write access "
-                            f"to its run folder; {_elsewhere('resume=', why.startswith('read-only'))}")
+            raise UserError(_cannot_write(f"resume={str(run_dir)}", f"in {folder}", why))
     check_not_training(run, f"resume={str(run_dir)}")
     ckpt = run / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():  # a second Ctrl-C between the two writes, say: the newest checkpoint it holds
